@@ -1,0 +1,293 @@
+"""The commit protocol: how an export becomes visible, and how it goes away.
+
+An export is written into a work directory that no reader takes for an export
+(`<export>.tmp-<token>`: its name does not end in `_saved_modules` and is not an
+integer), and published only once complete. Two file system families:
+
+* Atomic directory rename (local disk, `file://`). The commit marker is written
+  into the work directory, which is then renamed to the final name in one step:
+  the export appears complete or not at all. A replaced export is first renamed
+  aside (`.old-`), a deleted one renamed away (`.del-`) before its files go, so
+  no reader ever sees a half-deleted export either. Any directory with the final
+  name is complete, so exports written by the reference stay readable.
+* Everything else (`gs://`, `s3://`, `ram://`, ...), where a directory "rename"
+  copies and deletes object by object. The final directory first gets an
+  `INCOMPLETE_MARKER`, then the files, then the `COMMIT_MARKER` (a single object
+  write, atomic on every store), then the incomplete marker goes. Readers accept
+  only directories holding the commit marker. Deletion reverses this: incomplete
+  marker in, commit marker out, files out, incomplete marker last.
+
+Work directory tokens name their writer (time, pid, host): leftovers of a
+writer that is dead (or older than `STALE_SECONDS`) are removed by `recover`;
+those of a live writer are never touched.
+"""
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Set
+
+from absl import logging
+import tensorflow as tf
+
+from ckpt_export import paths
+
+INCOMPLETE_MARKER = '.ckpt_export_incomplete'
+
+# A work directory of another host (whose pid cannot be checked), or of a pid
+# on this host that may have been reused, counts as abandoned after this long.
+STALE_SECONDS = 6 * 3600.0
+
+_TMP, _OLD, _DEL = 'tmp', 'old', 'del'
+_HOST = re.sub(r'[^A-Za-z0-9._]', '_', socket.gethostname()) or 'host'
+_WORK_RE = re.compile(r'(?P<export>.+)\.(?P<kind>tmp|old|del)-(?P<token>'
+                      r'(?P<ms>[0-9]+)-(?P<pid>[0-9]+)-(?P<host>[A-Za-z0-9._]+)'
+                      r'-[0-9a-f]{8})\Z', re.DOTALL)
+
+# Tokens of the operations in flight in this process.
+_lock = threading.Lock()
+_live_tokens = set()
+
+
+def has_atomic_rename(path: str) -> bool:
+  """Whether a directory rename under `path` is atomic (local file systems)."""
+  scheme, sep, _ = path.partition('://')
+  return not sep or scheme == 'file'
+
+
+def is_published(export_dir: str) -> bool:
+  """Whether `export_dir` is a complete, published export a reader may load."""
+  if has_atomic_rename(export_dir):
+    return tf.io.gfile.isdir(export_dir)
+  return tf.io.gfile.exists(os.path.join(export_dir, paths.COMMIT_MARKER))
+
+
+def is_ours(export_dir: str) -> bool:
+  """Whether `export_dir` was written by ckpt_export (has its commit marker)."""
+  return tf.io.gfile.exists(os.path.join(export_dir, paths.COMMIT_MARKER))
+
+
+def read_commit_info(export_dir: str) -> Optional[Dict[str, Any]]:
+  """Returns the metadata in an export's commit marker, or None if absent."""
+  try:
+    with tf.io.gfile.GFile(os.path.join(export_dir, paths.COMMIT_MARKER)) as f:
+      return json.loads(f.read())
+  except (tf.errors.NotFoundError, ValueError):
+    return None
+
+
+def _write_file(path: str, content: str) -> None:
+  with tf.io.gfile.GFile(path, 'w') as f:
+    f.write(content)
+
+
+def _new_token() -> str:
+  return (f'{int(time.time() * 1000)}-{os.getpid()}-{_HOST}-'
+          f'{secrets.token_hex(4)}')
+
+
+def _work_dir(export_dir: str, kind: str, token: str) -> str:
+  return f'{export_dir.rstrip("/")}.{kind}-{token}'
+
+
+def _pid_running(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _owner_alive(work_name: str) -> bool:
+  """Whether the writer that named a work directory may still be using it."""
+  match = _WORK_RE.match(work_name)
+  if match is None:
+    return False
+  with _lock:
+    if match.group('token') in _live_tokens:
+      return True
+  if time.time() - int(match.group('ms')) / 1000 > STALE_SECONDS:
+    return False
+  if match.group('host') != _HOST:
+    return True
+  pid = int(match.group('pid'))
+  if pid == os.getpid():  # Not live in this process: a former process's.
+    return False
+  return _pid_running(pid)
+
+
+@contextlib.contextmanager
+def _operation() -> Iterator[str]:
+  """Registers an operation in flight in this process; yields its token."""
+  token = _new_token()
+  with _lock:
+    _live_tokens.add(token)
+  try:
+    yield token
+  finally:
+    with _lock:
+      _live_tokens.discard(token)
+
+
+def _walk_files(root: str) -> List[str]:
+  return [os.path.join(d, f) for d, _, files in tf.io.gfile.walk(root)
+          for f in files]
+
+
+def _mark_incomplete(export_dir: str, kind: str, token: str) -> str:
+  """Writes the incomplete marker, naming its writer; returns its path."""
+  incomplete = os.path.join(export_dir, INCOMPLETE_MARKER)
+  _write_file(incomplete, paths.basename(_work_dir(export_dir, kind, token)))
+  return incomplete
+
+
+def _remove_tree_in_order(export_dir: str, token: str) -> None:
+  """Deletes an export on a non-atomic store, unpublishing it first."""
+  incomplete = _mark_incomplete(export_dir, _DEL, token)
+  commit = os.path.join(export_dir, paths.COMMIT_MARKER)
+  if tf.io.gfile.exists(commit):
+    tf.io.gfile.remove(commit)
+  for f in _walk_files(export_dir):
+    if f != incomplete:
+      tf.io.gfile.remove(f)
+  tf.io.gfile.remove(incomplete)
+  if tf.io.gfile.exists(export_dir):
+    tf.io.gfile.rmtree(export_dir)
+
+
+def _move_files(src: str, dst: str) -> None:
+  """Moves a tree file by file (what a directory rename is on object stores)."""
+  for d, _, files in tf.io.gfile.walk(src):
+    target = dst + d[len(src):]
+    tf.io.gfile.makedirs(target)
+    for f in files:
+      tf.io.gfile.rename(os.path.join(d, f), os.path.join(target, f),
+                         overwrite=True)
+  tf.io.gfile.rmtree(src)
+
+
+@contextlib.contextmanager
+def staged_export(export_dir: str, commit_info: Dict[str, Any]
+                 ) -> Iterator[str]:
+  """Yields a fresh work directory and publishes it as `export_dir`.
+
+  The caller writes the export's modules into the yielded directory. When the
+  block completes, the work directory is published as `export_dir`, replacing
+  an export of the same step if there is one. When the block raises, the work
+  directory is removed and nothing is published.
+
+  Args:
+    export_dir: The final export path `<directory>/<name>-<step>_saved_modules`.
+    commit_info: JSON-serializable metadata stored in the commit marker.
+
+  Yields:
+    The work directory to write into.
+  """
+  with _operation() as token:
+    tmp = _work_dir(export_dir, _TMP, token)
+    tf.io.gfile.makedirs(tmp)
+    try:
+      yield tmp
+      marker = json.dumps(dict(commit_info, created=time.time()))
+      if has_atomic_rename(export_dir):
+        _write_file(os.path.join(tmp, paths.COMMIT_MARKER), marker)
+        _publish_by_rename(tmp, export_dir, token)
+      else:
+        _publish_by_copy(tmp, export_dir, marker, token)
+    except BaseException:
+      if tf.io.gfile.exists(tmp):
+        tf.io.gfile.rmtree(tmp)
+      raise
+
+
+def _publish_by_rename(tmp: str, export_dir: str, token: str) -> None:
+  if not tf.io.gfile.exists(export_dir):
+    tf.io.gfile.rename(tmp, export_dir)
+    return
+  old = _work_dir(export_dir, _OLD, token)
+  tf.io.gfile.rename(export_dir, old)
+  tf.io.gfile.rename(tmp, export_dir)
+  tf.io.gfile.rmtree(old)
+
+
+def _publish_by_copy(tmp: str, export_dir: str, marker: str,
+                     token: str) -> None:
+  if tf.io.gfile.exists(export_dir):
+    _remove_tree_in_order(export_dir, token)
+  tf.io.gfile.makedirs(export_dir)
+  incomplete = _mark_incomplete(export_dir, _TMP, token)
+  _move_files(tmp, export_dir)
+  _write_file(os.path.join(export_dir, paths.COMMIT_MARKER), marker)
+  tf.io.gfile.remove(incomplete)
+
+
+def remove_export(export_dir: str) -> None:
+  """Deletes an export so that no reader ever sees it partly deleted."""
+  with _operation() as token:
+    if has_atomic_rename(export_dir):
+      doomed = _work_dir(export_dir, _DEL, token)
+      tf.io.gfile.rename(export_dir, doomed)
+      tf.io.gfile.rmtree(doomed)
+    else:
+      _remove_tree_in_order(export_dir, token)
+
+
+def recover(directory: str, checkpoint_name: str,
+            names: Iterable[str]) -> Set[str]:
+  """Removes what crashed writers left in `directory`; restores replaced exports.
+
+  Only entries of `checkpoint_name` are considered, and only those whose writer
+  is no longer alive: work directories of dead writers are deleted (a replaced
+  export whose replacement never got published is renamed back), and on
+  non-atomic stores, exports left half-published or half-deleted are deleted.
+
+  Args:
+    directory: The model directory.
+    checkpoint_name: The manager's checkpoint name.
+    names: The entries of `directory`, as listed by the caller.
+
+  Returns:
+    The entries of `directory` after recovery.
+  """
+  names = set(names)
+  atomic = has_atomic_rename(directory)
+  for name in sorted(names):
+    match = _WORK_RE.match(name)
+    if match is not None:
+      export = match.group('export')
+      if (paths.parse_export_step(export, checkpoint_name) is None or
+          _owner_alive(name)):
+        continue
+      path = os.path.join(directory, name)
+      if (match.group('kind') == _OLD and atomic and export not in names and
+          is_ours(path)):
+        logging.warning('Restoring export %s that a crashed save was replacing.',
+                        export)
+        tf.io.gfile.rename(path, os.path.join(directory, export))
+        names.add(export)
+      else:
+        logging.info('Removing %s, left behind by a writer that is gone.', path)
+        tf.io.gfile.rmtree(path)
+      names.discard(name)
+    elif (not atomic and
+          paths.parse_export_step(name, checkpoint_name) is not None):
+      path = os.path.join(directory, name)
+      try:
+        with tf.io.gfile.GFile(os.path.join(path, INCOMPLETE_MARKER)) as f:
+          writer = f.read()
+      except tf.errors.NotFoundError:
+        continue
+      if not _owner_alive(writer):
+        logging.info('Removing %s, left half-written by a writer that is gone.',
+                     path)
+        with _operation() as token:
+          _remove_tree_in_order(path, token)
+        names.discard(name)
+  return names

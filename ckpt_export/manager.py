@@ -1,0 +1,247 @@
+"""A `tf.train.CheckpointManager` that also exports SavedModels at each save.
+
+A drop-in replacement for Model Garden's
+`official.core.savedmodel_checkpoint_manager.SavedModelCheckpointManager`:
+same constructor, methods, properties and on-disk layout, without its defects.
+
+At each `save()` that writes a checkpoint, the modules are exported and the
+export is published (`commit.py`) before the checkpoint is written, so a
+checkpoint never exists without its export. An export then lives exactly as
+long as its checkpoint's files: garbage collection removes the exports (made
+by ckpt_export) whose checkpoint is gone, which also keeps the exports of
+checkpoints preserved by `keep_checkpoint_every_n_hours`.
+"""
+
+import numbers
+import os
+from typing import Any, Callable, Iterable, Iterator, List, Mapping, Optional
+
+from absl import logging
+import tensorflow as tf
+
+from ckpt_export import commit
+from ckpt_export import export
+from ckpt_export import paths
+from ckpt_export import readers
+
+
+def _as_step(value: Any) -> int:
+  """Converts a checkpoint number (int, integer tensor or variable) to int."""
+  if tf.is_tensor(value) and value.dtype.is_integer and value.shape.rank == 0:
+    value = int(value.numpy())
+  if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or
+      value < 0):
+    raise ValueError('checkpoint_number must be a non-negative integer (or a '
+                     f'scalar integer tensor), got {value!r}.')
+  return int(value)
+
+
+class SavedModelCheckpointManager(tf.train.CheckpointManager):
+  """A CheckpointManager that also exports `SavedModel`s."""
+
+  def __init__(self,
+               checkpoint: tf.train.Checkpoint,
+               directory: str,
+               max_to_keep: Optional[int],
+               modules_to_export: Optional[Mapping[str, tf.Module]] = None,
+               keep_checkpoint_every_n_hours: Optional[float] = None,
+               checkpoint_name: str = 'ckpt',
+               step_counter: Optional[tf.Variable] = None,
+               checkpoint_interval: Optional[int] = None,
+               init_fn: Optional[Callable[[], None]] = None):
+    """Configures the manager; arguments as `tf.train.CheckpointManager`'s.
+
+    Args:
+      checkpoint: The `tf.train.Checkpoint` to save and restore.
+      directory: The model directory (local path or URL such as `gs://...`).
+      max_to_keep: How many checkpoints (and their exports) to keep; None
+        keeps all.
+      modules_to_export: Modules to export at each save, by name. Each is
+        saved as `<directory>/<checkpoint_name>-<step>_saved_modules/<name>/`.
+      keep_checkpoint_every_n_hours: Also keep one checkpoint (with its export)
+        every this many hours.
+      checkpoint_name: The prefix of checkpoint and export names.
+      step_counter: The step variable, required with `checkpoint_interval`.
+      checkpoint_interval: Minimum number of steps between saves.
+      init_fn: Called by `restore_or_initialize` when there is no checkpoint.
+
+    Raises:
+      ValueError: For a bad `max_to_keep`, directory, checkpoint name or
+        module; nothing is written then.
+    """
+    if max_to_keep is not None and (
+        isinstance(max_to_keep, bool) or
+        not isinstance(max_to_keep, numbers.Integral) or max_to_keep <= 0):
+      raise ValueError('max_to_keep must be a positive integer or None, got '
+                       f'{max_to_keep!r}.')
+    paths.validate_component('checkpoint_name', checkpoint_name)
+    if not isinstance(directory, (str, os.PathLike)) or not os.fspath(
+        directory):
+      raise ValueError(f'directory must be a non-empty path, got {directory!r}.')
+    export.validate_modules(modules_to_export)
+    super().__init__(
+        checkpoint=checkpoint,
+        directory=directory,
+        max_to_keep=max_to_keep,
+        keep_checkpoint_every_n_hours=keep_checkpoint_every_n_hours,
+        checkpoint_name=checkpoint_name,
+        step_counter=step_counter,
+        checkpoint_interval=checkpoint_interval,
+        init_fn=init_fn)
+    self._checkpoint_name = checkpoint_name
+    self._modules_to_export = modules_to_export
+    # The step of this manager's latest save: its checkpoint may still be
+    # in flight (async), so its export is kept regardless.
+    self._last_saved_step = None
+    self._savedmodels = self._managed_savedmodels()
+
+  def save(self,
+           checkpoint_number: Optional[Any] = None,
+           check_interval: bool = True,
+           options: Optional[tf.train.CheckpointOptions] = None
+          ) -> Optional[str]:
+    """Exports the modules, then saves a checkpoint; see the base class.
+
+    The export of step N is published before checkpoint N is written, and
+    replaces an earlier export of step N if there is one. With
+    `options=tf.train.CheckpointOptions(enable_async=True)` the checkpoint is
+    written in the background; call `sync()` to wait for it.
+
+    Args:
+      checkpoint_number: The step to save as (an integer, or a scalar integer
+        tensor or variable); by default `checkpoint.save_counter + 1`.
+      check_interval: Whether to honour `checkpoint_interval`.
+      options: `tf.train.CheckpointOptions` for the checkpoint.
+
+    Returns:
+      The checkpoint path, or None if no checkpoint was due.
+
+    Raises:
+      ValueError: For a bad `checkpoint_number`, or a module that gets no
+        serving signature; nothing is written then.
+    """
+    step = self._step_to_save(checkpoint_number, check_interval)
+    if step is None:
+      return None
+    export_dir = paths.export_path(self._directory, self._checkpoint_name, step)
+    if self._modules_to_export:
+      with commit.staged_export(export_dir, {
+          'step': step, 'modules': list(self._modules_to_export)}) as tmp:
+        export.write_modules(self._modules_to_export, tmp)
+    else:
+      logging.info('No modules_to_export: saving a checkpoint only.')
+    try:
+      checkpoint_path = super().save(
+          checkpoint_number=step, check_interval=check_interval,
+          options=options)
+      if checkpoint_path is None:
+        raise RuntimeError(f'tf.train.CheckpointManager skipped step {step} '
+                           'that was due: was the step counter changed '
+                           'concurrently?')
+    except BaseException:
+      if self._modules_to_export and commit.is_ours(export_dir):
+        commit.remove_export(export_dir)
+      raise
+    self._last_saved_step = step
+    self._collect_garbage()
+    return checkpoint_path
+
+  def _step_to_save(self, checkpoint_number: Any,
+                    check_interval: bool) -> Optional[int]:
+    """The step `save()` will write, or None where the base class would skip."""
+    if checkpoint_number is not None:
+      checkpoint_number = _as_step(checkpoint_number)
+    if self._checkpoint_interval is not None:
+      current = _as_step(self._step_counter)
+      last = self._last_checkpoint_step
+      if last is not None and (current == last or (
+          check_interval and current < last + self._checkpoint_interval)):
+        return None
+    if checkpoint_number is None:
+      return int(self._checkpoint.save_counter.numpy()) + 1
+    return checkpoint_number
+
+  def _collect_garbage(self) -> None:
+    """Removes our exports whose checkpoints are gone, and crash leftovers."""
+    names = commit.recover(self._directory, self._checkpoint_name,
+                           readers.list_directory(self._directory))
+    checkpointed = {paths.parse_checkpoint_step(name[:-len('.index')],
+                                                self._checkpoint_name)
+                    for name in names if name.endswith('.index')}
+    checkpointed.add(self._last_saved_step)
+    for step, path in readers.export_candidates(
+        self._directory, self._checkpoint_name, names):
+      if step not in checkpointed and commit.is_ours(path):
+        logging.info('Removing export %s: its checkpoint is gone.', path)
+        commit.remove_export(path)
+        names.discard(paths.basename(path))
+    self._savedmodels = self._managed_savedmodels(names)
+
+  def _managed_savedmodels(self, names: Optional[Iterable[str]] = None
+                          ) -> List[str]:
+    """Published exports of the managed checkpoints and the latest save."""
+    steps = {paths.parse_checkpoint_step(path, self._checkpoint_name)
+             for path in self.checkpoints}
+    steps.add(self._last_saved_step)
+    return [path for step, path in readers.export_candidates(
+        self._directory, self._checkpoint_name, names)
+            if step in steps and commit.is_published(path)]
+
+  def restore_or_initialize(self) -> Optional[str]:
+    """Cleans up after crashed saves, then restores; see the base class."""
+    commit.recover(self._directory, self._checkpoint_name,
+                   readers.list_directory(self._directory))
+    return super().restore_or_initialize()
+
+  def sync(self) -> None:
+    """Waits for pending checkpoint writes, then collects garbage."""
+    super().sync()
+    if self._last_saved_step is not None:
+      self._collect_garbage()
+
+  def get_existing_savedmodels(self) -> List[str]:
+    """Returns all published exports in the directory, by step.
+
+    Includes exports of checkpoints kept by `keep_checkpoint_every_n_hours`
+    and exports written by the reference implementation.
+    """
+    return readers.list_savedmodels(self._directory, self._checkpoint_name)
+
+  @property
+  def latest_savedmodel(self) -> Optional[str]:
+    """The export of the newest managed checkpoint, or None."""
+    return self._savedmodels[-1] if self._savedmodels else None
+
+  @property
+  def savedmodels(self) -> List[str]:
+    """Exports of the managed checkpoints, oldest (lowest step) first."""
+    return list(self._savedmodels)
+
+  @property
+  def modules_to_export(self) -> Optional[Mapping[str, tf.Module]]:
+    return self._modules_to_export
+
+  def get_savedmodel_number_from_path(self,
+                                      savedmodel_path: str) -> Optional[int]:
+    """Returns the step of one of this manager's export paths, or None."""
+    return paths.parse_export_step(savedmodel_path, self._checkpoint_name)
+
+  def wait_for_new_savedmodel(self,
+                              last_savedmodel: Optional[str] = None,
+                              seconds_to_sleep: float = 1.0,
+                              timeout: Optional[float] = None
+                             ) -> Optional[str]:
+    """Waits for a new export; see `readers.wait_for_new_savedmodel`."""
+    return readers.wait_for_new_savedmodel(
+        self._directory, last_savedmodel, seconds_to_sleep, timeout,
+        self._checkpoint_name)
+
+  def savedmodels_iterator(self,
+                           min_interval_secs: float = 0,
+                           timeout: Optional[float] = None,
+                           timeout_fn: Optional[Callable[[], bool]] = None,
+                           seconds_to_sleep: float = 1.0) -> Iterator[str]:
+    """Yields every export in step order; see `readers.savedmodels_iterator`."""
+    return readers.savedmodels_iterator(
+        self._directory, min_interval_secs, timeout, timeout_fn,
+        seconds_to_sleep, self._checkpoint_name)

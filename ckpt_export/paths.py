@@ -1,0 +1,119 @@
+"""Pure naming and parsing of checkpoint and export paths.
+
+Nothing here touches a file system: these functions map between step numbers
+and the names of the directories a manager writes, so that writers, readers
+and garbage collection agree on one spelling. The layout is the reference's
+(`official.core.savedmodel_checkpoint_manager`):
+
+    <directory>/<checkpoint_name>-<step>                    checkpoint prefix
+    <directory>/<checkpoint_name>-<step>_saved_modules/     published export
+    <directory>/<checkpoint_name>-<step>_saved_modules/<module_name>/
+
+plus work directories that no reader takes for an export (see `commit.py`):
+
+    <directory>/<checkpoint_name>-<step>_saved_modules.<kind>-<token>
+"""
+
+import os
+import re
+from typing import Optional, Union
+
+SAVED_MODULES_PATH_SUFFIX = 'saved_modules'
+
+# Written last into every export; its presence publishes an export where a
+# directory rename is not atomic, and marks the export as ours everywhere.
+COMMIT_MARKER = '.ckpt_export_commit.json'
+
+PathLike = Union[str, os.PathLike]
+
+_STEP = r'(0|[1-9][0-9]*)'
+_EXPORT_RE = re.compile(r'(?P<name>.+)-' + _STEP +
+                        '_' + SAVED_MODULES_PATH_SUFFIX + r'\Z', re.DOTALL)
+_CHECKPOINT_RE = re.compile(r'(?P<name>.+)-' + _STEP + r'\Z', re.DOTALL)
+
+
+def make_saved_modules_directory_name(checkpoint_name: str) -> str:
+  """Returns the export directory name for a checkpoint prefix or path.
+
+  Args:
+    checkpoint_name: A checkpoint prefix such as `ckpt-5` or
+      `/model_dir/ckpt-5`.
+
+  Returns:
+    `<checkpoint_name>_saved_modules`, the reference's spelling.
+  """
+  return f'{checkpoint_name}_{SAVED_MODULES_PATH_SUFFIX}'
+
+
+def export_basename(checkpoint_name: str, step: int) -> str:
+  """Returns the base name of the export directory of `step`."""
+  return make_saved_modules_directory_name(f'{checkpoint_name}-{step}')
+
+
+def export_path(directory: str, checkpoint_name: str, step: int) -> str:
+  """Returns the path of the export directory of `step` in `directory`."""
+  return os.path.join(directory, export_basename(checkpoint_name, step))
+
+
+def basename(path: PathLike) -> str:
+  """Returns the last component of a local path or URL, ignoring trailing '/'."""
+  path = os.fspath(path)
+  return path.rstrip('/').rsplit('/', 1)[-1]
+
+
+def parse_export_step(path: PathLike,
+                      checkpoint_name: Optional[str] = None) -> Optional[int]:
+  """Returns the step of an export path, or None if it is not one.
+
+  Never raises on a string. The last path component must be exactly
+  `<checkpoint_name>-<step>_saved_modules` (with any non-empty checkpoint name
+  when `checkpoint_name` is None) and `<step>` a canonical non-negative integer
+  (no sign, no leading zeros), as `tf.train.CheckpointManager` writes it.
+
+  Args:
+    path: A path or URL, with or without a trailing separator.
+    checkpoint_name: The checkpoint name the export must belong to.
+
+  Returns:
+    The step number, or None.
+  """
+  match = _EXPORT_RE.match(basename(path))
+  if match is None:
+    return None
+  if checkpoint_name is not None and match.group('name') != checkpoint_name:
+    return None
+  return int(match.group(2))
+
+
+def parse_checkpoint_step(path: PathLike,
+                          checkpoint_name: Optional[str] = None
+                         ) -> Optional[int]:
+  """Returns the step of a checkpoint prefix like `/dir/ckpt-5`, or None."""
+  match = _CHECKPOINT_RE.match(basename(path))
+  if match is None:
+    return None
+  if checkpoint_name is not None and match.group('name') != checkpoint_name:
+    return None
+  return int(match.group(2))
+
+
+def validate_component(kind: str, name: object) -> str:
+  """Checks that `name` is one plain path component and returns it.
+
+  Args:
+    kind: What the name is, for the error message (e.g. 'module name').
+    name: The value to check.
+
+  Returns:
+    `name`, unchanged.
+
+  Raises:
+    ValueError: If `name` is not a non-empty string usable as one path
+      component on every file system (no separators, not '.' or '..').
+  """
+  if (not isinstance(name, str) or not name or name in ('.', '..') or
+      '/' in name or '\\' in name or '\0' in name):
+    raise ValueError(
+        f'Invalid {kind} {name!r}: it must be a non-empty string that is one '
+        "plain path component (no '/', '\\', NUL, and not '.' or '..').")
+  return name

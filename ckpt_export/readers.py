@@ -1,0 +1,185 @@
+"""Listing, waiting for and iterating over the exports of a model directory.
+
+Readers need no trainer and no `tf.train.Checkpoint`: these functions take a
+directory and a checkpoint name, see only published exports (see `commit.py`),
+and order them by step number. `SavedModelCheckpointManager` composes them.
+"""
+
+import os
+import time
+from typing import Callable, Iterable, Iterator, List, Optional, Tuple
+
+from absl import logging
+import tensorflow as tf
+
+from ckpt_export import commit
+from ckpt_export import paths
+
+
+def list_directory(directory: str) -> List[str]:
+  """Returns the entry names of `directory`, or [] if it does not exist yet."""
+  try:
+    names = tf.io.gfile.listdir(directory)
+  except tf.errors.NotFoundError:
+    return []
+  return [name.rstrip('/') for name in names]
+
+
+def export_candidates(directory: str, checkpoint_name: str = 'ckpt',
+                      names: Optional[Iterable[str]] = None
+                     ) -> List[Tuple[int, str]]:
+  """Returns (step, path) of every entry named like an export, by step.
+
+  Whether each is published is not checked; see `commit.is_published`.
+
+  Args:
+    directory: The model directory.
+    checkpoint_name: The checkpoint name of the exports.
+    names: The entries of `directory`, if the caller has listed it already.
+  """
+  if names is None:
+    names = list_directory(directory)
+  found = []
+  for name in names:
+    step = paths.parse_export_step(name, checkpoint_name)
+    if step is not None:
+      found.append((step, os.path.join(directory, name)))
+  return sorted(found)
+
+
+def list_savedmodels(directory: str, checkpoint_name: str = 'ckpt'
+                    ) -> List[str]:
+  """Returns the paths of all published exports in `directory`, by step."""
+  return [path for _, path in export_candidates(directory, checkpoint_name)
+          if commit.is_published(path)]
+
+
+def latest_savedmodel(directory: str,
+                      checkpoint_name: str = 'ckpt') -> Optional[str]:
+  """Returns the published export with the highest step, or None."""
+  for _, path in reversed(export_candidates(directory, checkpoint_name)):
+    if commit.is_published(path):
+      return path
+  return None
+
+
+def next_savedmodel(directory: str, after_step: int,
+                    checkpoint_name: str = 'ckpt') -> Optional[Tuple[int, str]]:
+  """Returns (step, path) of the first published export after `after_step`."""
+  for step, path in export_candidates(directory, checkpoint_name):
+    if step > after_step and commit.is_published(path):
+      return step, path
+  return None
+
+
+def _check_seconds(name: str, value: Optional[float],
+                   allow_none: bool) -> None:
+  if value is None and allow_none:
+    return
+  if (isinstance(value, bool) or not isinstance(value, (int, float)) or
+      not value >= 0):
+    raise ValueError(f'{name} must be a non-negative number of seconds'
+                     f'{" or None" if allow_none else ""}, got {value!r}.')
+
+
+def _step_of(savedmodel: Optional[str], checkpoint_name: str) -> int:
+  if savedmodel is None:
+    return -1
+  step = paths.parse_export_step(savedmodel, checkpoint_name)
+  if step is None:
+    raise ValueError(f'{savedmodel!r} is not the path of an export named '
+                     f'{checkpoint_name!r}-<step>_saved_modules.')
+  return step
+
+
+def wait_for_new_savedmodel(directory: str,
+                            last_savedmodel: Optional[str] = None,
+                            seconds_to_sleep: float = 1.0,
+                            timeout: Optional[float] = None,
+                            checkpoint_name: str = 'ckpt') -> Optional[str]:
+  """Waits for a published export with a step above `last_savedmodel`'s.
+
+  Looks before it sleeps, and once more before giving up: it never returns
+  None while an export it should return exists. It never sleeps past the
+  deadline: it gives up, after that last look, as soon as another full sleep
+  would end after `timeout` (the reference's timing).
+
+  Args:
+    directory: The model directory.
+    last_savedmodel: The last export path seen, or None to take the first.
+    seconds_to_sleep: Seconds between looks.
+    timeout: The maximum number of seconds to wait; None waits forever.
+    checkpoint_name: The checkpoint name of the exports.
+
+  Returns:
+    The path of the export with the lowest step above the last one, or None
+    if the timeout was reached.
+
+  Raises:
+    ValueError: If `last_savedmodel` is not an export path of this checkpoint
+      name, or a time is negative.
+  """
+  _check_seconds('seconds_to_sleep', seconds_to_sleep, allow_none=False)
+  _check_seconds('timeout', timeout, allow_none=True)
+  found = _wait_for_step(directory, _step_of(last_savedmodel, checkpoint_name),
+                         seconds_to_sleep, timeout, checkpoint_name)
+  return found[1] if found else None
+
+
+def _wait_for_step(directory: str, after_step: int, seconds_to_sleep: float,
+                   timeout: Optional[float],
+                   checkpoint_name: str) -> Optional[Tuple[int, str]]:
+  logging.info('Waiting for an export after step %d in %s', after_step,
+               directory)
+  stop_time = None if timeout is None else time.monotonic() + timeout
+  while True:
+    found = next_savedmodel(directory, after_step, checkpoint_name)
+    if found is not None:
+      logging.info('Found export %s', found[1])
+      return found
+    if stop_time is not None and time.monotonic() + seconds_to_sleep > stop_time:
+      return None
+    time.sleep(seconds_to_sleep)
+
+
+def savedmodels_iterator(directory: str,
+                         min_interval_secs: float = 0,
+                         timeout: Optional[float] = None,
+                         timeout_fn: Optional[Callable[[], bool]] = None,
+                         seconds_to_sleep: float = 1.0,
+                         checkpoint_name: str = 'ckpt') -> Iterator[str]:
+  """Yields every published export in step order, waiting for new ones.
+
+  Args:
+    directory: The model directory.
+    min_interval_secs: The minimum number of seconds between yields.
+    timeout: The maximum number of seconds to wait for the next export; None
+      waits forever.
+    timeout_fn: Called after a timeout; the iterator ends if it returns True
+      (or if there is none), and goes on waiting otherwise.
+    seconds_to_sleep: Seconds between looks for a new export.
+    checkpoint_name: The checkpoint name of the exports.
+
+  Yields:
+    Export paths, each step once, in increasing step order.
+  """
+  _check_seconds('min_interval_secs', min_interval_secs, allow_none=False)
+  _check_seconds('seconds_to_sleep', seconds_to_sleep, allow_none=False)
+  _check_seconds('timeout', timeout, allow_none=True)
+  last_step = -1
+  while True:
+    found = _wait_for_step(directory, last_step, seconds_to_sleep, timeout,
+                           checkpoint_name)
+    if found is None:
+      if timeout_fn is None:
+        logging.info('Timed out waiting for an export in %s', directory)
+        return
+      if timeout_fn():
+        return
+      continue
+    start = time.monotonic()
+    last_step, path = found
+    yield path
+    time_to_next = start + min_interval_secs - time.monotonic()
+    if time_to_next > 0:
+      time.sleep(time_to_next)
