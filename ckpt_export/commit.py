@@ -1,8 +1,9 @@
 """The commit protocol: how an export becomes visible, and how it goes away.
 
 An export is written into a work directory that no reader takes for an export
-(`<export>.tmp-<token>`: its name does not end in `_saved_modules` and is not an
-integer), and published only once complete. Two file system families:
+(`.<export>.tmp-<token>`: its name does not end in `_saved_modules`, is not an
+integer, and no export's name is a prefix of it, which TF's prefix-matching
+`ram://` file system needs), and published only once complete. Two file system families:
 
 * Atomic directory rename (local disk, `file://`). The commit marker is written
   into the work directory, which is then renamed to the final name in one step:
@@ -45,7 +46,7 @@ STALE_SECONDS = 6 * 3600.0
 
 _TMP, _OLD, _DEL = 'tmp', 'old', 'del'
 _HOST = re.sub(r'[^A-Za-z0-9._]', '_', socket.gethostname()) or 'host'
-_WORK_RE = re.compile(r'(?P<export>.+)\.(?P<kind>tmp|old|del)-(?P<token>'
+_WORK_RE = re.compile(r'\.(?P<export>.+)\.(?P<kind>tmp|old|del)-(?P<token>'
                       r'(?P<ms>[0-9]+)-(?P<pid>[0-9]+)-(?P<host>[A-Za-z0-9._]+)'
                       r'-[0-9a-f]{8})\Z', re.DOTALL)
 
@@ -72,6 +73,25 @@ def is_ours(export_dir: str) -> bool:
   return tf.io.gfile.exists(os.path.join(export_dir, paths.COMMIT_MARKER))
 
 
+def is_replaceable(export_dir: str) -> bool:
+  """Whether a new export may replace what is at `export_dir`.
+
+  True if nothing is there, or an export: ours, or one the reference wrote (a
+  directory of SavedModel directories). A user's file or directory that merely
+  has an export's name is never replaced.
+  """
+  if not tf.io.gfile.exists(export_dir):
+    return True
+  if is_ours(export_dir):
+    return True
+  if not tf.io.gfile.isdir(export_dir):
+    return False
+  children = tf.io.gfile.listdir(export_dir)
+  return bool(children) and all(
+      tf.io.gfile.exists(os.path.join(export_dir, c.rstrip('/'),
+                                      'saved_model.pb')) for c in children)
+
+
 def read_commit_info(export_dir: str) -> Optional[Dict[str, Any]]:
   """Returns the metadata in an export's commit marker, or None if absent."""
   try:
@@ -92,7 +112,9 @@ def _new_token() -> str:
 
 
 def _work_dir(export_dir: str, kind: str, token: str) -> str:
-  return f'{export_dir.rstrip("/")}.{kind}-{token}'
+  export_dir = export_dir.rstrip('/')
+  return os.path.join(os.path.dirname(export_dir),
+                      f'.{paths.basename(export_dir)}.{kind}-{token}')
 
 
 def _pid_running(pid: int) -> bool:

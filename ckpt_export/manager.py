@@ -78,6 +78,12 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     if not isinstance(directory, (str, os.PathLike)) or not os.fspath(
         directory):
       raise ValueError(f'directory must be a non-empty path, got {directory!r}.')
+    for name, value in (('directory', os.fspath(directory)),
+                        ('checkpoint_name', checkpoint_name)):
+      if '[' in value:
+        raise ValueError(
+            f"{name} {value!r} contains '[': TensorFlow can neither restore "
+            'checkpoints nor load SavedModels under such a path.')
     export.validate_modules(modules_to_export)
     super().__init__(
         checkpoint=checkpoint,
@@ -117,14 +123,19 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
       The checkpoint path, or None if no checkpoint was due.
 
     Raises:
-      ValueError: For a bad `checkpoint_number`, or a module that gets no
-        serving signature; nothing is written then.
+      ValueError: For a bad `checkpoint_number`, a module that gets no serving
+        signature, or a user's file or directory in the way of the export;
+        nothing is written then.
     """
     step = self._step_to_save(checkpoint_number, check_interval)
     if step is None:
       return None
     export_dir = paths.export_path(self._directory, self._checkpoint_name, step)
     if self._modules_to_export:
+      if not commit.is_replaceable(export_dir):
+        raise ValueError(
+            f'Cannot export step {step}: {export_dir!r} exists and is not an '
+            'export (no SavedModels in it); move it away, it is left as is.')
       with commit.staged_export(export_dir, {
           'step': step, 'modules': list(self._modules_to_export)}) as tmp:
         export.write_modules(self._modules_to_export, tmp)

@@ -11,7 +11,7 @@ and garbage collection agree on one spelling. The layout is the reference's
 
 plus work directories that no reader takes for an export (see `commit.py`):
 
-    <directory>/<checkpoint_name>-<step>_saved_modules.<kind>-<token>
+    <directory>/.<checkpoint_name>-<step>_saved_modules.<kind>-<token>
 """
 
 import os
