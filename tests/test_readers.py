@@ -1,0 +1,159 @@
+"""Readers: listing, waiting and iterating, without a trainer."""
+
+import threading
+import time
+
+import pytest
+import tensorflow as tf
+from official.core import savedmodel_checkpoint_manager as reference
+
+import ckpt_export
+from ckpt_export import commit
+from ckpt_export import export
+from ckpt_export import paths
+from conftest import Scale, served_value
+
+
+def _publish(model_dir: str, step: int, checkpoint_name: str = 'ckpt') -> str:
+  module = Scale()
+  module.w.assign(tf.fill([4], float(step)))
+  final = paths.export_path(model_dir, checkpoint_name, step)
+  with commit.staged_export(final, {'step': step}) as tmp:
+    export.write_modules({'scale': module}, tmp)
+  return final
+
+
+def _steps(export_paths):
+  return [paths.parse_export_step(p) for p in export_paths]
+
+
+def test_readers_of_a_missing_directory_find_nothing(tmp_path):
+  missing = str(tmp_path / 'not_yet')
+  assert ckpt_export.list_savedmodels(missing) == []
+  assert ckpt_export.latest_savedmodel(missing) is None
+  assert ckpt_export.wait_for_new_savedmodel(missing, timeout=0) is None
+
+
+def test_list_and_latest_go_by_step_and_by_checkpoint_name(model_dir):
+  for step in (9, 100, 10):
+    _publish(model_dir, step)
+  _publish(model_dir, 500, checkpoint_name='other')
+  assert _steps(ckpt_export.list_savedmodels(model_dir)) == [9, 10, 100]
+  assert _steps([ckpt_export.latest_savedmodel(model_dir)]) == [100]
+  assert _steps(ckpt_export.list_savedmodels(model_dir, 'other')) == [500]
+
+
+def test_wait_looks_before_sleeping(model_dir):
+  export_dir = _publish(model_dir, 1)
+  for timeout in (0, 0.5):
+    start = time.monotonic()
+    assert ckpt_export.wait_for_new_savedmodel(
+        model_dir, timeout=timeout, seconds_to_sleep=30) == export_dir
+    assert time.monotonic() - start < 30  # It did not sleep first.
+
+
+def test_reference_misses_an_existing_export_when_timeout_is_short(local_dir):
+  """The reference returns None without looking; ckpt_export finds it."""
+  _publish(local_dir, 1)
+  ref = reference.SavedModelCheckpointManager(
+      tf.train.Checkpoint(), local_dir, 1, modules_to_export={'scale': Scale()})
+  assert ref.wait_for_new_savedmodel(timeout=0.5) is None
+  ours = ckpt_export.SavedModelCheckpointManager(
+      tf.train.Checkpoint(), local_dir, 1, modules_to_export={'scale': Scale()})
+  assert _steps([ours.wait_for_new_savedmodel(timeout=0.5)]) == [1]
+
+
+def test_wait_returns_the_next_step_in_step_order(model_dir):
+  for step in (30, 4, 200):
+    _publish(model_dir, step)
+  found = ckpt_export.wait_for_new_savedmodel(model_dir, timeout=0)
+  assert _steps([found]) == [4]
+  found = ckpt_export.wait_for_new_savedmodel(model_dir, found, timeout=0)
+  assert _steps([found]) == [30]
+  found = ckpt_export.wait_for_new_savedmodel(model_dir, found, timeout=0)
+  assert _steps([found]) == [200]
+  assert ckpt_export.wait_for_new_savedmodel(model_dir, found, timeout=0) is None
+
+
+def test_wait_picks_up_an_export_published_while_it_waits(local_dir):
+  _publish(local_dir, 1)
+  first = ckpt_export.latest_savedmodel(local_dir)
+  publisher = threading.Timer(0.3, _publish, (local_dir, 2))
+  publisher.start()
+  found = ckpt_export.wait_for_new_savedmodel(local_dir, first,
+                                              seconds_to_sleep=0.05, timeout=60)
+  publisher.join()
+  assert _steps([found]) == [2]
+  assert served_value(found) == 2.0
+
+
+def test_wait_times_out_with_none(model_dir):
+  assert ckpt_export.wait_for_new_savedmodel(
+      model_dir, timeout=0.2, seconds_to_sleep=0.05) is None
+
+
+def test_unpublished_work_directories_are_never_returned(local_dir):
+  final = paths.export_path(local_dir, 'ckpt', 3)
+  with commit.staged_export(final, {'step': 3}) as tmp:
+    export.write_modules({'scale': Scale()}, tmp)
+    assert ckpt_export.list_savedmodels(local_dir) == []
+    assert ckpt_export.wait_for_new_savedmodel(local_dir, timeout=0) is None
+  assert ckpt_export.list_savedmodels(local_dir) == [final]
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    ({'timeout': -1}, 'timeout'), ({'seconds_to_sleep': -0.5}, 'seconds_to_sleep'),
+    ({'seconds_to_sleep': None}, 'seconds_to_sleep'), ({'timeout': 'soon'}, 'soon'),
+    ({'last_savedmodel': '/m/ckpt-3'}, "'/m/ckpt-3' is not the path of an export"),
+])
+def test_wait_rejects_bad_arguments(local_dir, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    ckpt_export.wait_for_new_savedmodel(local_dir, **kwargs)
+
+
+def test_iterator_yields_every_export_once_in_step_order(model_dir):
+  for step in (5, 1, 3):
+    _publish(model_dir, step)
+  start = time.monotonic()
+  found = list(ckpt_export.savedmodels_iterator(
+      model_dir, timeout=0.2, seconds_to_sleep=0.05))
+  assert _steps(found) == [1, 3, 5]
+  assert time.monotonic() - start < 10  # The short sleep was honoured.
+
+
+def test_iterator_sees_exports_that_arrive_later(local_dir):
+  _publish(local_dir, 1)
+  seen = []
+  for export_dir in ckpt_export.savedmodels_iterator(
+      local_dir, timeout=5, seconds_to_sleep=0.05):
+    seen.append(paths.parse_export_step(export_dir))
+    if len(seen) < 3:
+      _publish(local_dir, len(seen) + 1)
+    else:
+      break
+  assert seen == [1, 2, 3]
+
+
+def test_iterator_asks_timeout_fn_whether_to_go_on(local_dir):
+  calls = []
+
+  def timeout_fn():
+    calls.append(1)
+    if len(calls) == 2:
+      _publish(local_dir, 7)
+    return len(calls) >= 3
+
+  found = list(ckpt_export.savedmodels_iterator(
+      local_dir, timeout=0.1, timeout_fn=timeout_fn, seconds_to_sleep=0.02))
+  assert _steps(found) == [7]
+  assert len(calls) == 3
+
+
+def test_manager_iterator_takes_seconds_to_sleep(local_dir):
+  manager = ckpt_export.SavedModelCheckpointManager(
+      tf.train.Checkpoint(), local_dir, 2, modules_to_export={'scale': Scale()})
+  manager.save()
+  manager.save()
+  found = list(manager.savedmodels_iterator(timeout=0.2, seconds_to_sleep=0.05))
+  assert found == manager.savedmodels
+  assert _steps(found) == [1, 2]
