@@ -1,0 +1,139 @@
+"""Runs examples/train_and_export.py as a user would, in a subprocess."""
+
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+from typing import Dict, List, Set
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import ckpt_export
+
+pytestmark = pytest.mark.slow
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXAMPLE = REPO_ROOT / 'examples' / 'train_and_export.py'
+NUM_FEATURES = 8  # The example's input width.
+
+# First run: saves at steps 2, 4, 6 and keeps the last two.
+FIRST = dict(train_steps=6, save_every=2, max_to_keep=2)
+FIRST_STEPS = {4, 6}
+# Second run: resumes at 6, saves at 8 and at the last step, 9.
+SECOND = dict(FIRST, train_steps=9)
+SECOND_STEPS = {8, 9}
+
+
+def run_example(model_dir: pathlib.Path, **flags: int
+               ) -> subprocess.CompletedProcess:
+  """Runs the example to completion and checks it exits with status 0."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+  env['PYTHONPATH'] = os.pathsep.join(
+      p for p in (str(REPO_ROOT), env.get('PYTHONPATH')) if p)
+  cmd = [sys.executable, str(EXAMPLE), f'--model_dir={model_dir}']
+  cmd += [f'--{name}={value}' for name, value in flags.items()]
+  result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, (
+      f'{cmd} exited with {result.returncode}\n--- stdout:\n{result.stdout}\n'
+      f'--- stderr:\n{result.stderr[-5000:]}')
+  return result
+
+
+def saved_steps(model_dir: pathlib.Path) -> Dict[str, Set[int]]:
+  """Returns the steps of the checkpoints and exports found in `model_dir`.
+
+  Fails on any entry named like an export that is not exactly
+  `ckpt-<step>_saved_modules` (e.g. a leftover work directory).
+  """
+  names = os.listdir(model_dir)
+  strays = [n for n in names if 'saved_modules' in n and
+            not re.fullmatch(r'ckpt-\d+_saved_modules', n)]
+  assert not strays, f'Unexpected entries in {model_dir}: {strays}'
+
+  def steps(pattern: str) -> Set[int]:
+    return {int(m.group(1)) for m in map(re.compile(pattern).fullmatch, names)
+            if m}
+
+  return {
+      'index': steps(r'ckpt-(\d+)\.index'),
+      'data': steps(r'ckpt-(\d+)\.data-\d+-of-\d+'),
+      'exports': steps(r'ckpt-(\d+)_saved_modules'),
+  }
+
+
+def assert_layout(model_dir: pathlib.Path, expected_steps: Set[int]) -> None:
+  """Checks `model_dir` holds exactly these checkpoints and their exports."""
+  found = saved_steps(model_dir)
+  assert found == {'index': expected_steps, 'data': expected_steps,
+                   'exports': expected_steps}
+  assert tf.train.latest_checkpoint(str(model_dir)) == str(
+      model_dir / f'ckpt-{max(expected_steps)}')
+  for step in expected_steps:
+    export_dir = model_dir / f'ckpt-{step}_saved_modules'
+    visible = [n for n in os.listdir(export_dir) if not n.startswith('.')]
+    assert visible == ['regressor'], export_dir
+    assert (export_dir / 'regressor' / 'saved_model.pb').is_file()
+
+
+def resume_step(stdout: str) -> int:
+  match = re.search(r'^Resumed from (\S+) at step (\d+)\.$', stdout, re.M)
+  assert match, stdout
+  return int(match.group(2))
+
+
+def logged_steps(stdout: str) -> List[int]:
+  return [int(s) for s in re.findall(r'^step +(\d+) +loss ', stdout, re.M)]
+
+
+@pytest.fixture(scope='module')
+def first_run(tmp_path_factory):
+  """The model directory and output of one run from scratch."""
+  model_dir = tmp_path_factory.mktemp('first_run') / 'model'
+  return model_dir, run_example(model_dir, **FIRST)
+
+
+def test_first_run_keeps_the_latest_checkpoints_and_exports(first_run):
+  model_dir, result = first_run
+  assert 'No checkpoint found: starting from step 0.' in result.stdout
+  assert logged_steps(result.stdout) == [2, 4, 6]
+  assert_layout(model_dir, FIRST_STEPS)
+  assert 'predictions match the trained model' in result.stdout
+
+
+def test_every_export_loads_and_serves(first_run):
+  model_dir, result = first_run
+  exports = ckpt_export.list_savedmodels(str(model_dir))
+  assert [ckpt_export.parse_export_step(p) for p in exports] == sorted(
+      FIRST_STEPS)
+  assert ckpt_export.latest_savedmodel(str(model_dir)) == exports[-1]
+  # The snippet the example prints points at the latest export.
+  assert f'ckpt_export.latest_savedmodel({str(model_dir)!r})' in result.stdout
+  batch = np.random.default_rng(0).normal(
+      size=(5, NUM_FEATURES)).astype(np.float32)
+  predictions = []
+  for export in exports:
+    loaded = tf.saved_model.load(os.path.join(export, 'regressor'))
+    assert 'serving_default' in loaded.signatures
+    outputs = loaded.signatures['serving_default'](features=tf.constant(batch))
+    assert outputs['prediction'].shape == (5, 1)
+    assert np.all(np.isfinite(outputs['prediction'].numpy()))
+    predictions.append(outputs['prediction'].numpy())
+  # Each export holds the weights of its own step.
+  assert not np.array_equal(predictions[0], predictions[-1])
+
+
+def test_second_run_resumes_from_the_last_checkpoint(first_run, tmp_path):
+  first_dir, _ = first_run
+  model_dir = tmp_path / 'model'
+  shutil.copytree(first_dir, model_dir)
+  result = run_example(model_dir, **SECOND)
+  assert resume_step(result.stdout) == max(FIRST_STEPS)
+  assert f'Resumed from {model_dir / "ckpt-6"} at step 6.' in result.stdout
+  assert logged_steps(result.stdout) == [8, 9]
+  assert_layout(model_dir, SECOND_STEPS)
+  assert 'predictions match the trained model' in result.stdout
