@@ -288,8 +288,7 @@ def recover(directory: str, checkpoint_name: str,
           _owner_alive(name)):
         continue
       path = os.path.join(directory, name)
-      if (match.group('kind') == _OLD and atomic and export not in names and
-          is_ours(path)):
+      if match.group('kind') == _OLD and atomic and export not in names:
         logging.warning('Restoring export %s that a crashed save was replacing.',
                         export)
         tf.io.gfile.rename(path, os.path.join(directory, export))
