@@ -1,0 +1,43 @@
+"""The package's shape: cheap to import, and layered."""
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'ckpt_export'
+
+# Each module may import only the ones listed (lower layers never import
+# higher ones).
+ALLOWED = {
+    'paths': set(),
+    'commit': {'paths'},
+    'export': {'commit', 'paths'},
+    'readers': {'commit', 'paths'},
+    'manager': {'commit', 'export', 'paths', 'readers'},
+    '__init__': {'manager', 'paths', 'readers'},
+}
+
+
+def test_import_loads_neither_orbit_nor_model_garden_nor_keras():
+  code = ('import sys, ckpt_export; '
+          'print(sorted(m for m in ("orbit", "official", "tf_keras") '
+          'if m in sys.modules))')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                       text=True, check=True, cwd=PACKAGE.parent,
+                       env={'TF_CPP_MIN_LOG_LEVEL': '3', 'PATH': ''})
+  assert out.stdout.strip() == '[]'
+
+
+def test_modules_import_only_lower_layers():
+  found = {}
+  for source in PACKAGE.glob('*.py'):
+    imported = set()
+    for node in ast.walk(ast.parse(source.read_text())):
+      if isinstance(node, ast.ImportFrom) and node.module == 'ckpt_export':
+        imported |= {alias.name for alias in node.names}
+      elif isinstance(node, ast.ImportFrom) and (node.module or '').startswith(
+          'ckpt_export.'):
+        imported.add(node.module.split('.')[1])
+    found[source.stem] = imported
+  assert found == ALLOWED
