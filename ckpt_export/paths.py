@@ -77,19 +77,19 @@ def parse_export_step(path: PathLike,
   Returns:
     The step number, or None.
   """
-  match = _EXPORT_RE.match(basename(path))
-  if match is None:
-    return None
-  if checkpoint_name is not None and match.group('name') != checkpoint_name:
-    return None
-  return int(match.group(2))
+  return _parse_step(_EXPORT_RE, path, checkpoint_name)
 
 
 def parse_checkpoint_step(path: PathLike,
                           checkpoint_name: Optional[str] = None
                          ) -> Optional[int]:
   """Returns the step of a checkpoint prefix like `/dir/ckpt-5`, or None."""
-  match = _CHECKPOINT_RE.match(basename(path))
+  return _parse_step(_CHECKPOINT_RE, path, checkpoint_name)
+
+
+def _parse_step(pattern: 're.Pattern[str]', path: PathLike,
+                checkpoint_name: Optional[str]) -> Optional[int]:
+  match = pattern.match(basename(path))
   if match is None:
     return None
   if checkpoint_name is not None and match.group('name') != checkpoint_name:

@@ -6,6 +6,8 @@ import uuid
 import pytest
 import tensorflow as tf
 
+from ckpt_export import paths
+
 N_FEATURES = 4
 
 
@@ -59,3 +61,14 @@ def local_dir(tmp_path) -> str:
 def entries(directory: str) -> list:
   """The sorted entry names of a directory (without trailing '/')."""
   return sorted(n.rstrip('/') for n in tf.io.gfile.listdir(directory))
+
+
+def save_step(manager, module: Scale, step: int, **kwargs):
+  """Sets `module`'s weights to `step`, then saves checkpoint `step`."""
+  module.w.assign(tf.fill([N_FEATURES], float(step)))
+  return manager.save(checkpoint_number=step, **kwargs)
+
+
+def steps_of(export_paths) -> list:
+  """The steps of a list of export paths."""
+  return [paths.parse_export_step(p) for p in export_paths]

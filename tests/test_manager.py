@@ -11,7 +11,7 @@ from official.core import savedmodel_checkpoint_manager as reference
 
 import ckpt_export
 from ckpt_export import paths
-from conftest import N_FEATURES, Scale, entries, served_value
+from conftest import N_FEATURES, Scale, entries, save_step, served_value, steps_of
 
 
 def _manager(model_dir, module, max_to_keep=2, **kwargs):
@@ -20,13 +20,6 @@ def _manager(model_dir, module, max_to_keep=2, **kwargs):
       modules_to_export={'scale': module}, **kwargs)
 
 
-def _save(manager, module, step, **kwargs):
-  module.w.assign(tf.fill([N_FEATURES], float(step)))
-  return manager.save(checkpoint_number=step, **kwargs)
-
-
-def _steps(export_paths):
-  return [paths.parse_export_step(p) for p in export_paths]
 
 
 def _checkpoint_steps(model_dir):
@@ -68,9 +61,9 @@ def test_constructor_and_methods_match_the_reference():
 def test_each_export_serves_the_values_of_its_own_step(model_dir, scale):
   manager = _manager(model_dir, scale, max_to_keep=3)
   for step in (1, 2, 3):
-    path = _save(manager, scale, step)
+    path = save_step(manager, scale, step)
     assert path == os.path.join(model_dir, f'ckpt-{step}')
-  assert _steps(manager.savedmodels) == [1, 2, 3]
+  assert steps_of(manager.savedmodels) == [1, 2, 3]
   for export_dir in manager.savedmodels:
     assert served_value(export_dir) == paths.parse_export_step(export_dir)
 
@@ -78,7 +71,7 @@ def test_each_export_serves_the_values_of_its_own_step(model_dir, scale):
 def test_max_to_keep_leaves_exactly_the_kept_directories(model_dir, scale):
   manager = _manager(model_dir, scale, max_to_keep=2)
   for step in range(1, 6):
-    _save(manager, scale, step)
+    save_step(manager, scale, step)
   assert entries(model_dir) == [
       'checkpoint',
       'ckpt-4.data-00000-of-00001', 'ckpt-4.index', 'ckpt-4_saved_modules',
@@ -92,35 +85,35 @@ def test_max_to_keep_leaves_exactly_the_kept_directories(model_dir, scale):
 def test_savedmodels_are_in_step_order_after_a_restart(model_dir, scale):
   manager = _manager(model_dir, scale, max_to_keep=3)
   for step in (9, 10, 100):  # Listing order: 10, 100, 9.
-    _save(manager, scale, step)
+    save_step(manager, scale, step)
   restarted = _manager(model_dir, Scale(), max_to_keep=3)
-  assert _steps(restarted.savedmodels) == [9, 10, 100]
-  assert _steps([restarted.latest_savedmodel]) == [100]
-  assert _steps(restarted.get_existing_savedmodels()) == [9, 10, 100]
-  assert _steps(ckpt_export.list_savedmodels(model_dir)) == [9, 10, 100]
+  assert steps_of(restarted.savedmodels) == [9, 10, 100]
+  assert steps_of([restarted.latest_savedmodel]) == [100]
+  assert steps_of(restarted.get_existing_savedmodels()) == [9, 10, 100]
+  assert steps_of(ckpt_export.list_savedmodels(model_dir)) == [9, 10, 100]
 
 
 def test_savedmodels_lists_only_the_managed_checkpoints(local_dir, scale):
   other = ckpt_export.SavedModelCheckpointManager(
       tf.train.Checkpoint(module=scale), local_dir, 5,
       modules_to_export={'scale': scale}, checkpoint_name='other')
-  _save(other, scale, 1)
+  save_step(other, scale, 1)
   manager = _manager(local_dir, scale)
-  _save(manager, scale, 2)
-  assert _steps(manager.savedmodels) == [2]
-  assert _steps(_manager(local_dir, Scale()).savedmodels) == [2]
-  assert _steps(other.savedmodels) == [1]
+  save_step(manager, scale, 2)
+  assert steps_of(manager.savedmodels) == [2]
+  assert steps_of(_manager(local_dir, Scale()).savedmodels) == [2]
+  assert steps_of(other.savedmodels) == [1]
 
 
 def test_saving_a_step_again_replaces_its_export(model_dir, scale):
   manager = _manager(model_dir, scale)
-  _save(manager, scale, 1)
-  _save(manager, scale, 2)
+  save_step(manager, scale, 1)
+  save_step(manager, scale, 2)
   # A job restored to step 1 trains to step 2 again, with other values.
   restarted = _manager(model_dir, scale)
   scale.w.assign(tf.fill([N_FEATURES], 42.0))
   restarted.save(checkpoint_number=2)
-  assert _steps(restarted.savedmodels) == [1, 2]
+  assert steps_of(restarted.savedmodels) == [1, 2]
   assert served_value(restarted.latest_savedmodel) == 42.0
   assert not [n for n in entries(model_dir) if 'saved_modules' in n and
               paths.parse_export_step(n) is None]
@@ -130,10 +123,10 @@ def test_checkpoints_kept_every_n_hours_keep_their_exports(local_dir, scale):
   manager = _manager(local_dir, scale, max_to_keep=1,
                      keep_checkpoint_every_n_hours=1e-9)
   for step in (1, 2, 3):
-    _save(manager, scale, step)
+    save_step(manager, scale, step)
   assert _checkpoint_steps(local_dir) == [1, 2, 3]
-  assert _steps(manager.get_existing_savedmodels()) == [1, 2, 3]
-  assert _steps(manager.savedmodels) == [3]
+  assert steps_of(manager.get_existing_savedmodels()) == [1, 2, 3]
+  assert steps_of(manager.savedmodels) == [3]
   for export_dir in manager.get_existing_savedmodels():
     assert served_value(export_dir) == paths.parse_export_step(export_dir)
 
@@ -145,13 +138,13 @@ def test_async_checkpointing_keeps_every_export(local_dir):
   manager = _manager(local_dir, big, max_to_keep=2)
   options = tf.train.CheckpointOptions(enable_async=True)
   for step in (1, 2, 3):
-    _save(manager, big, step, options=options)
-    assert _steps([manager.latest_savedmodel]) == [step]
+    save_step(manager, big, step, options=options)
+    assert steps_of([manager.latest_savedmodel]) == [step]
     assert served_value(manager.latest_savedmodel) == step
   manager.sync()
   assert _checkpoint_steps(local_dir) == [2, 3]
-  assert _steps(ckpt_export.list_savedmodels(local_dir)) == [2, 3]
-  assert _steps(manager.savedmodels) == [2, 3]
+  assert steps_of(ckpt_export.list_savedmodels(local_dir)) == [2, 3]
+  assert steps_of(manager.savedmodels) == [2, 3]
 
 
 def test_checkpoint_interval_saves_at_the_same_steps_as_the_base_class(tmp_path):
@@ -173,7 +166,7 @@ def test_checkpoint_interval_saves_at_the_same_steps_as_the_base_class(tmp_path)
                        str(tmp_path / 'ours'),
                        modules_to_export={'scale': Scale()})
   assert saved == base_saved == [1, 4, 7, 10]
-  assert _steps(manager.savedmodels) == saved
+  assert steps_of(manager.savedmodels) == saved
 
 
 def test_default_numbering_follows_the_save_counter(model_dir, scale):
@@ -183,7 +176,7 @@ def test_default_numbering_follows_the_save_counter(model_dir, scale):
   assert manager.save(checkpoint_number=tf.Variable(10, dtype=tf.int64)).endswith(
       'ckpt-10')
   assert manager.save().endswith('ckpt-4')
-  assert _steps(manager.savedmodels) == [1, 2, 4, 10]
+  assert steps_of(manager.savedmodels) == [1, 2, 4, 10]
 
 
 def test_without_modules_only_checkpoints_are_written(model_dir, scale):
@@ -197,7 +190,7 @@ def test_without_modules_only_checkpoints_are_written(model_dir, scale):
 
 def test_restore_or_initialize_restores_the_latest_checkpoint(local_dir, scale):
   manager = _manager(local_dir, scale)
-  _save(manager, scale, 4)
+  save_step(manager, scale, 4)
   fresh = Scale()
   restarted = _manager(local_dir, fresh)
   assert restarted.restore_or_initialize().endswith('ckpt-4')
@@ -307,14 +300,14 @@ def test_unbuilt_keras_model_fails_at_save_and_writes_nothing(local_dir, scale):
   assert entries(local_dir) == []
   unbuilt(tf.zeros([1, 3]))  # Built now: the next save works.
   manager.save()  # The failed save did not count: this is step 1.
-  assert _steps(manager.savedmodels) == [1]
+  assert steps_of(manager.savedmodels) == [1]
 
 
 @pytest.mark.parametrize('bad', [1.5, '3', -1, True, tf.constant(2.0),
                                  tf.constant([1, 2])])
 def test_bad_checkpoint_number(model_dir, scale, bad):
   manager = _manager(model_dir, scale)
-  _save(manager, scale, 1)
+  save_step(manager, scale, 1)
   before = entries(model_dir)
   with pytest.raises(ValueError, match='checkpoint_number'):
     manager.save(checkpoint_number=bad)
@@ -324,13 +317,13 @@ def test_bad_checkpoint_number(model_dir, scale, bad):
 
 def test_failed_checkpoint_write_publishes_no_export(local_dir, scale):
   manager = _manager(local_dir, scale)
-  _save(manager, scale, 1)
+  save_step(manager, scale, 1)
   before = entries(local_dir)
   with pytest.raises(Exception):
-    _save(manager, scale, 2, options=tf.train.CheckpointOptions(
+    save_step(manager, scale, 2, options=tf.train.CheckpointOptions(
         experimental_io_device='/job:nowhere/device:CPU:0'))
   assert entries(local_dir) == before
-  assert _steps(ckpt_export.list_savedmodels(local_dir)) == [1]
+  assert steps_of(ckpt_export.list_savedmodels(local_dir)) == [1]
 
 
 # Names, paths, and what is not ours.
@@ -346,11 +339,11 @@ def test_any_legal_names_and_trailing_separators(tmp_path, dirname,
   manager = _manager(model_dir, scale, max_to_keep=2,
                      checkpoint_name=checkpoint_name)
   for step in (1, 2, 3):
-    _save(manager, scale, step)
-  assert _steps(manager.savedmodels) == [2, 3]
+    save_step(manager, scale, step)
+  assert steps_of(manager.savedmodels) == [2, 3]
   assert manager.get_savedmodel_number_from_path(manager.latest_savedmodel) == 3
   assert served_value(manager.latest_savedmodel) == 3.0
-  on_disk = _steps(ckpt_export.list_savedmodels(model_dir, checkpoint_name))
+  on_disk = steps_of(ckpt_export.list_savedmodels(model_dir, checkpoint_name))
   checkpointed = sorted(
       paths.parse_checkpoint_step(n[:-len('.index')], checkpoint_name)
       for n in entries(model_dir) if n.endswith('.index'))
@@ -383,15 +376,15 @@ def test_garbage_collection_never_touches_what_is_not_ours(local_dir, scale):
   open(os.path.join(local_dir, 'ckpt-3_saved_modules'), 'w').close()  # A file.
   manager = _manager(local_dir, scale, max_to_keep=1)
   for step in (2, 4, 5):
-    _save(manager, scale, step)
+    save_step(manager, scale, step)
   for name in users + ['ckpt-3_saved_modules']:
     assert os.path.exists(os.path.join(local_dir, name)), name
   assert os.path.isdir(os.path.join(local_dir, 'ckpt-1_saved_modules', 'inner'))
   # Its own export slot taken by a user's file: a clear error, nothing lost.
   with pytest.raises(ValueError, match='ckpt-3_saved_modules.*not an export'):
-    _save(manager, scale, 3)
+    save_step(manager, scale, 3)
   assert os.path.isfile(os.path.join(local_dir, 'ckpt-3_saved_modules'))
-  assert _steps(manager.savedmodels) == [5]
+  assert steps_of(manager.savedmodels) == [5]
 
 
 def test_reads_exports_the_reference_wrote(local_dir):
@@ -403,8 +396,8 @@ def test_reads_exports_the_reference_wrote(local_dir):
   ref.save(checkpoint_number=7)
   ref.save(checkpoint_number=8)
   ours = _manager(local_dir, Scale(), max_to_keep=3)
-  assert _steps(ours.savedmodels) == [7, 8]
-  assert _steps([ours.wait_for_new_savedmodel(timeout=0)]) == [7]
+  assert steps_of(ours.savedmodels) == [7, 8]
+  assert steps_of([ours.wait_for_new_savedmodel(timeout=0)]) == [7]
   assert served_value(ckpt_export.latest_savedmodel(local_dir)) == 7.0
   # A re-save of step 8 replaces the reference's export with ours.
   ours.save(checkpoint_number=8)
@@ -414,7 +407,7 @@ def test_reads_exports_the_reference_wrote(local_dir):
 def test_the_reference_reads_exports_ckpt_export_wrote(local_dir, scale):
   manager = _manager(local_dir, scale, max_to_keep=3)
   for step in (3, 4):
-    _save(manager, scale, step)
+    save_step(manager, scale, step)
   ref = reference.SavedModelCheckpointManager(
       tf.train.Checkpoint(module=Scale()), local_dir, 3,
       modules_to_export={'scale': Scale()})

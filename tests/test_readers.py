@@ -11,7 +11,7 @@ import ckpt_export
 from ckpt_export import commit
 from ckpt_export import export
 from ckpt_export import paths
-from conftest import Scale, served_value
+from conftest import Scale, served_value, steps_of
 
 
 def _publish(model_dir: str, step: int, checkpoint_name: str = 'ckpt') -> str:
@@ -22,9 +22,6 @@ def _publish(model_dir: str, step: int, checkpoint_name: str = 'ckpt') -> str:
     export.write_modules({'scale': module}, tmp)
   return final
 
-
-def _steps(export_paths):
-  return [paths.parse_export_step(p) for p in export_paths]
 
 
 def test_readers_of_a_missing_directory_find_nothing(tmp_path):
@@ -38,9 +35,9 @@ def test_list_and_latest_go_by_step_and_by_checkpoint_name(model_dir):
   for step in (9, 100, 10):
     _publish(model_dir, step)
   _publish(model_dir, 500, checkpoint_name='other')
-  assert _steps(ckpt_export.list_savedmodels(model_dir)) == [9, 10, 100]
-  assert _steps([ckpt_export.latest_savedmodel(model_dir)]) == [100]
-  assert _steps(ckpt_export.list_savedmodels(model_dir, 'other')) == [500]
+  assert steps_of(ckpt_export.list_savedmodels(model_dir)) == [9, 10, 100]
+  assert steps_of([ckpt_export.latest_savedmodel(model_dir)]) == [100]
+  assert steps_of(ckpt_export.list_savedmodels(model_dir, 'other')) == [500]
 
 
 def test_wait_looks_before_sleeping(model_dir):
@@ -60,18 +57,18 @@ def test_reference_misses_an_existing_export_when_timeout_is_short(local_dir):
   assert ref.wait_for_new_savedmodel(timeout=0.5) is None
   ours = ckpt_export.SavedModelCheckpointManager(
       tf.train.Checkpoint(), local_dir, 1, modules_to_export={'scale': Scale()})
-  assert _steps([ours.wait_for_new_savedmodel(timeout=0.5)]) == [1]
+  assert steps_of([ours.wait_for_new_savedmodel(timeout=0.5)]) == [1]
 
 
 def test_wait_returns_the_next_step_in_step_order(model_dir):
   for step in (30, 4, 200):
     _publish(model_dir, step)
   found = ckpt_export.wait_for_new_savedmodel(model_dir, timeout=0)
-  assert _steps([found]) == [4]
+  assert steps_of([found]) == [4]
   found = ckpt_export.wait_for_new_savedmodel(model_dir, found, timeout=0)
-  assert _steps([found]) == [30]
+  assert steps_of([found]) == [30]
   found = ckpt_export.wait_for_new_savedmodel(model_dir, found, timeout=0)
-  assert _steps([found]) == [200]
+  assert steps_of([found]) == [200]
   assert ckpt_export.wait_for_new_savedmodel(model_dir, found, timeout=0) is None
 
 
@@ -83,7 +80,7 @@ def test_wait_picks_up_an_export_published_while_it_waits(local_dir):
   found = ckpt_export.wait_for_new_savedmodel(local_dir, first,
                                               seconds_to_sleep=0.05, timeout=60)
   publisher.join()
-  assert _steps([found]) == [2]
+  assert steps_of([found]) == [2]
   assert served_value(found) == 2.0
 
 
@@ -117,7 +114,7 @@ def test_iterator_yields_every_export_once_in_step_order(model_dir):
   start = time.monotonic()
   found = list(ckpt_export.savedmodels_iterator(
       model_dir, timeout=0.2, seconds_to_sleep=0.05))
-  assert _steps(found) == [1, 3, 5]
+  assert steps_of(found) == [1, 3, 5]
   assert time.monotonic() - start < 10  # The short sleep was honoured.
 
 
@@ -145,7 +142,7 @@ def test_iterator_asks_timeout_fn_whether_to_go_on(local_dir):
 
   found = list(ckpt_export.savedmodels_iterator(
       local_dir, timeout=0.1, timeout_fn=timeout_fn, seconds_to_sleep=0.02))
-  assert _steps(found) == [7]
+  assert steps_of(found) == [7]
   assert len(calls) == 3
 
 
@@ -156,4 +153,4 @@ def test_manager_iterator_takes_seconds_to_sleep(local_dir):
   manager.save()
   found = list(manager.savedmodels_iterator(timeout=0.2, seconds_to_sleep=0.05))
   assert found == manager.savedmodels
-  assert _steps(found) == [1, 2]
+  assert steps_of(found) == [1, 2]

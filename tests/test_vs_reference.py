@@ -12,8 +12,7 @@ import tensorflow as tf
 from official.core import savedmodel_checkpoint_manager as reference
 
 import ckpt_export
-from ckpt_export import paths
-from conftest import N_FEATURES, Scale, entries, served_value
+from conftest import N_FEATURES, Scale, entries, save_step, served_value, steps_of
 
 IMPLEMENTATIONS = {
     'reference': reference.SavedModelCheckpointManager,
@@ -27,13 +26,6 @@ def _make(impl, model_dir, module, max_to_keep=2, **kwargs):
       modules_to_export={'scale': module}, **kwargs)
 
 
-def _save(manager, module, step, **kwargs):
-  module.w.assign(tf.fill([N_FEATURES], float(step)))
-  return manager.save(checkpoint_number=step, **kwargs)
-
-
-def _steps(export_paths):
-  return [paths.parse_export_step(p) for p in export_paths]
 
 
 def _export_dirs(model_dir):
@@ -48,10 +40,10 @@ def impl(request):
 def test_same_exports_and_values_across_saves(impl, local_dir, scale):
   manager = _make(impl, local_dir, scale, max_to_keep=2)
   for step in (1, 2, 3):
-    assert _save(manager, scale, step) == os.path.join(local_dir, f'ckpt-{step}')
+    assert save_step(manager, scale, step) == os.path.join(local_dir, f'ckpt-{step}')
   assert _export_dirs(local_dir) == ['ckpt-2_saved_modules',
                                      'ckpt-3_saved_modules']
-  assert _steps(manager.savedmodels) == [2, 3]
+  assert steps_of(manager.savedmodels) == [2, 3]
   assert manager.latest_savedmodel == os.path.join(local_dir,
                                                    'ckpt-3_saved_modules')
   assert [served_value(p) for p in manager.savedmodels] == [2.0, 3.0]
@@ -61,7 +53,7 @@ def test_same_exports_and_values_across_saves(impl, local_dir, scale):
 def test_same_iteration_over_exports(impl, local_dir, scale):
   manager = _make(impl, local_dir, scale, max_to_keep=3)
   for step in (1, 2, 3):
-    _save(manager, scale, step)
+    save_step(manager, scale, step)
   # (With a timeout under the 1 s sleep the reference would never look.)
   found = list(manager.savedmodels_iterator(timeout=1.5))
   assert found == manager.savedmodels
@@ -70,7 +62,7 @@ def test_same_iteration_over_exports(impl, local_dir, scale):
 
 def test_same_checkpoint_behaviour(impl, local_dir, scale):
   manager = _make(impl, local_dir, scale, max_to_keep=1)
-  _save(manager, scale, 5)
+  save_step(manager, scale, 5)
   fresh = Scale()
   restarted = _make(impl, local_dir, fresh, max_to_keep=1)
   assert restarted.latest_checkpoint == os.path.join(local_dir, 'ckpt-5')
@@ -81,24 +73,24 @@ def test_same_checkpoint_behaviour(impl, local_dir, scale):
 def test_after_a_restart_order_is_by_step(local_dir, scale):
   manager = _make('ckpt_export', local_dir, scale, max_to_keep=3)
   for step in (9, 10, 100):
-    _save(manager, scale, step)
+    save_step(manager, scale, step)
   ref = _make('reference', local_dir, Scale(), max_to_keep=3)
   # The reference lists in file-listing order; its "latest" may be any step.
-  assert sorted(_steps(ref.savedmodels)) == [9, 10, 100]
+  assert sorted(steps_of(ref.savedmodels)) == [9, 10, 100]
   ours = _make('ckpt_export', local_dir, Scale(), max_to_keep=3)
-  assert _steps(ours.savedmodels) == [9, 10, 100]
-  assert _steps([ours.latest_savedmodel]) == [100]
+  assert steps_of(ours.savedmodels) == [9, 10, 100]
+  assert steps_of([ours.latest_savedmodel]) == [100]
 
 
 def test_saving_a_step_twice(local_dir, scale):
   ref_dir, our_dir = local_dir + '_ref', local_dir + '_ours'
   ref = _make('reference', ref_dir, scale)
-  _save(ref, scale, 1)
+  save_step(ref, scale, 1)
   with pytest.raises(tf.errors.AlreadyExistsError):
-    _save(ref, scale, 1)
+    save_step(ref, scale, 1)
   assert 'ckpt-1_saved_modules_temp' in entries(ref_dir)  # Never cleaned up.
   ours = _make('ckpt_export', our_dir, scale)
-  _save(ours, scale, 1)
+  save_step(ours, scale, 1)
   scale.w.assign(tf.fill([N_FEATURES], 11.0))
   ours.save(checkpoint_number=1)
   assert served_value(ours.latest_savedmodel) == 11.0
@@ -112,7 +104,7 @@ def test_checkpoints_kept_every_n_hours(local_dir, scale):
     manager = _make(impl, model_dir, scale, max_to_keep=1,
                     keep_checkpoint_every_n_hours=1e-9)
     for step in (1, 2, 3):
-      _save(manager, scale, step)
+      save_step(manager, scale, step)
     results[impl] = _export_dirs(model_dir)
     assert {n for n in entries(model_dir) if n.endswith('.index')} == {
         'ckpt-1.index', 'ckpt-2.index', 'ckpt-3.index'}
