@@ -1,0 +1,422 @@
+"""Benchmarks ckpt_export against Model Garden's reference manager.
+
+Measures, in one process: the time `save()` blocks the training thread (and
+the following `sync()`), the peak resident memory and the bytes each save
+writes, for a plain `tf.train.CheckpointManager`, the reference
+`official.core.savedmodel_checkpoint_manager.SavedModelCheckpointManager` and
+`ckpt_export.SavedModelCheckpointManager`, each synchronous and asynchronous;
+then the cost of one poll of `wait_for_new_savedmodel` (and of listing the
+exports) in a directory holding 1,000 and 10,000 exports.
+
+Run by hand, never in the test suite (see benchmarks/README.md):
+
+  PYTHONPATH=. /work/venv/bin/python benchmarks/bench_save.py [--repeats=7]
+"""
+
+import contextlib
+import ctypes
+import dataclasses
+import gc
+import math
+import os
+import platform
+import re
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from typing import (Any, Callable, Dict, Iterator, List, NamedTuple, Optional,
+                    Sequence, Tuple)
+from unittest import mock
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app
+from absl import flags
+from absl import logging
+import psutil
+import tensorflow as tf
+import tf_keras
+from official.core import savedmodel_checkpoint_manager as reference
+
+import ckpt_export
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+_REPEATS = flags.DEFINE_integer('repeats', 7, 'Timed saves per variant.')
+_PARAMS = flags.DEFINE_integer(
+    'params', 5_000_000, 'Approximate number of model parameters.')
+_POLLS = flags.DEFINE_integer(
+    'polls', 15, 'Timed polls per reader and directory size.')
+_POLL_SIZES = flags.DEFINE_list(
+    'poll_sizes', ['1000', '10000'], 'Numbers of exports to poll among.')
+_SKIP_SAVE = flags.DEFINE_bool('skip_save', False, 'Skip the save benchmark.')
+_SKIP_POLL = flags.DEFINE_bool('skip_poll', False, 'Skip the poll benchmark.')
+
+MAX_TO_KEEP = 3
+MODULE_NAME = 'model'
+SAMPLE_SECONDS = 0.002
+MB = 1e6
+_CKPT_INDEX_RE = re.compile(r'ckpt-([0-9]+)\.index')
+
+_PROCESS = psutil.Process()
+_LIBC = ctypes.CDLL(None)
+
+
+class MLP(tf_keras.Model):
+  """The issue's model: a tf_keras MLP with a serving signature."""
+
+  def __init__(self, width: int):
+    super().__init__()
+    self.hidden = [tf_keras.layers.Dense(units, activation='relu')
+                   for units in (2 * width, width, width)]
+    self.head = tf_keras.layers.Dense(1)
+    self.serve = tf.function(
+        self._serve,
+        input_signature=[tf.TensorSpec([None, width], tf.float32, 'features')])
+    self(tf.zeros([1, width]))
+
+  def call(self, inputs: tf.Tensor) -> tf.Tensor:
+    for layer in self.hidden:
+      inputs = layer(inputs)
+    return self.head(inputs)
+
+  def _serve(self, features: tf.Tensor) -> Dict[str, tf.Tensor]:
+    return {'prediction': self(features)}
+
+  @property
+  def saved_model_signatures(self) -> Dict[str, Callable[..., Any]]:
+    return {'serving_default': self.serve}
+
+
+def _width_for(params: int) -> int:
+  """The layer width (a multiple of 64) giving about `params` parameters."""
+  # The MLP has 5 * width**2 + 5 * width + 1 parameters.
+  return max(64, round(math.sqrt(params / 5) / 64) * 64)
+
+
+class Sample(NamedTuple):
+  """The cost of one save, and whether its export was there."""
+
+  save_s: float
+  sync_s: float
+  rss_mb: float
+  new_files_mb: float
+  write_calls_mb: float
+  exported_at_return: bool
+  exported_after_sync: bool
+
+
+@dataclasses.dataclass
+class Variant:
+  """One way of saving, with its manager and its timed samples."""
+
+  key: str
+  label: str
+  make_manager: Callable[[tf.train.Checkpoint, str], tf.train.CheckpointManager]
+  enable_async: bool
+  exports: bool
+  manager: Optional[tf.train.CheckpointManager] = None
+  directory: str = ''
+  samples: List[Sample] = dataclasses.field(default_factory=list)
+
+  def values(self, field: str) -> List[float]:
+    return [getattr(sample, field) for sample in self.samples]
+
+  def save(self) -> Sample:
+    """Saves once, then syncs; returns what that cost."""
+    options = tf.train.CheckpointOptions(enable_async=self.enable_async)
+    before = _file_sizes(self.directory)
+    written = _PROCESS.io_counters().write_chars
+    with _RssPeak() as rss:
+      start = time.perf_counter()
+      checkpoint = self.manager.save(options=options)
+      returned = time.perf_counter()
+      exported_at_return = _has_export(checkpoint)
+      sync_start = time.perf_counter()
+      self.manager.sync()
+      synced = time.perf_counter()
+    return Sample(
+        save_s=returned - start,
+        sync_s=synced - sync_start,
+        rss_mb=rss.increase / MB,
+        new_files_mb=sum(
+            size for path, size in _file_sizes(self.directory).items()
+            if path not in before) / MB,
+        write_calls_mb=(_PROCESS.io_counters().write_chars - written) / MB,
+        exported_at_return=exported_at_return,
+        exported_after_sync=_has_export(checkpoint))
+
+
+def _has_export(checkpoint: str) -> bool:
+  """Whether the export of checkpoint prefix `checkpoint` is on disk."""
+  return os.path.isfile(os.path.join(
+      ckpt_export.make_saved_modules_directory_name(checkpoint), MODULE_NAME,
+      'saved_model.pb'))
+
+
+def _variants(modules: Dict[str, tf.Module]) -> List[Variant]:
+  """The save variants: plain, reference and ckpt_export, sync and async."""
+
+  def plain(ckpt: tf.train.Checkpoint,
+            directory: str) -> tf.train.CheckpointManager:
+    return tf.train.CheckpointManager(ckpt, directory, MAX_TO_KEEP)
+
+  def ref(ckpt: tf.train.Checkpoint,
+          directory: str) -> tf.train.CheckpointManager:
+    return reference.SavedModelCheckpointManager(
+        ckpt, directory, MAX_TO_KEEP, modules_to_export=modules)
+
+  def ours(ckpt: tf.train.Checkpoint,
+           directory: str) -> tf.train.CheckpointManager:
+    return ckpt_export.SavedModelCheckpointManager(
+        ckpt, directory, MAX_TO_KEEP, modules_to_export=modules)
+
+  return [
+      Variant('a', 'plain CheckpointManager', plain, False, False),
+      Variant('b', 'reference', ref, False, True),
+      Variant('c', 'ckpt_export', ours, False, True),
+      Variant('d', 'ckpt_export async', ours, True, True),
+      Variant('e', 'plain CheckpointManager async', plain, True, False),
+      Variant('f', 'reference async', ref, True, True),
+  ]
+
+
+class _RssPeak:
+  """Samples the resident set size in a thread; `increase` is peak - start."""
+
+  def __init__(self):
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._sample, daemon=True)
+    self._start = 0
+    self._peak = 0
+
+  def _sample(self) -> None:
+    while not self._stop.wait(SAMPLE_SECONDS):
+      self._peak = max(self._peak, _PROCESS.memory_info().rss)
+
+  def __enter__(self) -> '_RssPeak':
+    # Returns freed heap to the OS so that memory freed by an earlier save
+    # (of any variant) does not hide this save's allocations.
+    gc.collect()
+    _LIBC.malloc_trim(0)
+    self._start = self._peak = _PROCESS.memory_info().rss
+    self._thread.start()
+    return self
+
+  def __exit__(self, *unused_exc_info) -> None:
+    self._stop.set()
+    self._thread.join()
+    self._peak = max(self._peak, _PROCESS.memory_info().rss)
+
+  @property
+  def increase(self) -> int:
+    return self._peak - self._start
+
+
+def _file_sizes(directory: str) -> Dict[str, int]:
+  """Returns the size of every file under `directory`, by path."""
+  return {os.path.join(root, name): os.path.getsize(os.path.join(root, name))
+          for root, _, names in os.walk(directory) for name in names}
+
+
+def _leftovers(variant: Variant) -> str:
+  """Describes what is left in a variant's directory after its saves."""
+  names = os.listdir(variant.directory)
+  ckpts = {int(m.group(1)) for m in map(_CKPT_INDEX_RE.fullmatch, names) if m}
+  exports = {ckpt_export.parse_export_step(name) for name in names
+             if os.path.isfile(os.path.join(variant.directory, name,
+                                            MODULE_NAME, 'saved_model.pb'))}
+  exports.discard(None)
+  others = sorted(name for name in names
+                  if os.path.isdir(os.path.join(variant.directory, name)) and
+                  ckpt_export.parse_export_step(name) not in exports)
+  notes = []
+  if variant.exports and ckpts - exports:
+    notes.append(f'no export for ckpt steps {sorted(ckpts - exports)}')
+  if exports - ckpts:
+    notes.append(f'no ckpt for export steps {sorted(exports - ckpts)}')
+  if others:
+    notes.append(f'other dirs {others}')
+  return f'{len(ckpts):5} {len(exports):7}  {"; ".join(notes) or "-"}'
+
+
+def _missing(variant: Variant, field: str) -> str:
+  """How many timed saves had no export of their step, of how many."""
+  if not variant.exports:
+    return 'n/a'
+  return f'{variant.values(field).count(False)}/{len(variant.samples)}'
+
+
+def _stats(values: Sequence[float]) -> str:
+  """Median, min and max, in seconds."""
+  return (f'{statistics.median(values):13.3f} {min(values):8.3f} '
+          f'{max(values):8.3f}')
+
+
+def bench_save(root: str, repeats: int, params: int) -> None:
+  """Times every save variant, and measures its memory and bytes written."""
+  model = MLP(_width_for(params))
+  variables_mb = sum(v.numpy().nbytes for v in model.variables) / MB
+  print(f'Model: tf_keras MLP, {model.count_params():,} parameters, '
+        f'{variables_mb:.1f} MB of variables; max_to_keep={MAX_TO_KEEP}; '
+        f'{repeats} timed saves per variant after one warm-up, round-robin.\n')
+  variants = _variants({MODULE_NAME: model})
+  for variant in variants:
+    variant.directory = os.path.join(root, variant.key)
+    variant.manager = variant.make_manager(tf.train.Checkpoint(model=model),
+                                           variant.directory)
+
+  def train_a_little() -> None:
+    for v in model.trainable_variables:
+      v.assign_add(tf.fill(v.shape, 1e-3))
+
+  start = time.perf_counter()
+  for variant in variants:
+    train_a_little()
+    variant.save()
+  for i in range(repeats):
+    for variant in variants[i % len(variants):] + variants[:i % len(variants)]:
+      train_a_little()
+      variant.samples.append(variant.save())
+  print(f'({len(variants) * (repeats + 1)} saves took '
+        f'{time.perf_counter() - start:.0f} s)\n')
+
+  def totals(variant: Variant) -> List[float]:
+    return [s.save_s + s.sync_s for s in variant.samples]
+
+  plain = statistics.median(variants[0].values('save_s'))
+  plain_total = statistics.median(totals(variants[0]))
+  print('Save time, seconds. save() = time the training thread is blocked; '
+        'sync() = the wait that follows.')
+  print(f'{"variant":34} {"save() median":>13} {"min":>8} {"max":>8} '
+        f'{"x plain":>7} | {"sync() median":>13} | {"save+sync median":>16} '
+        f'{"x plain":>7}')
+  for v in variants:
+    save_median = statistics.median(v.values('save_s'))
+    total = statistics.median(totals(v))
+    print(f'({v.key}) {v.label:30} {_stats(v.values("save_s"))} '
+          f'{save_median / plain:7.2f} | '
+          f'{statistics.median(v.values("sync_s")):13.3f} | '
+          f'{total:16.3f} {total / plain_total:7.2f}')
+
+  print(f'\nMemory and bytes per save, MB (exported variables: '
+        f'{variables_mb:.1f} MB).')
+  print(f'{"variant":34} {"peak dRSS median":>16} {"max":>7} | '
+        f'{"new files":>9} | {"write() calls":>13}')
+  for v in variants:
+    rss = v.values('rss_mb')
+    print(f'({v.key}) {v.label:30} {statistics.median(rss):16.1f} '
+          f'{max(rss):7.1f} | '
+          f'{statistics.median(v.values("new_files_mb")):9.1f} | '
+          f'{statistics.median(v.values("write_calls_mb")):13.1f}')
+
+  print('\nExports: saves whose own export was missing when save() returned / '
+        'after sync(); what is left in the directory.')
+  print(f'{"variant":34} {"missing at return":>17} {"after sync":>10} | '
+        f'{"ckpts":>5} {"exports":>7}  notes')
+  for v in variants:
+    print(f'({v.key}) {v.label:30} {_missing(v, "exported_at_return"):>17} '
+          f'{_missing(v, "exported_after_sync"):>10} | {_leftovers(v)}')
+
+
+@contextlib.contextmanager
+def _one_poll_only() -> Iterator[None]:
+  """Makes the reference's wait loop stop where it would first sleep."""
+
+  class OnePollDone(Exception):
+    pass
+
+  def sleep(unused_seconds: float) -> None:
+    raise OnePollDone()
+
+  with mock.patch.object(reference, 'time',
+                         mock.Mock(time=time.time, sleep=sleep)):
+    try:
+      yield
+    except OnePollDone:
+      pass
+
+
+def _time_pair_ms(ref_fn: Callable[[], object], ours_fn: Callable[[], object],
+                  polls: int) -> Tuple[List[float], List[float]]:
+  """Times two calls alternately after a warm-up of each; milliseconds."""
+  ref_fn()
+  ours_fn()
+  times = ([], [])
+  for i in range(polls):
+    for j in (0, 1) if i % 2 == 0 else (1, 0):
+      start = time.perf_counter()
+      (ref_fn, ours_fn)[j]()
+      times[j].append((time.perf_counter() - start) * 1000)
+  return times
+
+
+def bench_poll(root: str, sizes: Sequence[int], polls: int) -> None:
+  """Times one poll, and one listing, among each number of exports."""
+  directory = os.path.join(root, 'poll')
+  ref_manager = reference.SavedModelCheckpointManager(
+      tf.train.Checkpoint(), directory, MAX_TO_KEEP)
+  print('\nReaders, milliseconds: one poll of wait_for_new_savedmodel('
+        'last_savedmodel=<newest>), which finds nothing; one listing of all '
+        'exports.')
+  print(f'{"exports":>7} {"call":43} {"reference":>20} {"ckpt_export":>20} '
+        f'{"ours/ref":>8}')
+  print(f'{"":51} {"median":>10} {"min":>9} {"median":>10} {"min":>9}')
+  made = 0
+  for size in sizes:
+    for step in range(made + 1, size + 1):
+      os.makedirs(os.path.join(directory, f'ckpt-{step}_saved_modules'))
+    made = size
+    newest = os.path.join(directory, f'ckpt-{made}_saved_modules')
+
+    def ref_poll() -> None:
+      with _one_poll_only():
+        ref_manager.wait_for_new_savedmodel(newest, seconds_to_sleep=0)
+
+    def ours_poll() -> None:
+      found = ckpt_export.wait_for_new_savedmodel(
+          directory, newest, seconds_to_sleep=0, timeout=0)
+      assert found is None, found
+
+    assert len(ckpt_export.list_savedmodels(directory)) == made
+    assert len(ref_manager.get_existing_savedmodels()) == made
+    for label, ref_fn, ours_fn in (
+        ('one poll of wait_for_new_savedmodel', ref_poll, ours_poll),
+        ('get_existing_savedmodels / list_savedmodels',
+         ref_manager.get_existing_savedmodels,
+         lambda: ckpt_export.list_savedmodels(directory))):
+      ref_ms, ours_ms = _time_pair_ms(ref_fn, ours_fn, polls)
+      print(f'{made:7,} {label:43} {statistics.median(ref_ms):10.2f} '
+            f'{min(ref_ms):9.2f} {statistics.median(ours_ms):10.2f} '
+            f'{min(ours_ms):9.2f} '
+            f'{statistics.median(ours_ms) / statistics.median(ref_ms):8.2f}')
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  tf.get_logger().setLevel('ERROR')
+  print(f'TensorFlow {tf.__version__}, tf_keras {tf_keras.__version__}, '
+        f'ckpt_export {ckpt_export.__version__}, Python '
+        f'{platform.python_version()}, {platform.platform()}')
+  print(f'CPUs: {os.cpu_count()} ({len(os.sched_getaffinity(0))} usable); '
+        f'load average {", ".join(f"{x:.2f}" for x in os.getloadavg())}; '
+        f'temp dir {tempfile.gettempdir()}\n')
+  root = tempfile.mkdtemp(prefix='bench_save_')
+  start = time.perf_counter()
+  try:
+    if not _SKIP_SAVE.value:
+      bench_save(root, _REPEATS.value, _PARAMS.value)
+    if not _SKIP_POLL.value:
+      bench_poll(root, sorted({int(n) for n in _POLL_SIZES.value}),
+                 _POLLS.value)
+  finally:
+    shutil.rmtree(root, ignore_errors=True)
+  print(f'\nTotal run time: {time.perf_counter() - start:.0f} s; load average '
+        f'now {", ".join(f"{x:.2f}" for x in os.getloadavg())}')
+
+
+if __name__ == '__main__':
+  app.run(main)
