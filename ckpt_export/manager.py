@@ -14,7 +14,7 @@ checkpoints preserved by `keep_checkpoint_every_n_hours`.
 
 import numbers
 import os
-from typing import Any, Callable, Iterable, Iterator, List, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, List, Mapping, Optional, Set
 
 from absl import logging
 import tensorflow as tf
@@ -174,8 +174,7 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
 
   def _collect_garbage(self) -> None:
     """Removes our exports whose checkpoints are gone, and crash leftovers."""
-    names = commit.recover(self._directory, self._checkpoint_name,
-                           readers.list_directory(self._directory))
+    names = self._recover()
     checkpointed = {paths.parse_checkpoint_step(name[:-len('.index')],
                                                 self._checkpoint_name)
                     for name in names if name.endswith('.index')}
@@ -187,6 +186,24 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
         commit.remove_export(path)
         names.discard(paths.basename(path))
     self._savedmodels = self._managed_savedmodels(names)
+
+  def _recover(self) -> Set[str]:
+    """Removes what crashed saves left; returns the directory's entries.
+
+    Besides ckpt_export's own work directories (`commit.recover`), this removes
+    TF's checkpoint work directories `<name>-N_temp` that a crash mid-write
+    left behind, except the one of a checkpoint write still in flight.
+    """
+    names = commit.recover(self._directory, self._checkpoint_name,
+                           readers.list_directory(self._directory))
+    for name in sorted(names):
+      step = paths.parse_checkpoint_temp_step(name, self._checkpoint_name)
+      if step is not None and step != self._last_saved_step:
+        path = os.path.join(self._directory, name)
+        logging.info('Removing %s, left by a crashed checkpoint write.', path)
+        tf.io.gfile.rmtree(path)
+        names.discard(name)
+    return names
 
   def _managed_savedmodels(self, names: Optional[Iterable[str]] = None
                           ) -> List[str]:
@@ -200,8 +217,7 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
 
   def restore_or_initialize(self) -> Optional[str]:
     """Cleans up after crashed saves, then restores; see the base class."""
-    commit.recover(self._directory, self._checkpoint_name,
-                   readers.list_directory(self._directory))
+    self._recover()
     return super().restore_or_initialize()
 
   def sync(self) -> None:

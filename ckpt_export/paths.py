@@ -30,6 +30,8 @@ _STEP = r'(0|[1-9][0-9]*)'
 _EXPORT_RE = re.compile(r'(?P<name>.+)-' + _STEP +
                         '_' + SAVED_MODULES_PATH_SUFFIX + r'\Z', re.DOTALL)
 _CHECKPOINT_RE = re.compile(r'(?P<name>.+)-' + _STEP + r'\Z', re.DOTALL)
+_CHECKPOINT_TEMP_RE = re.compile(r'(?P<name>.+)-' + _STEP + r'_temp\Z',
+                                 re.DOTALL)
 
 
 def make_saved_modules_directory_name(checkpoint_name: str) -> str:
@@ -85,6 +87,13 @@ def parse_checkpoint_step(path: PathLike,
                          ) -> Optional[int]:
   """Returns the step of a checkpoint prefix like `/dir/ckpt-5`, or None."""
   return _parse_step(_CHECKPOINT_RE, path, checkpoint_name)
+
+
+def parse_checkpoint_temp_step(path: PathLike,
+                               checkpoint_name: Optional[str] = None
+                              ) -> Optional[int]:
+  """Returns N for TF's checkpoint work directory `<name>-N_temp`, or None."""
+  return _parse_step(_CHECKPOINT_TEMP_RE, path, checkpoint_name)
 
 
 def _parse_step(pattern: 're.Pattern[str]', path: PathLike,

@@ -10,6 +10,7 @@ import tf_keras
 from official.core import savedmodel_checkpoint_manager as reference
 
 import ckpt_export
+from ckpt_export import commit
 from ckpt_export import paths
 from conftest import N_FEATURES, Scale, entries, save_step, served_value, steps_of
 
@@ -415,3 +416,29 @@ def test_the_reference_reads_exports_ckpt_export_wrote(local_dir, scale):
   first = ref.wait_for_new_savedmodel(timeout=0.5, seconds_to_sleep=0.1)
   assert ref.get_savedmodel_number_from_path(first) == 3
   assert served_value(first) == 3.0
+
+
+def test_crash_leftovers_are_removed_on_restore_and_save(local_dir, scale):
+  manager = _manager(local_dir, scale)
+  save_step(manager, scale, 1)
+  leftovers = {
+      # TF's checkpoint work directory of a write killed midway.
+      'ckpt-2_temp': 'part-00000-of-00001.index.tempstate123',
+      # ckpt_export's work directory of an export killed midway, written by
+      # a process (pid 999999999) that no longer runs.
+      '.ckpt-2_saved_modules.tmp-1-999999999-' + commit._HOST + '-0123abcd':
+          'scale',
+  }
+  kept = {'ckpt-2_saved_modules_temp': 'x',   # The reference's: not ours.
+          'other-2_temp': 'x'}                # Another checkpoint name's.
+  for name, child in {**leftovers, **kept}.items():
+    os.makedirs(os.path.join(local_dir, name))
+    open(os.path.join(local_dir, name, child), 'w').close()
+  restarted = _manager(local_dir, Scale())
+  restarted.restore_or_initialize()
+  assert not set(leftovers) & set(entries(local_dir))
+  assert set(kept) <= set(entries(local_dir))
+  os.makedirs(os.path.join(local_dir, 'ckpt-3_temp'))
+  save_step(restarted, scale, 2)
+  assert 'ckpt-3_temp' not in entries(local_dir)
+  assert steps_of(restarted.savedmodels) == [1, 2]
