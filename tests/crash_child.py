@@ -1,0 +1,103 @@
+"""A tiny training job that `test_crash_kill.py` kills at random instants.
+
+Usage:
+  python tests/crash_child.py --model_dir D --total_steps T --save_every K \
+      --max_to_keep M [--wait_for_go]
+
+After training step `s` every weight of the model equals `float(s)`, so any
+checkpoint or export reveals the step it was made at: the serving signature
+returns `y = x * w + b` (that is `s * (x + 1)`) and the model's own step.
+The job restores from `D` (or starts at step 0), checks that the restored
+weights match the restored step, then trains to step `T`, saving every `K`
+steps with `checkpoint_number=step` and keeping `M` checkpoints.
+
+Lines printed (flushed) for the parent:
+  READY          TensorFlow is imported and the model built; `D` untouched.
+  RESTORED <s>   Restored (or initialized) at step `s`; the save loop starts.
+  SAVED <s>      `save()` of step `s` returned.
+  DONE <s>       Finished at step `s`.
+"""
+
+import argparse
+import os
+import sys
+from typing import Dict
+
+# The repository root, so that `ckpt_export` imports when run as a script.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+import ckpt_export  # pylint: disable=g-import-not-at-top
+
+MODULE_NAME = 'model'
+WIDTH = 4
+
+
+class StepModel(tf.Module):
+  """A model whose weights are all `float(step)` after training step `step`."""
+
+  def __init__(self) -> None:
+    super().__init__()
+    self.step = tf.Variable(0, dtype=tf.int64, name='step')
+    self.w = tf.Variable(tf.zeros([WIDTH]), name='w')
+    self.b = tf.Variable(0.0, name='b')
+
+  @tf.function(input_signature=[tf.TensorSpec([WIDTH], tf.float32)])
+  def serve(self, x: tf.Tensor) -> Dict[str, tf.Tensor]:
+    """Returns `x * w + b` and the step of the weights."""
+    return {'y': x * self.w + self.b, 'step': tf.identity(self.step)}
+
+  @property
+  def saved_model_signatures(
+      self) -> Dict[str, tf.types.experimental.PolymorphicFunction]:
+    return {'serving_default': self.serve}
+
+  def train_step(self) -> int:
+    """Advances one step and sets every weight to the new step; returns it."""
+    step = int(self.step.assign_add(1).numpy())
+    self.w.assign(tf.fill([WIDTH], float(step)))
+    self.b.assign(float(step))
+    return step
+
+
+def _say(line: str) -> None:
+  print(line, flush=True)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--model_dir', required=True)
+  parser.add_argument('--total_steps', type=int, required=True)
+  parser.add_argument('--save_every', type=int, required=True)
+  parser.add_argument('--max_to_keep', type=int, required=True)
+  parser.add_argument('--wait_for_go', action='store_true',
+                      help='After READY, wait for a line on stdin before '
+                      'touching --model_dir.')
+  args = parser.parse_args()
+
+  model = StepModel()
+  _say('READY')
+  if args.wait_for_go:
+    sys.stdin.readline()
+
+  manager = ckpt_export.SavedModelCheckpointManager(
+      tf.train.Checkpoint(model=model), args.model_dir,
+      max_to_keep=args.max_to_keep, modules_to_export={MODULE_NAME: model})
+  manager.restore_or_initialize()
+  step = int(model.step.numpy())
+  weights = [*model.w.numpy().tolist(), float(model.b.numpy())]
+  if step % args.save_every or weights != [float(step)] * (WIDTH + 1):
+    raise RuntimeError(f'Restored weights {weights} do not match the restored '
+                       f'step {step}.')
+  _say(f'RESTORED {step}')
+  while step < args.total_steps:
+    step = model.train_step()
+    if step % args.save_every == 0:
+      manager.save(checkpoint_number=step)
+      _say(f'SAVED {step}')
+  _say(f'DONE {step}')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,277 @@
+"""kill -9 at random instants of save() never exposes a partial export.
+
+Each round starts `crash_child.py` on one model directory, lets it restore and
+save for a random delay, and SIGKILLs it. After every kill, each export a
+reader accepts must load and serve the values of its own step, and every
+checkpoint the next run may restore must have its export. A last run then
+restores, finishes, and must leave exactly the exports its checkpoints call
+for and no work directories.
+
+Children import TensorFlow (~5 s) before touching the model directory and wait
+for a go line after READY, so the next children are started ahead and import
+while the parent checks; they are stopped (SIGSTOP) while a child runs, so that
+it has the CPU to itself. The kill delay counts from the go line.
+"""
+
+import collections
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import time
+from typing import Dict, IO, Iterable, List, NoReturn, Set, Tuple
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import ckpt_export
+from ckpt_export import paths
+import crash_child
+
+SEED = int(os.environ.get('CRASH_KILL_SEED', '20251121'))
+ROUNDS = 20
+MAX_DELAY_SECONDS = 1.5
+PREFETCH = 3  # Children importing TensorFlow ahead of their round.
+SAVE_EVERY = 2
+MAX_TO_KEEP = 3
+ENDLESS_STEPS = 10**9  # Killed rounds never finish.
+FINAL_SAVES = 2  # Saves of the last run, which runs to completion.
+
+WORK_DIR_MARKS = ('.tmp-', '.old-', '.del-')
+
+
+def _child_command(model_dir: str, total_steps: int) -> List[str]:
+  return [sys.executable, crash_child.__file__, '--model_dir', model_dir,
+          '--total_steps', str(total_steps), '--save_every', str(SAVE_EVERY),
+          '--max_to_keep', str(MAX_TO_KEEP)]
+
+
+def _child_env() -> Dict[str, str]:
+  return dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+
+
+class _Child:
+  """A `crash_child.py` process started ahead, waiting for its go line."""
+
+  def __init__(self, model_dir: str, stderr: IO[str]):
+    self.stderr_path = stderr.name
+    self.proc = subprocess.Popen(
+        _child_command(model_dir, ENDLESS_STEPS) + ['--wait_for_go'],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+        text=True, env=_child_env())
+
+  def _fail(self, what: str) -> NoReturn:
+    with open(self.stderr_path) as f:
+      pytest.fail(f'Child {self.proc.pid} {what}; stderr:\n{f.read()[-4000:]}')
+
+  def run_then_kill(self, delay: float, spares: Iterable['_Child']
+                   ) -> List[str]:
+    """Waits for READY, sends go, SIGKILLs after `delay` s; returns its lines.
+
+    Args:
+      delay: Seconds from the go line to the kill.
+      spares: Children started ahead, stopped meanwhile.
+
+    Returns:
+      The lines the child printed after READY.
+    """
+    if self.proc.stdout.readline() != 'READY\n':
+      self._fail('did not print READY')
+    for spare in spares:
+      spare.proc.send_signal(signal.SIGSTOP)
+    self.proc.stdin.write('go\n')
+    self.proc.stdin.flush()
+    time.sleep(delay)
+    if self.proc.poll() is not None:
+      self._fail(f'exited with {self.proc.returncode} before the kill')
+    self.proc.send_signal(signal.SIGKILL)
+    # Reap it: a zombie's pid still looks alive to ckpt_export's recovery.
+    self.proc.wait()
+    for spare in spares:
+      spare.proc.send_signal(signal.SIGCONT)
+    return self.proc.stdout.read().splitlines()
+
+  def close(self) -> None:
+    """Kills the child if it still runs, reaps it and closes its pipes."""
+    if self.proc.poll() is None:
+      self.proc.kill()
+    self.proc.wait()
+    self.proc.stdout.close()
+    self.proc.stdin.close()
+
+
+def _files(root: str) -> Set[str]:
+  """The paths of the files under `root`, relative to it."""
+  return {os.path.relpath(os.path.join(d, f), root)
+          for d, _, files in os.walk(root) for f in files}
+
+
+def _check_export(path: str, layouts: Set[frozenset]) -> int:
+  """Asserts that an export is complete and serves its step; returns the step.
+
+  Args:
+    path: The export directory.
+    layouts: The file lists of the exports checked so far; gets this one's.
+      All exports of the model must have the same files.
+
+  Returns:
+    The step of the export.
+  """
+  step = ckpt_export.parse_export_step(path)
+  assert step is not None, path
+  layouts.add(frozenset(_files(path)))
+  assert len(layouts) == 1, f'{path} has other files than earlier exports'
+  loaded = tf.saved_model.load(os.path.join(path, crash_child.MODULE_NAME))
+  x = np.arange(crash_child.WIDTH, dtype=np.float32)
+  out = loaded.signatures['serving_default'](tf.constant(x))
+  np.testing.assert_array_equal(out['y'].numpy(), step * (x + 1), err_msg=path)
+  assert int(out['step'].numpy()) == step, path
+  return step
+
+
+def _state_steps(model_dir: str) -> List[int]:
+  """The steps of the checkpoints listed in the `checkpoint` state file."""
+  state = tf.train.get_checkpoint_state(model_dir)
+  if state is None:
+    return []
+  return [paths.parse_checkpoint_step(p)
+          for p in state.all_model_checkpoint_paths]
+
+
+def _index_steps(names: List[str]) -> Set[int]:
+  """The steps of the checkpoints whose `.index` file is in `names`."""
+  return {paths.parse_checkpoint_step(n[:-len('.index')])
+          for n in names if n.endswith('.index')}
+
+
+def _check_after_kill(model_dir: str, layouts: Set[frozenset]
+                     ) -> Tuple[List[str], List[int], int]:
+  """Checks what a reader and the next run see after a kill.
+
+  Args:
+    model_dir: The model directory of the killed child.
+    layouts: As for `_check_export`.
+
+  Returns:
+    The entries of `model_dir`, the steps of the published exports, and the
+    step of the checkpoint the next run restores (0 for none).
+  """
+  names = sorted(os.listdir(model_dir)) if os.path.isdir(model_dir) else []
+  # Everything a reader takes for an export, whatever its checkpoint name.
+  exports = sorted(
+      (ckpt_export.parse_export_step(n), os.path.join(model_dir, n))
+      for n in names if ckpt_export.parse_export_step(n) is not None and
+      os.path.isdir(os.path.join(model_dir, n)))
+  assert ckpt_export.list_savedmodels(model_dir) == [p for _, p in exports]
+  export_steps = [_check_export(p, layouts) for _, p in exports]
+  # Every checkpoint the next run may restore has its export.
+  index_steps = _index_steps(names)
+  restorable = [s for s in _state_steps(model_dir) if s in index_steps]
+  assert set(restorable) <= set(export_steps), (restorable, names)
+  latest = tf.train.latest_checkpoint(model_dir)
+  latest_step = 0 if latest is None else paths.parse_checkpoint_step(latest)
+  assert latest is None or latest_step in restorable, (latest, names)
+  return names, export_steps, latest_step
+
+
+def _traces(names: List[str], new_names: Set[str], export_steps: List[int],
+            latest_step: int) -> List[str]:
+  """Where a kill interrupted save(), as far as the directory tells.
+
+  Args:
+    names: The entries of the model directory.
+    new_names: The entries that appeared since the previous kill.
+    export_steps: The steps of the published exports.
+    latest_step: The step of the latest checkpoint.
+
+  Returns:
+    The kinds of work directories left ('tmp', 'old', 'del'), 'ckpt_temp' for
+    a checkpoint being written (TensorFlow's `ckpt-N_temp`), 'export_ahead'
+    for an export newer than the latest checkpoint, 'export_orphan' for an
+    older one whose checkpoint is deleted.
+  """
+  traces = sorted({mark.strip('.-') for n in new_names
+                   for mark in WORK_DIR_MARKS if mark in n})
+  if any(n.endswith('_temp') for n in new_names):
+    traces.append('ckpt_temp')
+  if export_steps and export_steps[-1] > latest_step:
+    traces.append('export_ahead')
+  index_steps = _index_steps(names)
+  if any(s < latest_step and s not in index_steps for s in export_steps):
+    traces.append('export_orphan')
+  return traces
+
+
+@pytest.mark.slow
+def test_kill_during_save_leaves_no_partial_export(
+    tmp_path: pathlib.Path) -> None:
+  """SIGKILLs ROUNDS runs at random delays, then runs one to completion."""
+  rng = random.Random(SEED)
+  delays = [rng.uniform(0, MAX_DELAY_SECONDS) for _ in range(ROUNDS)]
+  print(f'\nseed={SEED} delays={[round(d, 3) for d in delays]}')
+  model_dir = str(tmp_path / 'model_dir')
+  layouts = set()
+  logs = [open(tmp_path / f'child-{i}.stderr', 'w') for i in range(ROUNDS)]
+  children = collections.deque()
+  started = 0
+  restored_at = 0  # Where the next run must restore from.
+  names = []
+  exports_checked = 0
+  kills = collections.Counter()  # Traces of the interrupted saves.
+  try:
+    for i, delay in enumerate(delays):
+      while started < min(ROUNDS, i + 1 + PREFETCH):
+        children.append(_Child(model_dir, logs[started]))
+        started += 1
+      child = children.popleft()
+      lines = child.run_then_kill(delay, children)
+      child.close()
+      restored = [int(l.split()[1]) for l in lines if l.startswith('RESTORED')]
+      assert restored in ([], [restored_at]), (lines, restored_at)
+      saves = sum(l.startswith('SAVED') for l in lines)
+      previous_names = names
+      names, exports, restored_at = _check_after_kill(model_dir, layouts)
+      traces = _traces(names, set(names) - set(previous_names), exports,
+                       restored_at)
+      exports_checked += len(exports)
+      kills.update(traces or ['none' if restored else 'before_restore'])
+      print(f'round {i:2d}: delay {delay:.3f}s restored {restored} saves '
+            f'{saves} exports {exports} latest ckpt {restored_at} traces '
+            f'{traces}')
+  finally:
+    for child in children:
+      child.close()
+    for log in logs:
+      log.close()
+  print(f'kills by trace: {dict(kills)}; exports checked: {exports_checked}')
+  # Kills landed inside save(): at least one while an export was written.
+  assert kills['tmp'] >= 1, kills
+  assert restored_at > 0
+
+  total_steps = restored_at + FINAL_SAVES * SAVE_EVERY
+  final = subprocess.run(_child_command(model_dir, total_steps),
+                         capture_output=True, text=True, env=_child_env(),
+                         timeout=120, check=False)
+  assert final.returncode == 0, final.stderr[-4000:]
+  lines = final.stdout.splitlines()
+  assert lines[1] == f'RESTORED {restored_at}', lines
+  assert lines[-1] == f'DONE {total_steps}', lines
+
+  names = sorted(os.listdir(model_dir))
+  print(f'final directory: {names}')
+  exports = ckpt_export.list_savedmodels(model_dir)
+  export_steps = {_check_export(p, layouts) for p in exports}
+  expected = {total_steps - k * SAVE_EVERY for k in range(MAX_TO_KEEP)}
+  assert export_steps == _index_steps(names) == set(
+      _state_steps(model_dir)) == expected, names
+  for step in expected:
+    reader = tf.train.load_checkpoint(os.path.join(model_dir, f'ckpt-{step}'))
+    np.testing.assert_array_equal(
+        reader.get_tensor('model/w/.ATTRIBUTES/VARIABLE_VALUE'),
+        np.full([crash_child.WIDTH], step, np.float32))
+  # Neither ckpt_export's work directories nor TF's checkpoint ones remain.
+  assert not [n for n in names if any(m in n for m in WORK_DIR_MARKS) or
+              n.endswith('_temp')], names
