@@ -120,9 +120,9 @@ def _work_dir(export_dir: str, kind: str, token: str) -> str:
 def _pid_running(pid: int) -> bool:
   try:
     os.kill(pid, 0)
-  except ProcessLookupError:
+  except (ProcessLookupError, OverflowError):
     return False
-  except PermissionError:
+  except PermissionError:  # It runs, as another user.
     return True
   return True
 
