@@ -332,10 +332,14 @@ def test_failed_checkpoint_write_publishes_no_export(local_dir, scale):
 
 @pytest.mark.parametrize('dirname, checkpoint_name', [
     ('plain', 'my.model'), ('plain/', 'ckpt-v2'), ('with space/', 'saved_modules'),
-    ('plain', 'ck(1)'), ('dir{x}*?/', 'a*b?'), ('dir*?', 'ckpt')])
+    ('plain', 'ck(1)'), ('dir{x}*?/', 'a*b?'), ('dir*?', 'ckpt'),
+    ('ram://{uid}/model/', 'my.model'), ('ram://{uid}/model', 'ckpt-v2')])
 def test_any_legal_names_and_trailing_separators(tmp_path, dirname,
                                                  checkpoint_name):
-  model_dir = str(tmp_path) + '/' + dirname
+  if dirname.startswith('ram://'):
+    model_dir = dirname.format(uid=tmp_path.name)
+  else:
+    model_dir = str(tmp_path) + '/' + dirname
   scale = Scale()
   manager = _manager(model_dir, scale, max_to_keep=2,
                      checkpoint_name=checkpoint_name)
