@@ -13,8 +13,9 @@ ALLOWED = {
     'paths': set(),
     'commit': {'paths'},
     'export': {'commit', 'paths'},
+    'leases': {'commit', 'paths'},
     'readers': {'commit', 'paths'},
-    'manager': {'commit', 'export', 'paths', 'readers'},
+    'manager': {'commit', 'export', 'leases', 'paths', 'readers'},
     '__init__': {'manager', 'paths', 'readers'},
 }
 
