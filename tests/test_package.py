@@ -14,9 +14,9 @@ ALLOWED = {
     'commit': {'paths'},
     'export': {'commit', 'paths'},
     'leases': {'commit', 'paths'},
-    'readers': {'commit', 'paths'},
+    'readers': {'commit', 'leases', 'paths'},
     'manager': {'commit', 'export', 'leases', 'paths', 'readers'},
-    '__init__': {'manager', 'paths', 'readers'},
+    '__init__': {'leases', 'manager', 'paths', 'readers'},
 }
 
 
