@@ -22,7 +22,7 @@ manager would delete the action's exports as exports without a checkpoint.
 """
 
 import numbers
-from typing import Any, List, Mapping, Optional, Set, Tuple
+from typing import Any, List, Mapping, Optional, Tuple
 
 from absl import logging
 import tensorflow as tf
@@ -44,9 +44,10 @@ def _check_count(name: str, value: Any) -> None:
 class ExportSavedModel:
   """An orbit Action exporting modules every `export_interval` steps.
 
-  Each export is published atomically at `<directory>/<export_name>-<step>_
-  saved_modules/` (`<step>` is `global_step` when called) and the newest
-  `max_to_keep` of this action's exports are kept. Steps run in one direction:
+  Each export is published atomically as
+  `<directory>/<export_name>-<step>_saved_modules/`, `<step>` being
+  `global_step` when called, and the newest `max_to_keep` of this action's
+  exports are kept. Steps run in one direction:
   an export at step N deletes this action's exports of steps above N, which a
   run that was restored from an earlier checkpoint has abandoned. One action
   writes a given directory and name at a time.
@@ -101,7 +102,7 @@ class ExportSavedModel:
     # step); None if there is none.
     self._last_step = None
     self._last_step_read = False
-    self._recover()
+    self._check_and_recover()
 
   def __call__(self, output: Any = None) -> Optional[str]:
     """Exports the modules if `export_interval` steps have passed.
@@ -137,7 +138,7 @@ class ExportSavedModel:
         or a module gets no serving signature; nothing is lost then.
     """
     step = int(self._global_step.numpy())
-    self._recover()
+    self._check_and_recover()
     export_dir = paths.export_path(self._directory, self._export_name, step)
     if not commit.is_replaceable(export_dir):
       raise ValueError(
@@ -169,8 +170,8 @@ class ExportSavedModel:
     return [(step, path) for step, path in readers.export_candidates(
         self._directory, self._export_name) if commit.is_ours(path)]
 
-  def _recover(self) -> Set[str]:
-    """Removes dead writers' leftovers; returns the directory's entries.
+  def _check_and_recover(self) -> None:
+    """Checks the name is free, then removes dead writers' leftovers.
 
     Raises:
       ValueError: If the directory holds checkpoints named `export_name`.
@@ -185,7 +186,7 @@ class ExportSavedModel:
           f'{self._directory!r} holds checkpoints named {self._export_name!r} '
           f'({clashing[0]}, ...): their manager would delete this action\'s '
           'exports. Choose another export_name or directory.')
-    return commit.recover(self._directory, self._export_name, names)
+    commit.recover(self._directory, self._export_name, names)
 
   def _collect_garbage(self, step: int) -> None:
     """Deletes exports above `step` and all but the newest `max_to_keep`."""

@@ -95,8 +95,12 @@ class Job:
           **export_action)
       train_actions.append(self.action)
     self.weights = {}  # step -> the weights after that step's train loop.
+    checkpoint = tf.train.Checkpoint(model=self.model, step=self.step)
+    if async_checkpointing:
+      # Large enough that a checkpoint write is still in flight after save().
+      checkpoint.payload = tf.Variable(tf.zeros([4_000_000]))
     self.manager = ckpt_export.SavedModelCheckpointManager(
-        tf.train.Checkpoint(model=self.model, step=self.step),
+        checkpoint,
         directory=model_dir, max_to_keep=max_to_keep,
         modules_to_export={MODULE: self.model}, step_counter=self.step,
         checkpoint_interval=checkpoint_interval)
