@@ -13,10 +13,11 @@ ALLOWED = {
     'paths': set(),
     'commit': {'paths'},
     'export': {'commit', 'paths'},
-    'readers': {'commit', 'paths'},
-    'manager': {'commit', 'export', 'paths', 'readers'},
-    'orbit_actions': {'commit', 'export', 'paths', 'readers'},
-    '__init__': {'manager', 'paths', 'readers'},
+    'leases': {'commit', 'paths'},
+    'readers': {'commit', 'leases', 'paths'},
+    'manager': {'commit', 'export', 'leases', 'paths', 'readers'},
+    'orbit_actions': {'commit', 'export', 'leases', 'paths', 'readers'},
+    '__init__': {'leases', 'manager', 'paths', 'readers'},
 }
 
 
