@@ -22,6 +22,7 @@ manager would delete the action's exports as exports without a checkpoint.
 """
 
 import numbers
+import os
 from typing import Any, List, Mapping, Optional, Tuple
 
 from absl import logging
@@ -29,6 +30,7 @@ import tensorflow as tf
 
 from ckpt_export import commit
 from ckpt_export import export
+from ckpt_export import leases
 from ckpt_export import paths
 from ckpt_export import readers
 
@@ -47,7 +49,8 @@ class ExportSavedModel:
   Each export is published atomically as
   `<directory>/<export_name>-<step>_saved_modules/`, `<step>` being
   `global_step` when called, and the newest `max_to_keep` of this action's
-  exports are kept. Steps run in one direction:
+  exports are kept, as well as older ones readers lease until they release
+  them (`leases.py`). Steps run in one direction:
   an export at step N deletes this action's exports of steps above N, which a
   run that was restored from an earlier checkpoint has abandoned. One action
   writes a given directory and name at a time.
@@ -189,16 +192,21 @@ class ExportSavedModel:
     commit.recover(self._directory, self._export_name, names)
 
   def _collect_garbage(self, step: int) -> None:
-    """Deletes exports above `step` and all but the newest `max_to_keep`."""
+    """Deletes exports above `step` and all but the newest `max_to_keep`.
+
+    An export a reader leases stays until released (see `leases.py`).
+    """
+    if tf.io.gfile.exists(os.path.join(self._directory, leases.STATE_DIR)):
+      leases.sweep(self._directory)
     own = self._own_exports()
     for s, path in own:
       if s > step:
         logging.warning('Removing export %s: training went back to step %d.',
                         path, step)
-        commit.remove_export(path)
+        leases.remove_export_unless_leased(path)
     kept = [path for s, path in own if s <= step]
     if self._max_to_keep is not None:
       for path in kept[:-self._max_to_keep]:
         logging.info('Removing export %s: more than max_to_keep=%d.', path,
                      self._max_to_keep)
-        commit.remove_export(path)
+        leases.remove_export_unless_leased(path)

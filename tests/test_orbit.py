@@ -10,6 +10,7 @@ import tensorflow as tf
 
 import ckpt_export
 from ckpt_export import commit
+from ckpt_export import leases
 from ckpt_export import orbit_actions
 from ckpt_export import paths
 from conftest import entries
@@ -280,6 +281,20 @@ def test_export_action_recovers_crash_leftovers_and_spares_others(local_dir):
   # Only its own exports count and go; a user's directory stays.
   assert action.exports == [paths.export_path(local_dir, 'export', 4)]
   assert tf.io.gfile.isdir(users)
+
+
+def test_export_action_spares_a_leased_export_until_released(local_dir):
+  model, step = Linear(), tf.Variable(1, dtype=tf.int64)
+  action = orbit_actions.ExportSavedModel({MODULE: model}, local_dir, step,
+                                          max_to_keep=1)
+  first = action({})
+  with leases.leased(first):
+    step.assign(2)
+    action({})
+    assert tf.io.gfile.isdir(os.path.join(first, MODULE))
+    np.testing.assert_array_equal(served(first), np.zeros([len(X), 1]))
+  # Released: its deferred deletion is carried out.
+  assert action.exports == [paths.export_path(local_dir, 'export', 2)]
 
 
 def test_export_action_refuses_a_managers_checkpoint_name(local_dir):
