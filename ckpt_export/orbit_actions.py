@@ -50,10 +50,10 @@ class ExportSavedModel:
   `<directory>/<export_name>-<step>_saved_modules/`, `<step>` being
   `global_step` when called, and the newest `max_to_keep` of this action's
   exports are kept, as well as older ones readers lease until they release
-  them (`leases.py`). Steps run in one direction:
-  an export at step N deletes this action's exports of steps above N, which a
-  run that was restored from an earlier checkpoint has abandoned. One action
-  writes a given directory and name at a time.
+  them (`leases.py`). Steps run in one direction: an export at step N deletes
+  this action's exports of steps above N, which a run that was restored from
+  an earlier checkpoint has abandoned. One action writes a given directory and
+  name at a time.
   """
 
   def __init__(self,
