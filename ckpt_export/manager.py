@@ -75,16 +75,7 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
         not isinstance(max_to_keep, numbers.Integral) or max_to_keep <= 0):
       raise ValueError('max_to_keep must be a positive integer or None, got '
                        f'{max_to_keep!r}.')
-    paths.validate_component('checkpoint_name', checkpoint_name)
-    if not isinstance(directory, (str, os.PathLike)) or not os.fspath(
-        directory):
-      raise ValueError(f'directory must be a non-empty path, got {directory!r}.')
-    for name, value in (('directory', os.fspath(directory)),
-                        ('checkpoint_name', checkpoint_name)):
-      if '[' in value:
-        raise ValueError(
-            f"{name} {value!r} contains '[': TensorFlow can neither restore "
-            'checkpoints nor load SavedModels under such a path.')
+    paths.validate_location(directory, 'checkpoint_name', checkpoint_name)
     export.validate_modules(modules_to_export)
     super().__init__(
         checkpoint=checkpoint,

@@ -126,3 +126,31 @@ def validate_component(kind: str, name: object) -> str:
         f'Invalid {kind} {name!r}: it must be a non-empty string that is one '
         "plain path component (no '/', '\\', NUL, and not '.' or '..').")
   return name
+
+
+def validate_location(directory: object, name_kind: str, name: object) -> str:
+  """Checks a model directory and the name prefixing its entries.
+
+  Args:
+    directory: The directory to write into (a path or URL).
+    name_kind: What `name` is, for error messages (e.g. 'checkpoint_name').
+    name: The prefix of the checkpoint or export names in `directory`.
+
+  Returns:
+    `directory` as a string.
+
+  Raises:
+    ValueError: If `name` is not one plain path component, `directory` is not
+      a non-empty path, or either contains '[', under which TensorFlow can
+      neither restore checkpoints nor load SavedModels.
+  """
+  validate_component(name_kind, name)
+  if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
+    raise ValueError(f'directory must be a non-empty path, got {directory!r}.')
+  directory = os.fspath(directory)
+  for kind, value in (('directory', directory), (name_kind, name)):
+    if '[' in value:
+      raise ValueError(
+          f"{kind} {value!r} contains '[': TensorFlow can neither restore "
+          'checkpoints nor load SavedModels under such a path.')
+  return directory

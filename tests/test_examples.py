@@ -1,4 +1,10 @@
-"""Runs examples/train_and_export.py as a user would, in a subprocess."""
+"""Runs the examples as a user would, each in a subprocess.
+
+examples/train_and_export.py (a plain training loop) and
+examples/train_with_orbit.py (orbit's Controller) save the same steps with
+these flags; each second run resumes the first one's model directory (the
+orbit one with async checkpointing).
+"""
 
 import os
 import pathlib
@@ -17,24 +23,38 @@ import ckpt_export
 pytestmark = pytest.mark.slow
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-EXAMPLE = REPO_ROOT / 'examples' / 'train_and_export.py'
-NUM_FEATURES = 8  # The example's input width.
+NUM_FEATURES = 8  # The examples' input width.
 
 # First run: saves at steps 2, 4, 6 and keeps the last two.
-FIRST = dict(train_steps=6, save_every=2, max_to_keep=2)
+FIRST = {
+    'train_and_export': dict(train_steps=6, save_every=2, max_to_keep=2),
+    'train_with_orbit': dict(train_steps=6, steps_per_loop=2,
+                             checkpoint_interval=2, max_to_keep=2,
+                             eval_interval=2),
+}
 FIRST_STEPS = {4, 6}
 # Second run: resumes at 6, saves at 8 and at the last step, 9.
-SECOND = dict(FIRST, train_steps=9)
+SECOND = {
+    'train_and_export': dict(FIRST['train_and_export'], train_steps=9),
+    'train_with_orbit': dict(FIRST['train_with_orbit'], train_steps=9,
+                             async_checkpointing=True),
+}
 SECOND_STEPS = {8, 9}
+# How each example reports a save.
+SAVED_LINE = {
+    'train_and_export': r'^step +(\d+) +loss .* saved ',
+    'train_with_orbit': r'^saved checkpoint to .*ckpt-(\d+)\.$',
+}
 
 
-def run_example(model_dir: pathlib.Path, **flags: int
+def run_example(example: str, model_dir: pathlib.Path, **flags: object
                ) -> subprocess.CompletedProcess:
-  """Runs the example to completion and checks it exits with status 0."""
+  """Runs an example to completion and checks it exits with status 0."""
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
   env['PYTHONPATH'] = os.pathsep.join(
       p for p in (str(REPO_ROOT), env.get('PYTHONPATH')) if p)
-  cmd = [sys.executable, str(EXAMPLE), f'--model_dir={model_dir}']
+  script = REPO_ROOT / 'examples' / f'{example}.py'
+  cmd = [sys.executable, str(script), f'--model_dir={model_dir}']
   cmd += [f'--{name}={value}' for name, value in flags.items()]
   result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
@@ -86,27 +106,28 @@ def resume_step(stdout: str) -> int:
   return int(match.group(2))
 
 
-def logged_steps(stdout: str) -> List[int]:
-  return [int(s) for s in re.findall(r'^step +(\d+) +loss ', stdout, re.M)]
+def saved_steps_logged(example: str, stdout: str) -> List[int]:
+  return [int(s) for s in re.findall(SAVED_LINE[example], stdout, re.M)]
 
 
-@pytest.fixture(scope='module')
-def first_run(tmp_path_factory):
-  """The model directory and output of one run from scratch."""
-  model_dir = tmp_path_factory.mktemp('first_run') / 'model'
-  return model_dir, run_example(model_dir, **FIRST)
+@pytest.fixture(scope='module', params=sorted(FIRST))
+def first_run(request, tmp_path_factory):
+  """An example's name, model directory and output of one run from scratch."""
+  example = request.param
+  model_dir = tmp_path_factory.mktemp(example) / 'model'
+  return example, model_dir, run_example(example, model_dir, **FIRST[example])
 
 
 def test_first_run_keeps_the_latest_checkpoints_and_exports(first_run):
-  model_dir, result = first_run
+  example, model_dir, result = first_run
   assert 'No checkpoint found: starting from step 0.' in result.stdout
-  assert logged_steps(result.stdout) == [2, 4, 6]
+  assert saved_steps_logged(example, result.stdout) == [2, 4, 6]
   assert_layout(model_dir, FIRST_STEPS)
   assert 'predictions match the trained model' in result.stdout
 
 
 def test_every_export_loads_and_serves(first_run):
-  model_dir, result = first_run
+  _, model_dir, result = first_run
   exports = ckpt_export.list_savedmodels(str(model_dir))
   assert [ckpt_export.parse_export_step(p) for p in exports] == sorted(
       FIRST_STEPS)
@@ -128,12 +149,12 @@ def test_every_export_loads_and_serves(first_run):
 
 
 def test_second_run_resumes_from_the_last_checkpoint(first_run, tmp_path):
-  first_dir, _ = first_run
+  example, first_dir, _ = first_run
   model_dir = tmp_path / 'model'
   shutil.copytree(first_dir, model_dir)
-  result = run_example(model_dir, **SECOND)
+  result = run_example(example, model_dir, **SECOND[example])
   assert resume_step(result.stdout) == max(FIRST_STEPS)
   assert f'Resumed from {model_dir / "ckpt-6"} at step 6.' in result.stdout
-  assert logged_steps(result.stdout) == [8, 9]
+  assert saved_steps_logged(example, result.stdout) == [8, 9]
   assert_layout(model_dir, SECOND_STEPS)
   assert 'predictions match the trained model' in result.stdout

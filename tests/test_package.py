@@ -16,6 +16,7 @@ ALLOWED = {
     'leases': {'commit', 'paths'},
     'readers': {'commit', 'leases', 'paths'},
     'manager': {'commit', 'export', 'leases', 'paths', 'readers'},
+    'orbit_actions': {'commit', 'export', 'leases', 'paths', 'readers'},
     '__init__': {'leases', 'manager', 'paths', 'readers'},
 }
 
