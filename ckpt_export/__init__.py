@@ -15,6 +15,10 @@ import typing
 from typing import Any, List
 
 if typing.TYPE_CHECKING:
+  from ckpt_export.leases import acquire as acquire_lease
+  from ckpt_export.leases import DEFAULT_LEASE_SECONDS
+  from ckpt_export.leases import Lease
+  from ckpt_export.leases import leased
   from ckpt_export.manager import SavedModelCheckpointManager
   from ckpt_export.paths import make_saved_modules_directory_name
   from ckpt_export.paths import parse_export_step
@@ -26,16 +30,21 @@ if typing.TYPE_CHECKING:
 
 __version__ = '0.1.0'
 
-# Public name -> the submodule that defines it.
+# Public name -> (the submodule that defines it, its name there).
 _PUBLIC = {
-    'SAVED_MODULES_PATH_SUFFIX': 'paths',
-    'SavedModelCheckpointManager': 'manager',
-    'latest_savedmodel': 'readers',
-    'list_savedmodels': 'readers',
-    'make_saved_modules_directory_name': 'paths',
-    'parse_export_step': 'paths',
-    'savedmodels_iterator': 'readers',
-    'wait_for_new_savedmodel': 'readers',
+    'DEFAULT_LEASE_SECONDS': ('leases', 'DEFAULT_LEASE_SECONDS'),
+    'Lease': ('leases', 'Lease'),
+    'SAVED_MODULES_PATH_SUFFIX': ('paths', 'SAVED_MODULES_PATH_SUFFIX'),
+    'SavedModelCheckpointManager': ('manager', 'SavedModelCheckpointManager'),
+    'acquire_lease': ('leases', 'acquire'),
+    'latest_savedmodel': ('readers', 'latest_savedmodel'),
+    'leased': ('leases', 'leased'),
+    'list_savedmodels': ('readers', 'list_savedmodels'),
+    'make_saved_modules_directory_name': (
+        'paths', 'make_saved_modules_directory_name'),
+    'parse_export_step': ('paths', 'parse_export_step'),
+    'savedmodels_iterator': ('readers', 'savedmodels_iterator'),
+    'wait_for_new_savedmodel': ('readers', 'wait_for_new_savedmodel'),
 }
 
 __all__ = sorted(_PUBLIC)
@@ -44,8 +53,8 @@ __all__ = sorted(_PUBLIC)
 def __getattr__(name: str) -> Any:
   """Imports a public name, or a submodule (`ckpt_export.readers`), on use."""
   if name in _PUBLIC:
-    value = getattr(importlib.import_module(f'{__name__}.{_PUBLIC[name]}'),
-                    name)
+    module, attribute = _PUBLIC[name]
+    value = getattr(importlib.import_module(f'{__name__}.{module}'), attribute)
   else:
     try:
       value = importlib.import_module(f'{__name__}.{name}')

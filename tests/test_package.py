@@ -13,9 +13,10 @@ ALLOWED = {
     'paths': set(),
     'commit': {'paths'},
     'export': {'commit', 'paths'},
-    'readers': {'commit', 'paths'},
-    'manager': {'commit', 'export', 'paths', 'readers'},
-    '__init__': {'manager', 'paths', 'readers'},
+    'leases': {'commit', 'paths'},
+    'readers': {'commit', 'leases', 'paths'},
+    'manager': {'commit', 'export', 'leases', 'paths', 'readers'},
+    '__init__': {'leases', 'manager', 'paths', 'readers'},
 }
 
 
