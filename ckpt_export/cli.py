@@ -110,13 +110,25 @@ def _reason(error: Any, path: str) -> str:
 
 
 def _list_model_dir(model_dir: str) -> List[str]:
-  """Returns the entries of MODEL_DIR, or raises UsageError saying why not."""
+  """Returns the entries of MODEL_DIR, or raises UsageError saying why not.
+
+  Local paths are checked without TensorFlow, so that these errors are quick.
+  """
+  if '://' not in model_dir:
+    if not os.path.isdir(model_dir):
+      if os.path.exists(model_dir):
+        raise UsageError(f'MODEL_DIR {model_dir} is not a directory')
+      raise UsageError(f'MODEL_DIR {model_dir} does not exist')
+    try:
+      return os.listdir(model_dir)
+    except OSError as e:
+      raise UsageError(
+          f'cannot read MODEL_DIR {model_dir}: {e.strerror}') from None
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
     if not tf.io.gfile.isdir(model_dir):
-      if tf.io.gfile.exists(model_dir):
-        raise UsageError(f'MODEL_DIR {model_dir} is not a directory')
-      raise UsageError(f'MODEL_DIR {model_dir} does not exist')
+      raise UsageError(f'MODEL_DIR {model_dir} does not exist or is not a '
+                       'directory')
     return [name.rstrip('/') for name in tf.io.gfile.listdir(model_dir)]
   except tf.errors.OpError as e:
     raise UsageError(
@@ -216,13 +228,18 @@ def _steps(model_dir: str, checkpoint_name: str,
 
 
 def _export_columns(entry: _Step) -> List[str]:
-  """The export (published, partial or none) and modules columns of a step."""
+  """The export (published, partial or none), modules and leases columns."""
   from ckpt_export import commit  # pylint: disable=g-import-not-at-top
+  from ckpt_export import leases  # pylint: disable=g-import-not-at-top
   if entry.export is not None and commit.is_published(entry.export):
     info = commit.read_commit_info(entry.export) or {}
     modules = info.get('modules') or _module_names(entry.export)
-    return ['published', ','.join(modules) or '-']
-  return ['partial' if entry.export or entry.work else 'none', '-']
+    holders = leases.holders(entry.export)
+    return ['published', ','.join(modules) or '-',
+            f'{len(holders)}: ' + ','.join(
+                f'{h["holder"]}@{h["host"]}:{h["pid"]}' for h in holders)
+            if holders else '-']
+  return ['partial' if entry.export or entry.work else 'none', '-', '-']
 
 
 def _module_names(export_dir: str) -> List[str]:
@@ -248,14 +265,14 @@ def _ls(args: argparse.Namespace) -> int:
   now = time.time()
   rows = []
   for step, entry in sorted(steps.items()):
-    export, modules = _export_columns(entry)
+    export, modules, holders = _export_columns(entry)
     times = [t for t in map(_mtime, entry.entries) if t is not None]
     rows.append([
         str(step), 'yes' if entry.checkpoint else 'no', export, modules,
         _human_size(sum(map(_tree_size, entry.entries))),
-        _human_age(now - max(times)) if times else '-'])
-  _print_table(['STEP', 'CHECKPOINT', 'EXPORT', 'MODULES', 'SIZE', 'AGE'],
-               rows)
+        _human_age(now - max(times)) if times else '-', holders])
+  _print_table(['STEP', 'CHECKPOINT', 'EXPORT', 'MODULES', 'SIZE', 'AGE',
+                'LEASES'], rows)
   return 0
 
 
@@ -265,7 +282,8 @@ def _add_ls(subparsers: Any) -> None:
       description='Prints a table of the steps in MODEL_DIR: whether each has '
       'its checkpoint and a published export (or only part of one, left by a '
       'write in progress or a crash), its modules, its size on disk (checkpoint'
-      ' and export) and the age of its newest entry.')
+      ' and export), the age of its newest entry, and the readers holding a '
+      'lease on its export (count: holder@host:pid).')
   add_model_dir_arguments(parser)
   parser.set_defaults(run=_ls)
 
@@ -300,6 +318,7 @@ def _verify_export(export_dir: str) -> List[List[str]]:
 def _verify(args: argparse.Namespace) -> int:
   """Loads every published export; exits 1 if any is broken."""
   from ckpt_export import commit  # pylint: disable=g-import-not-at-top
+  from ckpt_export import leases  # pylint: disable=g-import-not-at-top
   from ckpt_export import readers  # pylint: disable=g-import-not-at-top
   names = _list_model_dir(args.model_dir)
   exports = [(step, path) for step, path in readers.export_candidates(
@@ -311,10 +330,12 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
   rows = []
   for step, path in exports:
-    for module, status, detail in _verify_export(path):
-      if status != 'ok' and not commit.is_published(path):
-        status, detail = 'gone', 'deleted while being verified'
-      rows.append([str(step), module, status, detail])
+    lease = leases.acquire(path, holder=f'{PROG} verify')
+    if lease is None:
+      rows.append([str(step), '-', 'gone', 'deleted before it could be read'])
+      continue
+    with lease:
+      rows.extend([str(step), *row] for row in _verify_export(path))
   _print_table(['STEP', 'MODULE', 'STATUS', 'DETAIL'], rows)
   broken = sorted({int(row[0]) for row in rows if row[2] == 'BROKEN'})
   if broken:
@@ -328,8 +349,9 @@ def _add_verify(subparsers: Any) -> None:
   parser = subparsers.add_parser(
       'verify', help='load every published export and check its signatures',
       description='Loads each module of every published export in MODEL_DIR '
-      'with tf.saved_model.load and checks that it has a serving signature. '
-      'Prints a table; exits 1 if any export is broken.')
+      'with tf.saved_model.load and checks that it has a serving signature, '
+      'holding a lease on the export meanwhile. Prints a table; exits 1 if '
+      'any export is broken.')
   add_model_dir_arguments(parser)
   parser.set_defaults(run=_verify)
 
@@ -448,7 +470,7 @@ def _watch(args: argparse.Namespace) -> int:
   exports = readers.savedmodels_iterator(
       args.model_dir, timeout=args.timeout,
       seconds_to_sleep=args.seconds_to_sleep,
-      checkpoint_name=args.checkpoint_name)
+      checkpoint_name=args.checkpoint_name, latest_only=args.latest_only)
   with contextlib.closing(exports), _sigterm_raises():
     for export_dir in exports:
       step = paths.parse_export_step(export_dir, args.checkpoint_name)
@@ -461,8 +483,8 @@ def _watch(args: argparse.Namespace) -> int:
                  CKPT_EXPORT_MODEL_DIR=args.model_dir)
       code = subprocess.run(command, env=env, check=False).returncode
       if code:
-        print(f'{PROG}: step {step}: {shlex.join(command)} '
-              f'{_describe_exit(code)}', file=sys.stderr)
+        print(f'{PROG}: step {step}: {command[0]} {_describe_exit(code)}',
+              file=sys.stderr)
         if args.stop_on_failure:
           return code if code > 0 else 128 - code
         failures += 1
@@ -492,6 +514,10 @@ def _add_watch(subparsers: Any) -> None:
                       default=1.0,
                       help='seconds between looks for a new export (default: '
                       '%(default)s)')
+  parser.add_argument('--latest-only', action='store_true',
+                      help='run COMMAND only on the newest export each time, '
+                      'skipping older unseen ones (for a COMMAND slower than '
+                      'the trainer)')
   parser.add_argument('--state-file',
                       help='file recording the last step handled, written '
                       'after each step; a restarted watch with the same file '
