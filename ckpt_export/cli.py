@@ -148,12 +148,16 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 
 
 def _human_size(size: int) -> str:
-  value = float(size)
-  for unit in ('B', 'KiB', 'MiB', 'GiB', 'TiB'):
-    if value < 1024 or unit == 'TiB':
-      return f'{size} B' if unit == 'B' else f'{value:.1f} {unit}'
+  if size < 1024:
+    return f'{size} B'
+  value = size / 1024
+  for unit in ('KiB', 'MiB', 'GiB'):
+    if value < 1024:
+      break
     value /= 1024
-  raise AssertionError('unreachable')
+  else:
+    unit = 'TiB'
+  return f'{value:.1f} {unit}'
 
 
 def _human_age(seconds: float) -> str:
@@ -237,7 +241,8 @@ def _export_columns(entry: _Step) -> List[str]:
     holders = leases.holders(entry.export)
     return ['published', ','.join(modules) or '-',
             f'{len(holders)}: ' + ','.join(
-                f'{h["holder"]}@{h["host"]}:{h["pid"]}' for h in holders)
+                f'{h.get("holder")}@{h.get("host")}:{h.get("pid")}'
+                for h in holders)
             if holders else '-']
   return ['partial' if entry.export or entry.work else 'none', '-', '-']
 
@@ -369,6 +374,8 @@ class _WatchState:
   def __init__(self, path: Optional[str], model_dir: str,
                checkpoint_name: str) -> None:
     self._path = path
+    if '://' not in model_dir:
+      model_dir = os.path.abspath(model_dir)
     self._owner = {'model_dir': model_dir, 'checkpoint_name': checkpoint_name}
     self.last_step = -1
     self.failed: Dict[str, int] = {}

@@ -19,6 +19,7 @@ import pytest
 import tensorflow as tf
 
 import ckpt_export
+from ckpt_export import leases
 import crash_child
 from conftest import CKPT_EXPORT, cli_env, run_cli, save_step, Scale, steps_of
 import watch_command
@@ -123,6 +124,29 @@ def test_a_state_file_of_another_watch_is_refused(finished_dir, tmp_path):
       f'ckpt-export: error: --state-file {state} is not a ckpt-export watch '
       'state file')
   assert len(result.stderr.splitlines()) == 1
+
+
+def test_sigterm_stops_the_command_and_releases_the_export(finished_dir,
+                                                          tmp_path):
+  log, state = str(tmp_path / 'log'), str(tmp_path / 'state.json')
+  sleeper = ('import os, sys, time; '
+             'open(sys.argv[1], "w").write(str(os.getpid())); time.sleep(600)')
+  watch = subprocess.Popen(
+      [CKPT_EXPORT, 'watch', finished_dir, '--state-file', state, '--',
+       sys.executable, '-c', sleeper, log], env=cli_env(),
+      stderr=subprocess.PIPE, text=True)
+  while not _lines(log):
+    assert watch.poll() is None, watch.communicate()[1]
+    time.sleep(0.1)
+  command_pid = int(_lines(log)[0])
+  first = ckpt_export.list_savedmodels(finished_dir)[0]
+  assert leases.is_leased(first)
+  watch.send_signal(signal.SIGTERM)
+  assert watch.wait(timeout=600) == 128 + signal.SIGTERM
+  with pytest.raises(ProcessLookupError):
+    os.kill(command_pid, 0)
+  assert not leases.is_leased(first)
+  assert not os.path.exists(state)  # Step 1 was not finished.
 
 
 # Real processes: a trainer and a watch at once.

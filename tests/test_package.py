@@ -17,6 +17,7 @@ ALLOWED = {
     'readers': {'commit', 'leases', 'paths'},
     'manager': {'commit', 'export', 'leases', 'paths', 'readers'},
     '__init__': {'leases', 'manager', 'paths', 'readers'},
+    'cli': {'commit', 'leases', 'paths', 'readers'},
 }
 
 
