@@ -1,4 +1,4 @@
-"""The `ckpt-export` command: list, verify and watch a model directory's exports.
+"""The `ckpt-export` command: list, verify and watch a model's exports.
 
     ckpt-export ls MODEL_DIR
     ckpt-export verify MODEL_DIR
@@ -104,7 +104,7 @@ def _one_line(text: str) -> str:
 
 
 def _reason(error: Any, path: str) -> str:
-  """The one-line reason of a TensorFlow error about `path`, without the path."""
+  """The first line of a TensorFlow error about `path`, without the path."""
   reason = _one_line(error.message)
   return reason[len(path) + 2:] if reason.startswith(f'{path}; ') else reason
 
@@ -556,7 +556,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Runs the command line `argv` (default: sys.argv[1:]); returns the exit code."""
+  """Runs the command line `argv` (default: sys.argv[1:]); returns its code."""
   argv = list(sys.argv[1:] if argv is None else argv)
   command = None
   if '--' in argv:

@@ -32,7 +32,8 @@ log, fail_at, *words = sys.argv[1:]
 env = [os.environ[k] for k in
        ('CKPT_EXPORT_PATH', 'CKPT_EXPORT_STEP', 'CKPT_EXPORT_MODEL_DIR')]
 with open(log, 'a') as f:
-  f.write(json.dumps([words, *env, 'TF_CPP_MIN_LOG_LEVEL' in os.environ]) + '\\n')
+  f.write(json.dumps([words, *env, 'TF_CPP_MIN_LOG_LEVEL' in os.environ]))
+  f.write('\\n')
 sys.exit(3 if env[1] == fail_at else 0)
 """
 
