@@ -50,8 +50,9 @@ def model_dir(tmp_path_factory) -> str:
             'wb') as f:
     f.write(b'not a SavedModel')
   tf.saved_model.save(tf.Module(), os.path.join(_export(directory, 7), 'plain'))
-  work = os.path.join(directory,
-                      f'.ckpt-8_saved_modules.tmp-{commit.new_token()}')
+  # Named as commit.py names them: .<export>.tmp-<ms>-<pid>-<host>-<random>.
+  work = os.path.join(
+      directory, '.ckpt-8_saved_modules.tmp-1700000000000-1-otherhost-0123abcd')
   os.makedirs(os.path.join(work, 'scale'))
   with open(os.path.join(work, 'scale', 'saved_model.pb'), 'wb') as f:
     f.write(b'12345')
