@@ -34,6 +34,8 @@ import sys
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
+from absl import logging
+
 from ckpt_export import paths
 
 PROG = 'ckpt-export'
@@ -485,6 +487,7 @@ def _watch(args: argparse.Namespace) -> int:
         continue
       command = args.command[:1] + [
           _substitute(word, export_dir, step) for word in args.command[1:]]
+      logging.info('Step %d: running %s', step, shlex.join(command))
       env = dict(args.environ, CKPT_EXPORT_PATH=export_dir,
                  CKPT_EXPORT_STEP=str(step),
                  CKPT_EXPORT_MODEL_DIR=args.model_dir)
@@ -571,7 +574,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   for key, value in _ENV_DEFAULTS.items():
     os.environ.setdefault(key, value)
   if args.verbose:
-    from absl import logging  # pylint: disable=g-import-not-at-top
     logging.set_verbosity(logging.INFO)
   try:
     return args.run(args)
