@@ -129,6 +129,12 @@ def _work_dir(export_dir: str, kind: str, token: str) -> str:
                       f'.{paths.basename(export_dir)}.{kind}-{token}')
 
 
+def work_dir_export(name: str) -> Optional[str]:
+  """Returns the export name a work directory name belongs to, or None."""
+  match = _WORK_RE.match(name)
+  return None if match is None else match.group('export')
+
+
 def _pid_running(pid: int) -> bool:
   try:
     os.kill(pid, 0)

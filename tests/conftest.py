@@ -1,6 +1,9 @@
 """Shared fixtures: small real modules, and model directories on each file system."""
 
 import os
+import subprocess
+import sys
+from typing import Sequence
 import uuid
 
 import pytest
@@ -72,3 +75,30 @@ def save_step(manager, module: Scale, step: int, **kwargs):
 def steps_of(export_paths) -> list:
   """The steps of a list of export paths."""
   return [paths.parse_export_step(p) for p in export_paths]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The installed console script, run on this checkout's code (see cli_env).
+CKPT_EXPORT = os.path.join(os.path.dirname(sys.executable), 'ckpt-export')
+
+
+def cli_env(**extra: str) -> dict:
+  """The environment to run CKPT_EXPORT in: this checkout first on the path.
+
+  TF_CPP_MIN_LOG_LEVEL and CUDA_VISIBLE_DEVICES are removed, so that the
+  command's own defaults for them are what the tests see.
+  """
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('TF_CPP_MIN_LOG_LEVEL', 'CUDA_VISIBLE_DEVICES')}
+  env['PYTHONPATH'] = os.pathsep.join(
+      [REPO, os.path.join(REPO, 'tests')] +
+      [p for p in [os.environ.get('PYTHONPATH')] if p])
+  env.update(extra)
+  return env
+
+
+def run_cli(*args: str, prefix: Sequence[str] = (),
+            **kwargs) -> subprocess.CompletedProcess:
+  """Runs `ckpt-export ARGS` (after `prefix`), capturing its output as text."""
+  return subprocess.run([*prefix, CKPT_EXPORT, *args], capture_output=True,
+                        text=True, env=cli_env(), check=False, **kwargs)

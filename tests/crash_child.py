@@ -1,15 +1,21 @@
 """A tiny training job that `test_crash_kill.py` kills at random instants.
 
+Also the trainer that `test_cli_watch.py` runs beside `ckpt-export watch`.
+
 Usage:
   python tests/crash_child.py --model_dir D --total_steps T --save_every K \
-      --max_to_keep M [--wait_for_go]
+      --max_to_keep M [--wait_for_go] [--seconds_between_saves S] \
+      [--pace_file F]
 
 After training step `s` every weight of the model equals `float(s)`, so any
 checkpoint or export reveals the step it was made at: the serving signature
 returns `y = x * w + b` (that is `s * (x + 1)`) and the model's own step.
 The job restores from `D` (or starts at step 0), checks that the restored
 weights match the restored step, then trains to step `T`, saving every `K`
-steps with `checkpoint_number=step` and keeping `M` checkpoints.
+steps with `checkpoint_number=step` and keeping `M` checkpoints. With
+`--pace_file`, each save after its first waits until `F` has the line
+`start <step of its previous save>` (written by a reader), so that the reader
+is always busy with the export the save's garbage collection wants to delete.
 
 Lines printed (flushed) for the parent:
   READY          TensorFlow is imported and the model built; `D` untouched.
@@ -21,6 +27,7 @@ Lines printed (flushed) for the parent:
 import argparse
 import os
 import sys
+import time
 from typing import Dict
 
 # The repository root, so that `ckpt_export` imports when run as a script.
@@ -65,6 +72,15 @@ def _say(line: str) -> None:
   print(line, flush=True)
 
 
+def _wait_for_line(path: str, line: str) -> None:
+  while True:
+    if os.path.exists(path):
+      with open(path) as f:
+        if line in f.read().splitlines():
+          return
+    time.sleep(0.05)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--model_dir', required=True)
@@ -74,6 +90,10 @@ def main() -> None:
   parser.add_argument('--wait_for_go', action='store_true',
                       help='After READY, wait for a line on stdin before '
                       'touching --model_dir.')
+  parser.add_argument('--seconds_between_saves', type=float, default=0.0)
+  parser.add_argument('--pace_file',
+                      help='Before each save but the first, wait until this '
+                      'file has the line "start <previous saved step>".')
   args = parser.parse_args()
 
   model = StepModel()
@@ -91,11 +111,16 @@ def main() -> None:
     raise RuntimeError(f'Restored weights {weights} do not match the restored '
                        f'step {step}.')
   _say(f'RESTORED {step}')
+  last_saved = None
   while step < args.total_steps:
     step = model.train_step()
     if step % args.save_every == 0:
+      if args.pace_file and last_saved is not None:
+        _wait_for_line(args.pace_file, f'start {last_saved}')
       manager.save(checkpoint_number=step)
+      last_saved = step
       _say(f'SAVED {step}')
+      time.sleep(args.seconds_between_saves)
   _say(f'DONE {step}')
 
 

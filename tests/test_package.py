@@ -18,6 +18,7 @@ ALLOWED = {
     'manager': {'commit', 'export', 'leases', 'paths', 'readers'},
     'orbit_actions': {'commit', 'export', 'leases', 'paths', 'readers'},
     '__init__': {'leases', 'manager', 'paths', 'readers'},
+    'cli': {'commit', 'leases', 'paths', 'readers'},
 }
 
 

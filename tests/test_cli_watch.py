@@ -1,0 +1,269 @@
+"""`ckpt-export watch`, run as installed, beside real training processes.
+
+The fast tests watch a finished model directory with a tiny COMMAND that logs
+what it was given. The slow ones run a trainer (`crash_child.py`) and the watch
+as two processes at once, with `watch_command.py` as COMMAND: it loads each
+export and checks that it serves its own step, after the trainer's garbage
+collection has tried to delete it.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import List, Sequence
+
+import pytest
+import tensorflow as tf
+
+import ckpt_export
+from ckpt_export import leases
+import crash_child
+from conftest import CKPT_EXPORT, cli_env, run_cli, save_step, Scale, steps_of
+import watch_command
+
+# Logs [argv after LOG and FAIL_AT, the three environment variables, and
+# whether TF_CPP_MIN_LOG_LEVEL is set] as a JSON line; exits 3 at FAIL_AT.
+_LOGGING_COMMAND = """
+import json, os, sys
+log, fail_at, *words = sys.argv[1:]
+env = [os.environ[k] for k in
+       ('CKPT_EXPORT_PATH', 'CKPT_EXPORT_STEP', 'CKPT_EXPORT_MODEL_DIR')]
+with open(log, 'a') as f:
+  f.write(json.dumps([words, *env, 'TF_CPP_MIN_LOG_LEVEL' in os.environ]))
+  f.write('\\n')
+sys.exit(3 if env[1] == fail_at else 0)
+"""
+
+
+@pytest.fixture
+def finished_dir(tmp_path) -> str:
+  """A model directory with the exports of steps 1, 2 and 3."""
+  directory = str(tmp_path / 'model')
+  scale = Scale()
+  manager = ckpt_export.SavedModelCheckpointManager(
+      tf.train.Checkpoint(scale=scale), directory, max_to_keep=None,
+      modules_to_export={'scale': scale})
+  for step in (1, 2, 3):
+    save_step(manager, scale, step)
+  return directory
+
+
+def _logging_command(log: str, fail_at: int = -1) -> List[str]:
+  return [sys.executable, '-c', _LOGGING_COMMAND, log, str(fail_at)]
+
+
+def _logged(log: str) -> list:
+  if not os.path.exists(log):
+    return []
+  with open(log) as f:
+    return [json.loads(line) for line in f]
+
+
+def _state(path: str) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+def test_watch_runs_the_command_for_each_export_then_resumes(finished_dir,
+                                                             tmp_path):
+  log, state = str(tmp_path / 'log'), str(tmp_path / 'state.json')
+  command = _logging_command(log) + ['{path}', 'at-{step}', '{other}']
+  result = run_cli('watch', finished_dir, '--state-file', state,
+                   '--until-step', '2', '--', *command)
+  assert result.returncode == 0, result.stderr
+  export = lambda step: ckpt_export.list_savedmodels(finished_dir)[step - 1]
+  assert _logged(log) == [
+      [[export(step), f'at-{step}', '{other}'], export(step), str(step),
+       finished_dir, False] for step in (1, 2)]
+  assert _state(state)['last_step'] == 2
+
+  # A new watch with the same state file goes on after step 2, and ends
+  # after --timeout seconds without a new export.
+  result = run_cli('watch', finished_dir, '--state-file', state, '--timeout',
+                   '0', '--', *command)
+  assert result.returncode == 0, result.stderr
+  assert [int(entry[2]) for entry in _logged(log)] == [1, 2, 3]
+  assert _state(state)['last_step'] == 3
+
+
+def test_a_failing_command_is_reported_and_the_watch_goes_on(finished_dir,
+                                                             tmp_path):
+  log, state = str(tmp_path / 'log'), str(tmp_path / 'state.json')
+  command = _logging_command(log, fail_at=2)
+  result = run_cli('watch', finished_dir, '--state-file', state, '--timeout',
+                   '0', '--', *command)
+  assert result.returncode == 1
+  assert (f'ckpt-export: step 2: {sys.executable} exited with code 3' in
+          result.stderr.splitlines())
+  assert [int(entry[2]) for entry in _logged(log)] == [1, 2, 3]
+  assert _state(state)['last_step'] == 3
+  assert _state(state)['failed'] == {'2': 3}
+
+
+def test_stop_on_failure_stops_with_the_command_s_code(finished_dir,
+                                                      tmp_path):
+  log, state = str(tmp_path / 'log'), str(tmp_path / 'state.json')
+  result = run_cli('watch', finished_dir, '--state-file', state, '--timeout',
+                   '0', '--stop-on-failure', '--',
+                   *_logging_command(log, fail_at=2))
+  assert result.returncode == 3
+  assert [int(entry[2]) for entry in _logged(log)] == [1, 2]
+  # The failed step is not recorded as handled: a restart retries it.
+  assert _state(state)['last_step'] == 1
+
+
+def test_a_state_file_of_another_watch_is_refused(finished_dir, tmp_path):
+  state = str(tmp_path / 'state.json')
+  with open(state, 'w') as f:
+    f.write('{"not": "a state"}')
+  result = run_cli('watch', finished_dir, '--state-file', state, '--', 'true')
+  assert result.returncode == 2
+  assert result.stderr.startswith(
+      f'ckpt-export: error: --state-file {state} is not a ckpt-export watch '
+      'state file')
+  assert len(result.stderr.splitlines()) == 1
+
+
+def test_sigterm_stops_the_command_and_releases_the_export(finished_dir,
+                                                          tmp_path):
+  log, state = str(tmp_path / 'log'), str(tmp_path / 'state.json')
+  sleeper = ('import os, sys, time; '
+             'open(sys.argv[1], "w").write(str(os.getpid())); time.sleep(600)')
+  watch = subprocess.Popen(
+      [CKPT_EXPORT, 'watch', finished_dir, '--state-file', state, '--',
+       sys.executable, '-c', sleeper, log], env=cli_env(),
+      stderr=subprocess.PIPE, text=True)
+  while not _lines(log):
+    assert watch.poll() is None, watch.communicate()[1]
+    time.sleep(0.1)
+  command_pid = int(_lines(log)[0])
+  first = ckpt_export.list_savedmodels(finished_dir)[0]
+  assert leases.is_leased(first)
+  watch.send_signal(signal.SIGTERM)
+  assert watch.wait(timeout=600) == 128 + signal.SIGTERM
+  with pytest.raises(ProcessLookupError):
+    os.kill(command_pid, 0)
+  assert not leases.is_leased(first)
+  assert not os.path.exists(state)  # Step 1 was not finished.
+
+
+# Real processes: a trainer and a watch at once.
+
+
+def _start_trainer(model_dir: str, total_steps: int, max_to_keep: int,
+                   stderr, *flags: str) -> subprocess.Popen:
+  return subprocess.Popen(
+      [sys.executable, crash_child.__file__, '--model_dir', model_dir,
+       '--total_steps', str(total_steps), '--save_every', '1',
+       '--max_to_keep', str(max_to_keep), *flags],
+      stdout=subprocess.DEVNULL, stderr=stderr, env=cli_env(),
+      text=True)
+
+
+def _start_watch(model_dir: str, log: str, watch_flags: Sequence[str],
+                 command_flags: Sequence[str], stderr) -> subprocess.Popen:
+  """Starts `ckpt-export watch` running watch_command.py, in its own session."""
+  return subprocess.Popen(
+      [CKPT_EXPORT, 'watch', model_dir, '--seconds-to-sleep', '0.2',
+       *watch_flags, '--', sys.executable, watch_command.__file__, log,
+       '{path}', '{step}', *command_flags],
+      stdout=subprocess.DEVNULL, stderr=stderr, env=cli_env(),
+      start_new_session=True)
+
+
+def _lines(path: str) -> List[str]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return f.read().splitlines()
+
+
+def _wait(proc: subprocess.Popen, stderr_path: str, what: str) -> None:
+  try:
+    code = proc.wait(timeout=900)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    code = 'timeout'
+  if code != 0:
+    with open(stderr_path) as f:
+      pytest.fail(f'{what} ended with {code}; stderr:\n{f.read()[-4000:]}')
+
+
+@pytest.mark.slow
+def test_watch_beside_a_trainer_sees_every_export_once_in_order(tmp_path):
+  """max_to_keep=1: each save wants the export being evaluated deleted."""
+  model_dir, log = str(tmp_path / 'model'), str(tmp_path / 'log')
+  done = str(tmp_path / 'trainer_done')
+  os.makedirs(model_dir)
+  steps = 3
+  with open(tmp_path / 'trainer.err', 'w') as t_err, open(
+      tmp_path / 'watch.err', 'w') as w_err:
+    watch = _start_watch(model_dir, log, ['--until-step', str(steps)],
+                         ['--wait_for_gc', done], w_err)
+    trainer = _start_trainer(model_dir, steps, 1, t_err, '--pace_file', log)
+    _wait(trainer, t_err.name, 'The trainer')
+    open(done, 'w').close()
+    _wait(watch, w_err.name, 'The watch')
+  assert _lines(log) == [f'{kind} {step}' for step in range(1, steps + 1)
+                         for kind in ('start', 'done')]
+  # Every export the watch released was then deleted, as max_to_keep says.
+  assert steps_of(ckpt_export.list_savedmodels(model_dir)) == [steps]
+
+
+@pytest.mark.slow
+def test_watch_latest_only_beside_a_trainer(tmp_path):
+  model_dir, log = str(tmp_path / 'model'), str(tmp_path / 'log')
+  done = str(tmp_path / 'trainer_done')
+  os.makedirs(model_dir)
+  steps = 12
+  with open(tmp_path / 'trainer.err', 'w') as t_err, open(
+      tmp_path / 'watch.err', 'w') as w_err:
+    watch = _start_watch(model_dir, log,
+                         ['--latest-only', '--until-step', str(steps)],
+                         ['--wait_for_gc', done], w_err)
+    trainer = _start_trainer(model_dir, steps, 1, t_err,
+                             '--seconds_between_saves', '0.5')
+    _wait(trainer, t_err.name, 'The trainer')
+    open(done, 'w').close()
+    _wait(watch, w_err.name, 'The watch')
+  lines = _lines(log)
+  seen = [int(line.split()[1]) for line in lines[::2]]
+  assert lines == [f'{kind} {step}' for step in seen
+                   for kind in ('start', 'done')]
+  assert seen == sorted(set(seen)) and set(seen) <= set(range(1, steps + 1))
+  assert seen[-1] == steps
+
+
+@pytest.mark.slow
+def test_a_killed_watch_restarts_without_redoing_finished_steps(tmp_path):
+  """SIGKILL (with its COMMAND) mid-step 2; the restart redoes only step 2."""
+  model_dir, log = str(tmp_path / 'model'), str(tmp_path / 'log')
+  hold, state = str(tmp_path / 'hold'), str(tmp_path / 'state.json')
+  os.makedirs(model_dir)
+  steps = 3
+  watch_flags = ['--until-step', str(steps), '--state-file', state]
+  command_flags = ['--hold_step', '2', '--hold_file', hold]
+  with open(tmp_path / 'trainer.err', 'w') as t_err, open(
+      tmp_path / 'watch.err', 'w') as w_err:
+    watch = _start_watch(model_dir, log, watch_flags, command_flags, w_err)
+    trainer = _start_trainer(model_dir, steps, 2, t_err, '--pace_file', log)
+    while 'start 2' not in _lines(log):
+      if watch.poll() is not None or trainer.poll() not in (None, 0):
+        pytest.fail(f'watch {watch.poll()}, trainer {trainer.poll()} ended '
+                    f'before step 2; log {_lines(log)}')
+      time.sleep(0.1)
+    os.killpg(watch.pid, signal.SIGKILL)
+    watch.wait()
+    assert _lines(log) == ['start 1', 'done 1', 'start 2']
+    assert _state(state)['last_step'] == 1
+
+    open(hold, 'w').close()
+    watch = _start_watch(model_dir, log, watch_flags, command_flags, w_err)
+    _wait(trainer, t_err.name, 'The trainer')
+    _wait(watch, w_err.name, 'The restarted watch')
+  assert _lines(log) == ['start 1', 'done 1', 'start 2',
+                         'start 2', 'done 2', 'start 3', 'done 3']
+  assert _state(state)['last_step'] == 3
