@@ -15,6 +15,7 @@ ALLOWED = {
     'export': {'commit', 'paths'},
     'readers': {'commit', 'paths'},
     'manager': {'commit', 'export', 'paths', 'readers'},
+    'best': {'commit', 'paths', 'readers'},
     '__init__': {'manager', 'paths', 'readers'},
 }
 
