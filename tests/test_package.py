@@ -16,6 +16,7 @@ ALLOWED = {
     'readers': {'commit', 'paths'},
     'manager': {'commit', 'export', 'paths', 'readers'},
     'best': {'commit', 'paths', 'readers'},
+    'evaluation': {'best', 'commit', 'paths', 'readers'},
     '__init__': {'manager', 'paths', 'readers'},
 }
 
