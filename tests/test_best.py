@@ -34,7 +34,7 @@ def _export(manager, scale, step: int) -> str:
 
 
 def _assert_best(model_dir: str, step: int, metrics: dict) -> None:
-  """Exactly one published copy, of `step`, serving its values; best.json too."""
+  """Exactly one published copy, of `step`, serving it; best.json naming it."""
   best_dir = os.path.join(model_dir, 'best_export')
   copy = paths.export_path(best_dir, 'ckpt', step)
   assert entries(best_dir) == ['best.json', f'ckpt-{step}_saved_modules']
