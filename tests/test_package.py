@@ -17,6 +17,7 @@ ALLOWED = {
     'manager': {'commit', 'export', 'paths', 'readers'},
     'best': {'commit', 'paths', 'readers'},
     'evaluation': {'best', 'commit', 'paths', 'readers'},
+    'best_action': {'best', 'commit', 'paths'},
     '__init__': {'manager', 'paths', 'readers'},
 }
 
