@@ -46,9 +46,11 @@ STALE_SECONDS = 6 * 3600.0
 
 _TMP, _OLD, _DEL = 'tmp', 'old', 'del'
 _HOST = re.sub(r'[^A-Za-z0-9._]', '_', socket.gethostname()) or 'host'
-_WORK_RE = re.compile(r'\.(?P<export>.+)\.(?P<kind>tmp|old|del)-(?P<token>'
-                      r'(?P<ms>[0-9]+)-(?P<pid>[0-9]+)-(?P<host>[A-Za-z0-9._]+)'
-                      r'-[0-9a-f]{8})\Z', re.DOTALL)
+_TOKEN = (r'(?P<ms>[0-9]+)-(?P<pid>[0-9]+)-(?P<host>[A-Za-z0-9._]+)'
+          r'-[0-9a-f]{8}')
+_TOKEN_RE = re.compile(_TOKEN + r'\Z')
+_WORK_RE = re.compile(r'\.(?P<export>.+)\.(?P<kind>tmp|old|del)-(?P<token>' +
+                      _TOKEN + r')\Z', re.DOTALL)
 
 # Tokens of the operations in flight in this process.
 _lock = threading.Lock()
@@ -106,7 +108,8 @@ def _write_file(path: str, content: str) -> None:
     f.write(content)
 
 
-def _new_token() -> str:
+def new_token() -> str:
+  """Returns a fresh token naming this process: `<ms>-<pid>-<host>-<random>`."""
   return (f'{int(time.time() * 1000)}-{os.getpid()}-{_HOST}-'
           f'{secrets.token_hex(4)}')
 
@@ -127,15 +130,27 @@ def _pid_running(pid: int) -> bool:
   return True
 
 
-def _owner_alive(work_name: str) -> bool:
-  """Whether the writer that named a work directory may still be using it."""
-  match = _WORK_RE.match(work_name)
+def token_alive(token: str,
+                stale_seconds: Optional[float] = STALE_SECONDS) -> bool:
+  """Whether the process that made `token` may still be using what it names.
+
+  A token of this process is alive while its operation is in flight (see
+  `begin_operation`); one of another pid on this host while that pid runs; one
+  of another host always, as its pid cannot be checked. Any token older than
+  `stale_seconds` (unless None) counts as gone, as does one that is malformed.
+
+  Args:
+    token: A token made by `new_token`.
+    stale_seconds: The age after which a token counts as gone, or None.
+  """
+  match = _TOKEN_RE.match(token)
   if match is None:
     return False
   with _lock:
-    if match.group('token') in _live_tokens:
+    if token in _live_tokens:
       return True
-  if time.time() - int(match.group('ms')) / 1000 > STALE_SECONDS:
+  if (stale_seconds is not None and
+      time.time() - int(match.group('ms')) / 1000 > stale_seconds):
     return False
   if match.group('host') != _HOST:
     return True
@@ -145,17 +160,34 @@ def _owner_alive(work_name: str) -> bool:
   return _pid_running(pid)
 
 
+def _owner_alive(work_name: str) -> bool:
+  """Whether the writer that named a work directory may still be using it."""
+  match = _WORK_RE.match(work_name)
+  return match is not None and token_alive(match.group('token'))
+
+
+def begin_operation() -> str:
+  """Registers an operation in flight in this process; returns its token."""
+  token = new_token()
+  with _lock:
+    _live_tokens.add(token)
+  return token
+
+
+def end_operation(token: str) -> None:
+  """Ends the operation that `begin_operation` returned `token` for."""
+  with _lock:
+    _live_tokens.discard(token)
+
+
 @contextlib.contextmanager
 def _operation() -> Iterator[str]:
   """Registers an operation in flight in this process; yields its token."""
-  token = _new_token()
-  with _lock:
-    _live_tokens.add(token)
+  token = begin_operation()
   try:
     yield token
   finally:
-    with _lock:
-      _live_tokens.discard(token)
+    end_operation(token)
 
 
 def _walk_files(root: str) -> List[str]:
@@ -306,6 +338,47 @@ def remove_stale_files(directory: str, file_name: str,
       tf.io.gfile.remove(os.path.join(directory, name))
       names.discard(name)
   return names
+
+
+def remove_export_if_created(export_dir: str,
+                             created: Optional[float]) -> bool:
+  """Deletes an export only if it is the one created at `created`.
+
+  The identity of an export is the `created` time in its commit marker (None
+  for an export without one, as the reference writes them), so that deleting
+  an old export of step N never deletes a newer export of step N that a
+  restarted job saved since. Where a rename is atomic, the export is first
+  renamed aside as a replaced export is (recovery renames it back after a
+  crash), and checked there, so a concurrent replacement is never deleted.
+
+  Args:
+    export_dir: The export to delete.
+    created: The `created` time its commit marker must hold, or None.
+
+  Returns:
+    Whether it was deleted; False if it is gone or is another export.
+  """
+  def created_in(path: str) -> Optional[float]:
+    return (read_commit_info(path) or {}).get('created')
+
+  with _operation() as token:
+    if not has_atomic_rename(export_dir):
+      if not tf.io.gfile.exists(export_dir) or created_in(export_dir) != created:
+        return False
+      _remove_tree_in_order(export_dir, token)
+      return True
+    aside = _work_dir(export_dir, _OLD, token)
+    try:
+      tf.io.gfile.rename(export_dir, aside)
+    except tf.errors.NotFoundError:
+      return False
+    if created_in(aside) != created:
+      tf.io.gfile.rename(aside, export_dir)
+      return False
+    doomed = _work_dir(export_dir, _DEL, token)
+    tf.io.gfile.rename(aside, doomed)
+    tf.io.gfile.rmtree(doomed)
+    return True
 
 
 def recover(directory: str, checkpoint_name: str,

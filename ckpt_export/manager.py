@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from ckpt_export import commit
 from ckpt_export import export
+from ckpt_export import leases
 from ckpt_export import paths
 from ckpt_export import readers
 
@@ -173,18 +174,24 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     return checkpoint_number
 
   def _collect_garbage(self) -> None:
-    """Removes our exports whose checkpoints are gone, and crash leftovers."""
+    """Removes our exports whose checkpoints are gone, and crash leftovers.
+
+    An export a reader leases stays until released (see `leases.py`).
+    """
     names = self._recover()
     checkpointed = {paths.parse_checkpoint_step(name[:-len('.index')],
                                                 self._checkpoint_name)
                     for name in names if name.endswith('.index')}
     checkpointed.add(self._last_saved_step)
+    if leases.STATE_DIR in names:
+      names.difference_update(
+          paths.basename(p) for p in leases.sweep(self._directory))
     for step, path in readers.export_candidates(
         self._directory, self._checkpoint_name, names):
       if step not in checkpointed and commit.is_ours(path):
         logging.info('Removing export %s: its checkpoint is gone.', path)
-        commit.remove_export(path)
-        names.discard(paths.basename(path))
+        if leases.remove_export_unless_leased(path):
+          names.discard(paths.basename(path))
     self._savedmodels = self._managed_savedmodels(names)
 
   def _recover(self) -> Set[str]:

@@ -13,11 +13,12 @@ ALLOWED = {
     'paths': set(),
     'commit': {'paths'},
     'export': {'commit', 'paths'},
+    'leases': {'commit', 'paths'},
     'readers': {'commit', 'paths'},
-    'manager': {'commit', 'export', 'paths', 'readers'},
     'best': {'commit', 'paths', 'readers'},
     'evaluation': {'best', 'commit', 'paths', 'readers'},
     'best_action': {'best', 'commit', 'paths'},
+    'manager': {'commit', 'export', 'leases', 'paths', 'readers'},
     '__init__': {'manager', 'paths', 'readers'},
 }
 

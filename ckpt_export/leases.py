@@ -1,0 +1,416 @@
+"""Reader leases: an export a reader holds is not deleted under it.
+
+A reader takes a lease on an export before loading it; garbage collection, in
+any process, deletes a leased export only once the lease is gone. Each lease
+is one small file
+
+    <model_dir>/.ckpt_export/leases/<export>.lease-<token>.json
+
+naming the export, its holder, pid, host and expiry time. The holding process
+renews it every third of its duration, so a live reader keeps its export
+however long it evaluates, while the lease of a crashed or frozen reader
+expires (at once if its pid is gone from this host). A file is never rewritten
+in place (not every store writes a file atomically): a renewal writes a new
+file, then removes the old one, and a file not yet readable counts as absent.
+
+Deletion and acquisition never miss each other (each writes, then looks at
+what the other writes). The deleter first writes a deletion request into the
+export itself, `<export>/.ckpt_export_delete`, then looks for live leases: if
+there are none it deletes the export, else it leaves the request, which the
+last holder's `release` (or a `sweep` after the leases expired) carries out. A
+reader first writes its lease, then checks that the export is published and
+has no deletion request: otherwise it withdraws. As the request lives in the
+export, it never applies to a newer export of the same step (a restarted job
+that saved the step again), and a model directory no reader leased from gets
+no `.ckpt_export` directory.
+"""
+
+import contextlib
+import json
+import math
+import numbers
+import os
+import re
+import socket
+import sys
+import threading
+import time
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+import weakref
+
+from absl import logging
+import tensorflow as tf
+
+from ckpt_export import commit
+from ckpt_export import paths
+
+DEFAULT_LEASE_SECONDS: float = 300.0
+
+STATE_DIR = '.ckpt_export'
+_LEASES = 'leases'
+DELETE_REQUEST = '.ckpt_export_delete'
+_LEASE_RE = re.compile(r'(?P<export>.+)\.lease-(?P<token>[0-9]+-[0-9]+-'
+                       r'[A-Za-z0-9._]+-[0-9a-f]{8})\.json\Z', re.DOTALL)
+
+
+def _split(export_dir: Any) -> Tuple[str, str]:
+  """Returns (model_dir, export name) of an export path, or raises."""
+  if isinstance(export_dir, os.PathLike):
+    export_dir = os.fspath(export_dir)
+  if (not isinstance(export_dir, str) or
+      paths.parse_export_step(export_dir) is None):
+    raise ValueError(f'{export_dir!r} is not the path of an export '
+                     '(<model_dir>/<name>-<step>_saved_modules).')
+  export_dir = export_dir.rstrip('/')
+  return os.path.dirname(export_dir), paths.basename(export_dir)
+
+
+def _check_lease_seconds(lease_seconds: Any) -> float:
+  if (isinstance(lease_seconds, bool) or
+      not isinstance(lease_seconds, numbers.Real) or
+      not 0 < lease_seconds < math.inf):
+    raise ValueError('lease_seconds must be a positive finite number of '
+                     f'seconds, got {lease_seconds!r}.')
+  return float(lease_seconds)
+
+
+def _state_dir(model_dir: str, kind: str) -> str:
+  return os.path.join(model_dir, STATE_DIR, kind)
+
+
+def _request_path(model_dir: str, name: str) -> str:
+  return os.path.join(model_dir, name, DELETE_REQUEST)
+
+
+def _listdir(directory: str) -> List[str]:
+  try:
+    return [n.rstrip('/') for n in tf.io.gfile.listdir(directory)]
+  except tf.errors.NotFoundError:
+    return []
+
+
+def _read_json(path: str) -> Optional[Dict[str, Any]]:
+  """Returns a JSON object file's content, or None if absent or being written."""
+  try:
+    with tf.io.gfile.GFile(path) as f:
+      content = json.loads(f.read())
+  except (tf.errors.NotFoundError, ValueError):
+    return None
+  return content if isinstance(content, dict) else None
+
+
+def _write_json(path: str, content: Dict[str, Any]) -> None:
+  with tf.io.gfile.GFile(path, 'w') as f:
+    f.write(json.dumps(content))
+
+
+def _remove_file(path: str) -> None:
+  try:
+    tf.io.gfile.remove(path)
+  except tf.errors.NotFoundError:
+    pass
+
+
+def _identity(export_dir: str) -> Optional[float]:
+  """The `created` time in an export's commit marker (None without one)."""
+  return (commit.read_commit_info(export_dir) or {}).get('created')
+
+
+def _is_live(record: Dict[str, Any]) -> bool:
+  """Whether a lease is unexpired and its holder may still be running."""
+  expires = record.get('expires')
+  return (isinstance(expires, (int, float)) and expires > time.time() and
+          commit.token_alive(str(record.get('token')), stale_seconds=None))
+
+
+def _lease_records(model_dir: str, name: Optional[str] = None
+                  ) -> Iterator[Tuple[str, Optional[Dict[str, Any]]]]:
+  """Yields (path, content or None) of the lease files of an export (or all)."""
+  directory = _state_dir(model_dir, _LEASES)
+  for entry in sorted(_listdir(directory)):
+    match = _LEASE_RE.match(entry)
+    if match is not None and name in (None, match.group('export')):
+      path = os.path.join(directory, entry)
+      yield path, _read_json(path)
+
+
+def _live_holders(model_dir: str, name: str) -> List[Dict[str, Any]]:
+  return [record for _, record in _lease_records(model_dir, name)
+          if record is not None and _is_live(record)]
+
+
+def holders(export_dir: str) -> List[Dict[str, Any]]:
+  """Returns the live (unexpired) leases on an export, as their JSON content.
+
+  Each has `export`, `export_dir`, `holder`, `pid`, `host`, `token`,
+  `acquired`, `expires` (seconds since the epoch) and `lease_seconds`.
+  """
+  return _live_holders(*_split(export_dir))
+
+
+def is_leased(export_dir: str) -> bool:
+  """Whether a live lease holds the export."""
+  return bool(holders(export_dir))
+
+
+def _delete(model_dir: str, name: str, created: Optional[float]) -> bool:
+  """Deletes the export `created` at that time, if still there."""
+  export_dir = os.path.join(model_dir, name)
+  try:
+    deleted = commit.remove_export_if_created(export_dir, created)
+  except tf.errors.NotFoundError:  # Deleted concurrently by another process.
+    return False
+  if deleted:
+    logging.info('Deleted export %s.', export_dir)
+  return deleted
+
+
+def remove_export_unless_leased(export_dir: str) -> bool:
+  """Deletes an export (as `commit.remove_export` does) unless it is leased.
+
+  If a live lease holds the export, its deletion is recorded as requested and
+  carried out when the last lease on it is released (or by a `sweep` once the
+  leases expired). New leases on it are refused meanwhile.
+
+  Args:
+    export_dir: The export to delete.
+
+  Returns:
+    True if the export is gone, False if its deletion was deferred.
+
+  Raises:
+    ValueError: If `export_dir` is not an export path.
+  """
+  model_dir, name = _split(export_dir)
+  export_dir = os.path.join(model_dir, name)
+  if not tf.io.gfile.exists(export_dir):
+    return True
+  created = _identity(export_dir)
+  request = _request_path(model_dir, name)
+  if not tf.io.gfile.exists(request):
+    _write_json(request, {'requested': time.time()})
+  live = _live_holders(model_dir, name)
+  if live:
+    logging.info('Deferring the deletion of %s: leased by %s.', export_dir,
+                 ', '.join(str(r.get('holder')) for r in live))
+    return False
+  _delete(model_dir, name, created)
+  return True
+
+
+def _carry_out_request(model_dir: str, name: str) -> bool:
+  """Deletes an export whose deletion was requested, if no lease holds it.
+
+  Returns:
+    Whether it deleted the export.
+  """
+  export_dir = os.path.join(model_dir, name)
+  # The identity first: a newer export replacing this one after this line has
+  # no request, and one replacing it later is not `created` then.
+  created = _identity(export_dir)
+  if (not tf.io.gfile.exists(_request_path(model_dir, name)) or
+      _live_holders(model_dir, name)):
+    return False
+  return _delete(model_dir, name, created)
+
+
+def sweep(model_dir: str) -> List[str]:
+  """Drops expired leases and carries out the deletions they deferred.
+
+  Garbage collection calls this; it does nothing where no reader took a lease.
+
+  Args:
+    model_dir: The model directory.
+
+  Returns:
+    The paths of the exports it deleted.
+  """
+  dropped = set()
+  for path, record in _lease_records(model_dir):
+    match = _LEASE_RE.match(paths.basename(path))
+    if record is None:  # Being written, unless its writer is gone.
+      expired = not commit.token_alive(match.group('token'))
+    else:
+      expired = not _is_live(record)
+    if expired:
+      logging.info('Dropping expired lease %s.', path)
+      _remove_file(path)
+      dropped.add(match.group('export'))
+  return [os.path.join(model_dir, name) for name in sorted(dropped)
+          if paths.parse_export_step(name) is not None and
+          _carry_out_request(model_dir, name)]
+
+
+def _lease_path(model_dir: str, name: str, token: str) -> str:
+  return os.path.join(_state_dir(model_dir, _LEASES),
+                      f'{name}.lease-{token}.json')
+
+
+class _Holding:
+  """A lease's state, shared by the `Lease` and its renewal thread.
+
+  Each renewal writes the lease under a new token (registered as an operation
+  in flight, see `commit.begin_operation`), then removes the previous file.
+  """
+
+  def __init__(self, model_dir: str, name: str,
+               record: Dict[str, Any]) -> None:
+    self.model_dir = model_dir
+    self.name = name
+    self.record = record
+    self.lock = threading.Lock()
+    self.released = threading.Event()
+
+  @property
+  def path(self) -> str:
+    return _lease_path(self.model_dir, self.name, self.record['token'])
+
+  def renew_until_released(self) -> None:
+    while not self.released.wait(self.record['lease_seconds'] / 3):
+      with self.lock:
+        if self.released.is_set():
+          return
+        self._renew()
+
+  def _renew(self) -> None:
+    old_path, old_token = self.path, self.record['token']
+    token = commit.begin_operation()
+    record = dict(self.record, token=token,
+                  expires=time.time() + self.record['lease_seconds'])
+    try:
+      _write_json(_lease_path(self.model_dir, self.name, token), record)
+    except tf.errors.OpError as e:
+      commit.end_operation(token)
+      logging.warning('Could not renew the lease %s: %s', old_path, e)
+      return
+    self.record = record
+    try:
+      _remove_file(old_path)
+    except tf.errors.OpError as e:  # It expires; a sweep removes it.
+      logging.warning('Could not remove the old lease %s: %s', old_path, e)
+    commit.end_operation(old_token)
+
+  def release(self) -> None:
+    with self.lock:
+      if self.released.is_set():
+        return
+      self.released.set()
+      try:
+        _remove_file(self.path)
+      finally:
+        commit.end_operation(self.record['token'])
+    try:
+      _carry_out_request(self.model_dir, self.name)
+    except tf.errors.OpError as e:
+      logging.warning('Could not delete %s at the release of its lease, left '
+                      'to the next garbage collection: %s',
+                      os.path.join(self.model_dir, self.name), e)
+
+
+class Lease:
+  """A reader's hold on an export; release it (or leave its `with` block).
+
+  Renewed in the background while held. Garbage-collecting an unreleased Lease
+  releases it.
+  """
+
+  def __init__(self, holding: _Holding) -> None:
+    self._holding = holding
+    self._finalizer = weakref.finalize(self, holding.release)
+    threading.Thread(target=holding.renew_until_released, daemon=True,
+                     name=f'lease-{holding.name}').start()
+
+  @property
+  def export_dir(self) -> str:
+    """The leased export."""
+    return os.path.join(self._holding.model_dir, self._holding.name)
+
+  @property
+  def expires(self) -> float:
+    """When the lease expires unless renewed (seconds since the epoch)."""
+    return self._holding.record['expires']
+
+  @property
+  def released(self) -> bool:
+    return self._holding.released.is_set()
+
+  def release(self) -> None:
+    """Lets go of the export, deleting it if its deletion was deferred."""
+    self._finalizer()
+
+  def __enter__(self) -> 'Lease':
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    self.release()
+
+  def __repr__(self) -> str:
+    state = 'released' if self.released else 'held'
+    return f'<Lease {self.export_dir!r} {state}>'
+
+
+def acquire(export_dir: str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
+            holder: Optional[str] = None) -> Optional[Lease]:
+  """Takes a lease on a published export.
+
+  Args:
+    export_dir: The export, `<model_dir>/<name>-<step>_saved_modules`.
+    lease_seconds: How long the lease outlives its last renewal. The holding
+      process renews it every `lease_seconds / 3`; this bounds how long a
+      frozen reader pins the export.
+    holder: A description of the reader, shown by `holders`; by default the
+      program's name.
+
+  Returns:
+    The lease, or None if the export is not (or no longer) published or its
+    deletion has been requested.
+
+  Raises:
+    ValueError: For an `export_dir` that is not an export path, or a bad
+      `lease_seconds` or `holder`.
+  """
+  model_dir, name = _split(export_dir)
+  lease_seconds = _check_lease_seconds(lease_seconds)
+  if holder is None:
+    holder = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else (
+        'python')
+  if not isinstance(holder, str):
+    raise ValueError(f'holder must be a string or None, got {holder!r}.')
+  export_dir = os.path.join(model_dir, name)
+  token = commit.begin_operation()
+  now = time.time()
+  record = {'export': name, 'export_dir': export_dir, 'holder': holder,
+            'pid': os.getpid(), 'host': socket.gethostname(), 'token': token,
+            'acquired': now, 'expires': now + lease_seconds,
+            'lease_seconds': lease_seconds}
+  holding = _Holding(model_dir, name, record)
+  try:
+    tf.io.gfile.makedirs(_state_dir(model_dir, _LEASES))
+    _write_json(holding.path, record)
+  except BaseException:
+    commit.end_operation(token)
+    raise
+  # Only now look: a deleter that did not see the lease has written its
+  # request before looking for leases.
+  if (commit.is_published(export_dir) and
+      not tf.io.gfile.exists(_request_path(model_dir, name))):
+    return Lease(holding)
+  holding.release()
+  return None
+
+
+@contextlib.contextmanager
+def leased(export_dir: str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
+           holder: Optional[str] = None) -> Iterator[Lease]:
+  """Holds a lease on an export for the duration of a `with` block.
+
+  Raises:
+    FileNotFoundError: If the export is not published (or being deleted).
+    ValueError: For bad arguments, as `acquire`.
+  """
+  lease = acquire(export_dir, lease_seconds, holder)
+  if lease is None:
+    raise FileNotFoundError(f'No published export at {export_dir!r} to lease '
+                            '(missing, incomplete or being deleted).')
+  with lease:
+    yield lease
