@@ -27,6 +27,7 @@ from absl import logging
 import tensorflow as tf
 
 from ckpt_export import commit
+from ckpt_export import leases
 from ckpt_export import paths
 from ckpt_export import readers
 
@@ -174,12 +175,13 @@ class BestExport:
             ) -> bool:
     """Makes `export_dir` the best export if its metrics beat the best so far.
 
-    The caller keeps `export_dir` from being deleted meanwhile (e.g. holds a
-    reader lease on it).
+    The export is copied under a reader lease, so no manager's garbage
+    collection deletes it meanwhile.
 
     Args:
       step: The step of the export.
-      export_dir: A published export, `<model_dir>/<name>-<step>_saved_modules`.
+      export_dir: A published export,
+        `<model_dir>/<name>-<step>_saved_modules`.
       metrics: Its metrics; must contain `metric`. NaN never wins.
 
     Returns:
@@ -199,7 +201,8 @@ class BestExport:
                        f'to rank exports by; they have {sorted(metrics)}.')
     if not self.is_better(metrics):
       return False
-    if not commit.is_published(export_dir):
+    lease = leases.acquire(export_dir, holder='ckpt_export.BestExport')
+    if lease is None:
       raise ValueError(f'{export_dir!r} is not a published export.')
     sequence = 1 if self._info is None else self._info['sequence'] + 1
     target = paths.export_path(self._directory, self._checkpoint_name, step)
@@ -207,7 +210,7 @@ class BestExport:
             'value': metrics[self._metric], 'metrics': metrics,
             'sequence': sequence, 'path': target,
             'source': os.fspath(export_dir)}
-    with commit.staged_export(target, info) as tmp:
+    with lease, commit.staged_export(target, info) as tmp:
       _copy_export(export_dir, tmp)
     # The copy is the best from here on, even if what follows fails.
     self._info = info
@@ -261,9 +264,10 @@ class BestExport:
 
 
 def _copy_export(export_dir: str, target: str) -> None:
-  """Copies every file of an export but its commit protocol markers."""
+  """Copies every file of an export but the protocols' marker files."""
   export_dir = os.fspath(export_dir).rstrip('/')
-  skip = (paths.COMMIT_MARKER, commit.INCOMPLETE_MARKER)
+  skip = (paths.COMMIT_MARKER, commit.INCOMPLETE_MARKER,
+          leases.DELETE_REQUEST)
   for directory, _, files in tf.io.gfile.walk(export_dir):
     relative = directory[len(export_dir):].lstrip('/')
     destination = os.path.join(target, relative) if relative else target

@@ -13,6 +13,7 @@ from conftest import entries, save_step, served_value
 import ckpt_export
 from ckpt_export import best as best_lib
 from ckpt_export import commit
+from ckpt_export import leases
 from ckpt_export import paths
 
 
@@ -58,6 +59,8 @@ def test_keeps_the_best_by_metric(manager, scale, model_dir, higher, values,
   assert won == [True, higher, not higher, False]
   assert best.best == (expected, {'m': values[expected - 1]})
   _assert_best(model_dir, expected, {'m': values[expected - 1]})
+  # Copied under a lease, released since.
+  assert not leases.holders(paths.export_path(model_dir, 'ckpt', expected))
 
 
 def test_compare_fn_decides(manager, scale, model_dir):

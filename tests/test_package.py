@@ -15,7 +15,7 @@ ALLOWED = {
     'export': {'commit', 'paths'},
     'leases': {'commit', 'paths'},
     'readers': {'commit', 'paths'},
-    'best': {'commit', 'paths', 'readers'},
+    'best': {'commit', 'leases', 'paths', 'readers'},
     'evaluation': {'best', 'commit', 'paths', 'readers'},
     'best_action': {'best', 'commit', 'paths'},
     'manager': {'commit', 'export', 'leases', 'paths', 'readers'},
