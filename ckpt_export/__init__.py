@@ -5,6 +5,10 @@ A drop-in replacement for Model Garden's
 need no trainer.
 """
 
+from ckpt_export.leases import acquire as acquire_lease
+from ckpt_export.leases import DEFAULT_LEASE_SECONDS
+from ckpt_export.leases import Lease
+from ckpt_export.leases import leased
 from ckpt_export.manager import SavedModelCheckpointManager
 from ckpt_export.paths import make_saved_modules_directory_name
 from ckpt_export.paths import parse_export_step
@@ -17,9 +21,13 @@ from ckpt_export.readers import wait_for_new_savedmodel
 __version__ = '0.1.0'
 
 __all__ = [
+    'DEFAULT_LEASE_SECONDS',
+    'Lease',
     'SAVED_MODULES_PATH_SUFFIX',
     'SavedModelCheckpointManager',
+    'acquire_lease',
     'latest_savedmodel',
+    'leased',
     'list_savedmodels',
     'make_saved_modules_directory_name',
     'parse_export_step',

@@ -176,8 +176,7 @@ def evaluate_exports(model_dir: str,
     for export_dir in readers.savedmodels_iterator(
         model_dir, min_interval_secs=min_interval_secs, timeout=timeout,
         timeout_fn=timeout_fn, seconds_to_sleep=seconds_to_sleep,
-        checkpoint_name=checkpoint_name,
-        **({'latest_only': True} if latest_only else {})):  # TODO: lease merge
+        checkpoint_name=checkpoint_name, latest_only=latest_only):
       step = paths.parse_export_step(export_dir, checkpoint_name)
       if step in recorded:
         logging.info('Step %d already evaluated; skipping it.', step)

@@ -65,7 +65,8 @@ def _split(export_dir: Any) -> Tuple[str, str]:
   return os.path.dirname(export_dir), paths.basename(export_dir)
 
 
-def _check_lease_seconds(lease_seconds: Any) -> float:
+def check_lease_seconds(lease_seconds: Any) -> float:
+  """Returns `lease_seconds` as a float, or raises ValueError naming it."""
   if (isinstance(lease_seconds, bool) or
       not isinstance(lease_seconds, numbers.Real) or
       not 0 < lease_seconds < math.inf):
@@ -370,7 +371,7 @@ def acquire(export_dir: str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
       `lease_seconds` or `holder`.
   """
   model_dir, name = _split(export_dir)
-  lease_seconds = _check_lease_seconds(lease_seconds)
+  lease_seconds = check_lease_seconds(lease_seconds)
   if holder is None:
     holder = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else (
         'python')

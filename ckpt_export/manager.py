@@ -270,12 +270,16 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
         self._directory, last_savedmodel, seconds_to_sleep, timeout,
         self._checkpoint_name)
 
-  def savedmodels_iterator(self,
-                           min_interval_secs: float = 0,
-                           timeout: Optional[float] = None,
-                           timeout_fn: Optional[Callable[[], bool]] = None,
-                           seconds_to_sleep: float = 1.0) -> Iterator[str]:
-    """Yields every export in step order; see `readers.savedmodels_iterator`."""
+  def savedmodels_iterator(
+      self,
+      min_interval_secs: float = 0,
+      timeout: Optional[float] = None,
+      timeout_fn: Optional[Callable[[], bool]] = None,
+      seconds_to_sleep: float = 1.0,
+      latest_only: bool = False,
+      lease_seconds: Optional[float] = leases.DEFAULT_LEASE_SECONDS
+  ) -> Iterator[str]:
+    """Yields leased exports in step order; see `readers.savedmodels_iterator`."""
     return readers.savedmodels_iterator(
         self._directory, min_interval_secs, timeout, timeout_fn,
-        seconds_to_sleep, self._checkpoint_name)
+        seconds_to_sleep, self._checkpoint_name, latest_only, lease_seconds)

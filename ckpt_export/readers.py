@@ -13,6 +13,7 @@ from absl import logging
 import tensorflow as tf
 
 from ckpt_export import commit
+from ckpt_export import leases
 from ckpt_export import paths
 
 
@@ -64,10 +65,20 @@ def latest_savedmodel(directory: str,
 
 
 def next_savedmodel(directory: str, after_step: int,
-                    checkpoint_name: str = 'ckpt') -> Optional[Tuple[int, str]]:
-  """Returns (step, path) of the first published export after `after_step`."""
-  for step, path in export_candidates(directory, checkpoint_name):
-    if step > after_step and commit.is_published(path):
+                    checkpoint_name: str = 'ckpt',
+                    latest: bool = False) -> Optional[Tuple[int, str]]:
+  """Returns (step, path) of a published export after `after_step`.
+
+  Args:
+    directory: The model directory.
+    after_step: Only exports of higher steps are considered.
+    checkpoint_name: The checkpoint name of the exports.
+    latest: Whether to return the highest such step, not the lowest.
+  """
+  found = [(step, path) for step, path in export_candidates(
+      directory, checkpoint_name) if step > after_step]
+  for step, path in reversed(found) if latest else found:
+    if commit.is_published(path):
       return step, path
   return None
 
@@ -127,13 +138,13 @@ def wait_for_new_savedmodel(directory: str,
 
 
 def _wait_for_step(directory: str, after_step: int, seconds_to_sleep: float,
-                   timeout: Optional[float],
-                   checkpoint_name: str) -> Optional[Tuple[int, str]]:
+                   timeout: Optional[float], checkpoint_name: str,
+                   latest: bool = False) -> Optional[Tuple[int, str]]:
   logging.info('Waiting for an export after step %d in %s', after_step,
                directory)
   stop_time = None if timeout is None else time.monotonic() + timeout
   while True:
-    found = next_savedmodel(directory, after_step, checkpoint_name)
+    found = next_savedmodel(directory, after_step, checkpoint_name, latest)
     if found is not None:
       logging.info('Found export %s', found[1])
       return found
@@ -142,13 +153,21 @@ def _wait_for_step(directory: str, after_step: int, seconds_to_sleep: float,
     time.sleep(seconds_to_sleep)
 
 
-def savedmodels_iterator(directory: str,
-                         min_interval_secs: float = 0,
-                         timeout: Optional[float] = None,
-                         timeout_fn: Optional[Callable[[], bool]] = None,
-                         seconds_to_sleep: float = 1.0,
-                         checkpoint_name: str = 'ckpt') -> Iterator[str]:
-  """Yields every published export in step order, waiting for new ones.
+def savedmodels_iterator(
+    directory: str,
+    min_interval_secs: float = 0,
+    timeout: Optional[float] = None,
+    timeout_fn: Optional[Callable[[], bool]] = None,
+    seconds_to_sleep: float = 1.0,
+    checkpoint_name: str = 'ckpt',
+    latest_only: bool = False,
+    lease_seconds: Optional[float] = leases.DEFAULT_LEASE_SECONDS
+) -> Iterator[str]:
+  """Yields published exports in step order, waiting for new ones.
+
+  Each export yielded is leased (see `leases.py`): no garbage collection
+  deletes it until the caller asks for the next one or closes the iterator.
+  An export deleted before it could be leased is skipped, and logged.
 
   Args:
     directory: The model directory.
@@ -159,17 +178,42 @@ def savedmodels_iterator(directory: str,
       (or if there is none), and goes on waiting otherwise.
     seconds_to_sleep: Seconds between looks for a new export.
     checkpoint_name: The checkpoint name of the exports.
+    latest_only: If False, yield every export, in step order (the reference's
+      behaviour). If True, yield only the newest export each time, skipping
+      (and logging) older unseen ones, as `tf.train.checkpoints_iterator`
+      does: for a reader slower than the trainer.
+    lease_seconds: The lease duration (renewed while held, see
+      `leases.acquire`), or None to take no lease.
 
-  Yields:
-    Export paths, each step once, in increasing step order.
+  Returns:
+    An iterator of export paths, each step at most once, in increasing step
+    order.
+
+  Raises:
+    ValueError: For a negative time, a bad `lease_seconds` or a non-bool
+      `latest_only`; at the call.
   """
   _check_seconds('min_interval_secs', min_interval_secs, allow_none=False)
   _check_seconds('seconds_to_sleep', seconds_to_sleep, allow_none=False)
   _check_seconds('timeout', timeout, allow_none=True)
+  if lease_seconds is not None:
+    leases.check_lease_seconds(lease_seconds)
+  if not isinstance(latest_only, bool):
+    raise ValueError(f'latest_only must be a bool, got {latest_only!r}.')
+  return _iterate(directory, min_interval_secs, timeout, timeout_fn,
+                  seconds_to_sleep, checkpoint_name, latest_only, lease_seconds)
+
+
+def _iterate(directory: str, min_interval_secs: float,
+             timeout: Optional[float],
+             timeout_fn: Optional[Callable[[], bool]],
+             seconds_to_sleep: float, checkpoint_name: str, latest_only: bool,
+             lease_seconds: Optional[float]) -> Iterator[str]:
+  """The generator behind `savedmodels_iterator`."""
   last_step = -1
   while True:
     found = _wait_for_step(directory, last_step, seconds_to_sleep, timeout,
-                           checkpoint_name)
+                           checkpoint_name, latest_only)
     if found is None:
       if timeout_fn is None:
         logging.info('Timed out waiting for an export in %s', directory)
@@ -178,8 +222,26 @@ def savedmodels_iterator(directory: str,
         return
       continue
     start = time.monotonic()
-    last_step, path = found
-    yield path
+    step, path = found
+    skipped = [s for s, _ in export_candidates(directory, checkpoint_name)
+               if last_step < s < step]
+    if skipped:
+      logging.warning('Skipping the exports of steps %s in %s: %s.', skipped,
+                      directory, 'only the latest is read' if latest_only else
+                      'no longer published (being deleted)')
+    last_step = step
+    lease = None
+    if lease_seconds is not None:
+      lease = leases.acquire(path, lease_seconds)
+      if lease is None:
+        logging.warning('Skipping the export of step %d: deleted before it '
+                        'could be read (%s).', step, path)
+        continue
+    try:
+      yield path
+    finally:
+      if lease is not None:
+        lease.release()
     time_to_next = start + min_interval_secs - time.monotonic()
     if time_to_next > 0:
       time.sleep(time_to_next)

@@ -209,3 +209,14 @@ def test_a_dead_writers_temporary_record_is_removed(local_manager, scale,
   evaluation.evaluate_exports(local_dir, Recorder(), **FAST)
   assert dead not in os.listdir(summary_dir)
   assert evaluation.read_metrics(summary_dir)[1]['value'] == 1.0
+
+
+def test_latest_only_evaluates_the_newest_export(manager, scale, model_dir):
+  _save(manager, scale, 1, 2, 3)
+  eval_fn = Recorder()
+  evaluation.evaluate_exports(model_dir, eval_fn, latest_only=True, **FAST)
+  _save(manager, scale, 4, 5)
+  result = evaluation.evaluate_exports(model_dir, eval_fn, latest_only=True,
+                                       **FAST)
+  assert [c[0] for c in eval_fn.calls] == [3, 5]
+  assert list(result) == [3, 5]

@@ -14,12 +14,12 @@ ALLOWED = {
     'commit': {'paths'},
     'export': {'commit', 'paths'},
     'leases': {'commit', 'paths'},
-    'readers': {'commit', 'paths'},
+    'readers': {'commit', 'leases', 'paths'},
     'best': {'commit', 'leases', 'paths', 'readers'},
     'evaluation': {'best', 'commit', 'paths', 'readers'},
     'best_action': {'best', 'commit', 'paths'},
     'manager': {'commit', 'export', 'leases', 'paths', 'readers'},
-    '__init__': {'manager', 'paths', 'readers'},
+    '__init__': {'leases', 'manager', 'paths', 'readers'},
 }
 
 
