@@ -171,18 +171,21 @@ class BestExport:
       return value > best[self._metric]
     return value < best[self._metric]
 
-  def update(self, step: int, export_dir: str, metrics: Mapping[str, Any]
-            ) -> bool:
+  def update(self, step: int, export_dir: str, metrics: Mapping[str, Any],
+             holds_lease: bool = False) -> bool:
     """Makes `export_dir` the best export if its metrics beat the best so far.
 
     The export is copied under a reader lease, so no manager's garbage
-    collection deletes it meanwhile.
+    collection deletes it meanwhile: the caller's, or one taken here (which
+    fails once the trainer asked to delete the export).
 
     Args:
       step: The step of the export.
       export_dir: A published export,
         `<model_dir>/<name>-<step>_saved_modules`.
       metrics: Its metrics; must contain `metric`. NaN never wins.
+      holds_lease: Whether the caller holds a lease on `export_dir` (as
+        inside a `savedmodels_iterator` loop).
 
     Returns:
       Whether it became the best export.
@@ -201,8 +204,11 @@ class BestExport:
                        f'to rank exports by; they have {sorted(metrics)}.')
     if not self.is_better(metrics):
       return False
-    lease = leases.acquire(export_dir, holder='ckpt_export.BestExport')
-    if lease is None:
+    lease = None if holds_lease else leases.acquire(
+        export_dir, holder='ckpt_export.BestExport')
+    if not (holds_lease or lease) or not commit.is_published(export_dir):
+      if lease is not None:
+        lease.release()
       raise ValueError(f'{export_dir!r} is not a published export.')
     sequence = 1 if self._info is None else self._info['sequence'] + 1
     target = paths.export_path(self._directory, self._checkpoint_name, step)
@@ -210,8 +216,12 @@ class BestExport:
             'value': metrics[self._metric], 'metrics': metrics,
             'sequence': sequence, 'path': target,
             'source': os.fspath(export_dir)}
-    with lease, commit.staged_export(target, info) as tmp:
-      _copy_export(export_dir, tmp)
+    try:
+      with commit.staged_export(target, info) as tmp:
+        _copy_export(export_dir, tmp)
+    finally:
+      if lease is not None:
+        lease.release()
     # The copy is the best from here on, even if what follows fails.
     self._info = info
     self._publish(info)

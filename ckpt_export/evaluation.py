@@ -200,7 +200,7 @@ def evaluate_exports(model_dir: str,
           tf.summary.scalar(name, value)
       writer.flush()
       if best is not None:
-        best.update(step, export_dir, metrics)
+        best.update(step, export_dir, metrics, holds_lease=True)
       recorded[step] = metrics
       _write_metrics(summary_dir, checkpoint_name, recorded)
       logging.info('Evaluated step %d: %s', step, metrics)

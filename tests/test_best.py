@@ -172,3 +172,21 @@ def test_garbage_collection_never_touches_the_best_export(model_dir, scale):
   manager.restore_or_initialize()
   save_step(manager, scale, 6)
   _assert_best(model_dir, 2, {'m': 0.0})
+
+
+def test_an_export_being_deleted_is_copied_only_under_a_held_lease(
+    local_dir, scale):
+  manager = ckpt_export.SavedModelCheckpointManager(
+      tf.train.Checkpoint(scale=scale), local_dir, max_to_keep=1,
+      modules_to_export={'scale': scale})
+  first = _export(manager, scale, 1)
+  lease = leases.acquire(first)  # An evaluator's, say.
+  _export(manager, scale, 2)  # Its GC asks to delete step 1; the lease holds.
+  assert commit.is_published(first)
+  best = best_lib.BestExport(local_dir, 'm')
+  with pytest.raises(ValueError, match='ckpt-1_saved_modules.*not a publ'):
+    best.update(1, first, {'m': 1.0})
+  assert best.update(1, first, {'m': 1.0}, holds_lease=True)
+  lease.release()
+  assert not os.path.exists(first)
+  _assert_best(local_dir, 1, {'m': 1.0})
