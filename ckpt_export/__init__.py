@@ -5,6 +5,9 @@ A drop-in replacement for Model Garden's
 need no trainer.
 """
 
+from ckpt_export.best import BestExport
+from ckpt_export.best_action import BestExportAction
+from ckpt_export.evaluation import evaluate_exports
 from ckpt_export.leases import acquire as acquire_lease
 from ckpt_export.leases import DEFAULT_LEASE_SECONDS
 from ckpt_export.leases import Lease
@@ -21,11 +24,14 @@ from ckpt_export.readers import wait_for_new_savedmodel
 __version__ = '0.1.0'
 
 __all__ = [
+    'BestExport',
+    'BestExportAction',
     'DEFAULT_LEASE_SECONDS',
     'Lease',
     'SAVED_MODULES_PATH_SUFFIX',
     'SavedModelCheckpointManager',
     'acquire_lease',
+    'evaluate_exports',
     'latest_savedmodel',
     'leased',
     'list_savedmodels',

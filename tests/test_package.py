@@ -19,7 +19,8 @@ ALLOWED = {
     'evaluation': {'best', 'commit', 'paths', 'readers'},
     'best_action': {'best', 'commit', 'paths'},
     'manager': {'commit', 'export', 'leases', 'paths', 'readers'},
-    '__init__': {'leases', 'manager', 'paths', 'readers'},
+    '__init__': {'best', 'best_action', 'evaluation', 'leases', 'manager',
+                 'paths', 'readers'},
 }
 
 
