@@ -3,20 +3,27 @@
 Usage:
   python tests/eval_child.py --model_dir D --until_step N [--latest_only] \
       [--eval_seconds S] [--target T]
+  python tests/eval_child.py --model_dir D --until_step 0 --update_forever
 
 Evaluates the exports `crash_child.py` writes into `D` with
 `ckpt_export.evaluation.evaluate_exports`, keeping the best export by
 `score = -(step - T)**2` (every step is a new best when T is large). Each
 evaluation checks that the export serves the weights of its own step.
 
+With `--update_forever`, it instead offers the exports already there to
+`BestExport.update` in turn, forever, each with a higher score than any
+before, so that every update publishes a new best copy.
+
 Lines printed (flushed) for the parent:
   READY        TensorFlow is imported.
   START <s>    eval_fn called for step `s`.
   EVAL <s>     eval_fn returns for step `s`.
   DONE         evaluate_exports returned.
+  UPDATED <s> <score>   BestExport.update made step `s` the best.
 """
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -28,6 +35,8 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 from ckpt_export import best as best_lib  # pylint: disable=g-import-not-at-top
 from ckpt_export import evaluation  # pylint: disable=g-import-not-at-top
+from ckpt_export import paths  # pylint: disable=g-import-not-at-top
+from ckpt_export import readers  # pylint: disable=g-import-not-at-top
 
 WIDTH = 4  # crash_child.py's model width.
 
@@ -44,6 +53,7 @@ def main() -> None:
   parser.add_argument('--eval_seconds', type=float, default=0.0)
   parser.add_argument('--target', type=float, default=1e9)
   parser.add_argument('--timeout', type=float, default=300.0)
+  parser.add_argument('--update_forever', action='store_true')
   args = parser.parse_args()
   _say('READY')
 
@@ -60,6 +70,14 @@ def main() -> None:
     return {'score': -(step - args.target) ** 2, 'y': y[0]}
 
   best = best_lib.BestExport(args.model_dir, 'score')
+  if args.update_forever:
+    exports = readers.list_savedmodels(args.model_dir)
+    for export_dir in itertools.cycle(exports):
+      step = paths.parse_export_step(export_dir)
+      score = float(time.time_ns())
+      if not best.update(step, export_dir, {'score': score}):
+        raise RuntimeError(f'Score {score} did not beat {best.best}.')
+      _say(f'UPDATED {step} {score!r}')
   evaluation.evaluate_exports(
       args.model_dir, eval_fn, best=best, latest_only=args.latest_only,
       timeout=args.timeout, seconds_to_sleep=0.05, until_step=args.until_step)

@@ -182,3 +182,29 @@ def test_sidecar_killed_at_random_resumes_and_keeps_the_best(tmp_path):
   assert _steps(lines, 'START') == [s for s in every if s not in before]
   assert sorted(_record(model_dir)) == every
   _check_recovered_best(model_dir, 30)
+
+
+def test_best_export_updates_killed_at_random_instants(tmp_path):
+  rng = random.Random(SEED + 1)
+  model_dir = str(tmp_path / 'model')
+  _finish(_trainer(model_dir, 8, 100, tmp_path), tmp_path, 'trainer')
+  last = None  # (step, score) of the last update known to have returned.
+  for _ in range(6):
+    updater = _evaluator(model_dir, 0, tmp_path, '--update_forever')
+    assert updater.stdout.readline().strip() == 'READY'
+    time.sleep(rng.uniform(0.0, 1.5))
+    updater.send_signal(signal.SIGKILL)
+    lines = updater.communicate(timeout=WAIT_SECONDS)[0].splitlines()
+    updates = [line.split() for line in lines if line.startswith('UPDATED ')]
+    if updates:
+      last = int(updates[-1][1]), float(updates[-1][2])
+    _check_best(model_dir)  # As a reader sees it, before any recovery.
+    if last is None:
+      continue
+    best = best_lib.BestExport(model_dir, 'score')
+    step, metrics = best.best
+    # The last returned update, or one after it that got published.
+    assert metrics['score'] >= last[1]
+    assert metrics['score'] > last[1] or step == last[0]
+    _check_recovered_best(model_dir, step)
+  assert last is not None
