@@ -46,11 +46,12 @@ STALE_SECONDS = 6 * 3600.0
 
 _TMP, _OLD, _DEL = 'tmp', 'old', 'del'
 _HOST = re.sub(r'[^A-Za-z0-9._]', '_', socket.gethostname()) or 'host'
-_TOKEN = (r'(?P<ms>[0-9]+)-(?P<pid>[0-9]+)-(?P<host>[A-Za-z0-9._]+)'
-          r'-[0-9a-f]{8}')
-_TOKEN_RE = re.compile(_TOKEN + r'\Z')
+# A token names the operation that made a name: `<ms>-<pid>-<host>-<random>`.
+TOKEN_PATTERN = (r'(?P<ms>[0-9]+)-(?P<pid>[0-9]+)-(?P<host>[A-Za-z0-9._]+)'
+                 r'-[0-9a-f]{8}')
+_TOKEN_RE = re.compile(TOKEN_PATTERN + r'\Z')
 _WORK_RE = re.compile(r'\.(?P<export>.+)\.(?P<kind>tmp|old|del)-(?P<token>' +
-                      _TOKEN + r')\Z', re.DOTALL)
+                      TOKEN_PATTERN + r')\Z', re.DOTALL)
 
 # Tokens of the operations in flight in this process.
 _lock = threading.Lock()
@@ -103,13 +104,21 @@ def read_commit_info(export_dir: str) -> Optional[Dict[str, Any]]:
     return None
 
 
+def created_time(export_dir: str) -> Optional[float]:
+  """The identity of an export: the `created` time in its commit marker.
+
+  None for an export without a marker (as the reference writes them). A newer
+  export of the same step (a restarted job saving the step again) has another.
+  """
+  return (read_commit_info(export_dir) or {}).get('created')
+
+
 def _write_file(path: str, content: str) -> None:
   with tf.io.gfile.GFile(path, 'w') as f:
     f.write(content)
 
 
-def new_token() -> str:
-  """Returns a fresh token naming this process: `<ms>-<pid>-<host>-<random>`."""
+def _new_token() -> str:
   return (f'{int(time.time() * 1000)}-{os.getpid()}-{_HOST}-'
           f'{secrets.token_hex(4)}')
 
@@ -140,7 +149,7 @@ def token_alive(token: str,
   `stale_seconds` (unless None) counts as gone, as does one that is malformed.
 
   Args:
-    token: A token made by `new_token`.
+    token: A token made by `begin_operation`.
     stale_seconds: The age after which a token counts as gone, or None.
   """
   match = _TOKEN_RE.match(token)
@@ -168,7 +177,7 @@ def _owner_alive(work_name: str) -> bool:
 
 def begin_operation() -> str:
   """Registers an operation in flight in this process; returns its token."""
-  token = new_token()
+  token = _new_token()
   with _lock:
     _live_tokens.add(token)
   return token
@@ -344,26 +353,22 @@ def remove_export_if_created(export_dir: str,
                              created: Optional[float]) -> bool:
   """Deletes an export only if it is the one created at `created`.
 
-  The identity of an export is the `created` time in its commit marker (None
-  for an export without one, as the reference writes them), so that deleting
-  an old export of step N never deletes a newer export of step N that a
-  restarted job saved since. Where a rename is atomic, the export is first
-  renamed aside as a replaced export is (recovery renames it back after a
-  crash), and checked there, so a concurrent replacement is never deleted.
+  So deleting an old export of step N never deletes a newer export of step N
+  (see `created_time`). Where a rename is atomic, the export is first renamed
+  aside as a replaced export is (recovery renames it back after a crash), and
+  checked there, so a concurrent replacement is never deleted.
 
   Args:
     export_dir: The export to delete.
-    created: The `created` time its commit marker must hold, or None.
+    created: Its `created_time`.
 
   Returns:
     Whether it was deleted; False if it is gone or is another export.
   """
-  def created_in(path: str) -> Optional[float]:
-    return (read_commit_info(path) or {}).get('created')
-
   with _operation() as token:
     if not has_atomic_rename(export_dir):
-      if not tf.io.gfile.exists(export_dir) or created_in(export_dir) != created:
+      if (not tf.io.gfile.exists(export_dir) or
+          created_time(export_dir) != created):
         return False
       _remove_tree_in_order(export_dir, token)
       return True
@@ -372,7 +377,7 @@ def remove_export_if_created(export_dir: str,
       tf.io.gfile.rename(export_dir, aside)
     except tf.errors.NotFoundError:
       return False
-    if created_in(aside) != created:
+    if created_time(aside) != created:
       tf.io.gfile.rename(aside, export_dir)
       return False
     doomed = _work_dir(export_dir, _DEL, token)

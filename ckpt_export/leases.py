@@ -49,8 +49,8 @@ DEFAULT_LEASE_SECONDS: float = 300.0
 STATE_DIR = '.ckpt_export'
 _LEASES = 'leases'
 DELETE_REQUEST = '.ckpt_export_delete'
-_LEASE_RE = re.compile(r'(?P<export>.+)\.lease-(?P<token>[0-9]+-[0-9]+-'
-                       r'[A-Za-z0-9._]+-[0-9a-f]{8})\.json\Z', re.DOTALL)
+_LEASE_RE = re.compile(r'(?P<export>.+)\.lease-(?P<token>' +
+                       commit.TOKEN_PATTERN + r')\.json\Z', re.DOTALL)
 
 
 def _split(export_dir: Any) -> Tuple[str, str]:
@@ -91,7 +91,7 @@ def _listdir(directory: str) -> List[str]:
 
 
 def _read_json(path: str) -> Optional[Dict[str, Any]]:
-  """Returns a JSON object file's content, or None if absent or being written."""
+  """Returns a JSON object file's content; None if absent or being written."""
   try:
     with tf.io.gfile.GFile(path) as f:
       content = json.loads(f.read())
@@ -110,11 +110,6 @@ def _remove_file(path: str) -> None:
     tf.io.gfile.remove(path)
   except tf.errors.NotFoundError:
     pass
-
-
-def _identity(export_dir: str) -> Optional[float]:
-  """The `created` time in an export's commit marker (None without one)."""
-  return (commit.read_commit_info(export_dir) or {}).get('created')
 
 
 def _is_live(record: Dict[str, Any]) -> bool:
@@ -186,7 +181,7 @@ def remove_export_unless_leased(export_dir: str) -> bool:
   export_dir = os.path.join(model_dir, name)
   if not tf.io.gfile.exists(export_dir):
     return True
-  created = _identity(export_dir)
+  created = commit.created_time(export_dir)
   request = _request_path(model_dir, name)
   if not tf.io.gfile.exists(request):
     _write_json(request, {'requested': time.time()})
@@ -208,7 +203,7 @@ def _carry_out_request(model_dir: str, name: str) -> bool:
   export_dir = os.path.join(model_dir, name)
   # The identity first: a newer export replacing this one after this line has
   # no request, and one replacing it later is not `created` then.
-  created = _identity(export_dir)
+  created = commit.created_time(export_dir)
   if (not tf.io.gfile.exists(_request_path(model_dir, name)) or
       _live_holders(model_dir, name)):
     return False
@@ -298,8 +293,10 @@ class _Holding:
       self.released.set()
       try:
         _remove_file(self.path)
-      finally:
-        commit.end_operation(self.record['token'])
+      except tf.errors.OpError as e:
+        logging.warning('Could not remove the lease %s; it expires at %s: %s',
+                        self.path, time.ctime(self.record['expires']), e)
+      commit.end_operation(self.record['token'])
     try:
       _carry_out_request(self.model_dir, self.name)
     except tf.errors.OpError as e:
@@ -309,10 +306,10 @@ class _Holding:
 
 
 class Lease:
-  """A reader's hold on an export; release it (or leave its `with` block).
+  """A reader's hold on an export, made by `acquire`.
 
-  Renewed in the background while held. Garbage-collecting an unreleased Lease
-  releases it.
+  Release it, or leave its `with` block. It is renewed in the background while
+  held; garbage-collecting an unreleased Lease releases it.
   """
 
   def __init__(self, holding: _Holding) -> None:

@@ -279,7 +279,7 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
       latest_only: bool = False,
       lease_seconds: Optional[float] = leases.DEFAULT_LEASE_SECONDS
   ) -> Iterator[str]:
-    """Yields leased exports in step order; see `readers.savedmodels_iterator`."""
+    """Yields leased exports by step; see `readers.savedmodels_iterator`."""
     return readers.savedmodels_iterator(
         self._directory, min_interval_secs, timeout, timeout_fn,
         seconds_to_sleep, self._checkpoint_name, latest_only, lease_seconds)

@@ -154,3 +154,34 @@ def test_manager_iterator_takes_seconds_to_sleep(local_dir):
   found = list(manager.savedmodels_iterator(timeout=0.2, seconds_to_sleep=0.05))
   assert found == manager.savedmodels
   assert steps_of(found) == [1, 2]
+
+
+def test_latest_only_yields_the_newest_unseen_export(model_dir):
+  for step in (5, 1, 3):
+    _publish(model_dir, step)
+  seen = []
+  for export_dir in ckpt_export.savedmodels_iterator(
+      model_dir, timeout=0.2, seconds_to_sleep=0.05, latest_only=True):
+    seen.append(paths.parse_export_step(export_dir))
+    if len(seen) == 1:
+      for step in (4, 6, 8):  # 4 is older than what was seen: never yielded.
+        _publish(model_dir, step)
+  assert seen == [5, 8]
+
+
+def test_iterator_arguments_are_checked_at_the_call(local_dir):
+  with pytest.raises(ValueError, match="latest_only.*'yes'"):
+    ckpt_export.savedmodels_iterator(local_dir, latest_only='yes')
+  with pytest.raises(ValueError, match='min_interval_secs.*-1'):
+    ckpt_export.savedmodels_iterator(local_dir, min_interval_secs=-1)
+
+
+def test_manager_iterator_takes_mode_and_lease(local_dir):
+  manager = ckpt_export.SavedModelCheckpointManager(
+      tf.train.Checkpoint(), local_dir, 3, modules_to_export={'scale': Scale()})
+  for _ in range(3):
+    manager.save()
+  iterator = manager.savedmodels_iterator(timeout=0, latest_only=True,
+                                          lease_seconds=None)
+  assert steps_of(list(iterator)) == [3]
+  assert '.ckpt_export' not in tf.io.gfile.listdir(local_dir)
