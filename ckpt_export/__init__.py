@@ -15,6 +15,9 @@ import typing
 from typing import Any, List
 
 if typing.TYPE_CHECKING:
+  from ckpt_export.best import BestExport
+  from ckpt_export.best_action import BestExportAction
+  from ckpt_export.evaluation import evaluate_exports
   from ckpt_export.leases import acquire as acquire_lease
   from ckpt_export.leases import DEFAULT_LEASE_SECONDS
   from ckpt_export.leases import Lease
@@ -32,11 +35,14 @@ __version__ = '0.1.0'
 
 # Public name -> (the submodule that defines it, its name there).
 _PUBLIC = {
+    'BestExport': ('best', 'BestExport'),
+    'BestExportAction': ('best_action', 'BestExportAction'),
     'DEFAULT_LEASE_SECONDS': ('leases', 'DEFAULT_LEASE_SECONDS'),
     'Lease': ('leases', 'Lease'),
     'SAVED_MODULES_PATH_SUFFIX': ('paths', 'SAVED_MODULES_PATH_SUFFIX'),
     'SavedModelCheckpointManager': ('manager', 'SavedModelCheckpointManager'),
     'acquire_lease': ('leases', 'acquire'),
+    'evaluate_exports': ('evaluation', 'evaluate_exports'),
     'latest_savedmodel': ('readers', 'latest_savedmodel'),
     'leased': ('leases', 'leased'),
     'list_savedmodels': ('readers', 'list_savedmodels'),

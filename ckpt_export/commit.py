@@ -308,6 +308,53 @@ def remove_export(export_dir: str) -> None:
       _remove_tree_in_order(export_dir, token)
 
 
+def write_file_atomically(path: str, content: str) -> None:
+  """Writes a small file that readers see whole, old or new, never partial.
+
+  The content goes to `.<name>.tmp-<token>` beside `path` first, which is then
+  renamed over it: an atomic rename on local disk, and on object stores a copy
+  into one object, which replaces the old one whole (writing in place is not
+  enough everywhere: TF's `ram://` keeps the old tail of a longer file).
+  `remove_stale_files` deletes what a writer killed in between leaves.
+
+  Args:
+    path: The file to (over)write.
+    content: Its new content.
+  """
+  with _operation() as token:
+    tmp = _work_dir(path, _TMP, token)
+    try:
+      _write_file(tmp, content)
+      tf.io.gfile.rename(tmp, path, overwrite=True)
+    except BaseException:
+      if tf.io.gfile.exists(tmp):
+        tf.io.gfile.remove(tmp)
+      raise
+
+
+def remove_stale_files(directory: str, file_name: str,
+                       names: Iterable[str]) -> Set[str]:
+  """Deletes the temporary files of dead `write_file_atomically` writers.
+
+  Args:
+    directory: The directory holding `file_name`.
+    file_name: The base name of the file written atomically.
+    names: The entries of `directory`, as listed by the caller.
+
+  Returns:
+    The entries of `directory` after the removal.
+  """
+  names = set(names)
+  for name in sorted(names):
+    match = _WORK_RE.match(name)
+    if (match is not None and match.group('export') == file_name and
+        not _owner_alive(name)):
+      logging.info('Removing %s, left by a writer that is gone.', name)
+      tf.io.gfile.remove(os.path.join(directory, name))
+      names.discard(name)
+  return names
+
+
 def remove_export_if_created(export_dir: str,
                              created: Optional[float]) -> bool:
   """Deletes an export only if it is the one created at `created`.

@@ -15,9 +15,12 @@ ALLOWED = {
     'export': {'commit', 'paths'},
     'leases': {'commit', 'paths'},
     'readers': {'commit', 'leases', 'paths'},
+    'best': {'commit', 'leases', 'paths', 'readers'},
+    'evaluation': {'best', 'commit', 'paths', 'readers'},
+    'best_action': {'best', 'commit', 'paths'},
     'manager': {'commit', 'export', 'leases', 'paths', 'readers'},
     'orbit_actions': {'commit', 'export', 'leases', 'paths', 'readers'},
-    '__init__': {'leases', 'manager', 'paths', 'readers'},
+    '__init__': {'best', 'best_action', 'evaluation', 'leases', 'manager', 'paths', 'readers'},
     'cli': {'commit', 'leases', 'paths', 'readers'},
 }
 

@@ -1,0 +1,192 @@
+"""BestExport: the best export by a metric, at a stable path, crash-safe."""
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import entries, save_step, served_value
+import ckpt_export
+from ckpt_export import best as best_lib
+from ckpt_export import commit
+from ckpt_export import leases
+from ckpt_export import paths
+
+
+def _dead_token() -> str:
+  """A work-file token of a process on this host that no longer exists."""
+  return f'{int(time.time() * 1000)}-999999999-{commit._HOST}-0123abcd'
+
+
+@pytest.fixture
+def manager(model_dir, scale):
+  return ckpt_export.SavedModelCheckpointManager(
+      tf.train.Checkpoint(scale=scale), model_dir, max_to_keep=None,
+      modules_to_export={'scale': scale})
+
+
+def _export(manager, scale, step: int) -> str:
+  save_step(manager, scale, step)
+  return paths.export_path(manager.directory, 'ckpt', step)
+
+
+def _assert_best(model_dir: str, step: int, metrics: dict) -> None:
+  """Exactly one published copy, of `step`, serving it; best.json naming it."""
+  best_dir = os.path.join(model_dir, 'best_export')
+  copy = paths.export_path(best_dir, 'ckpt', step)
+  assert entries(best_dir) == ['best.json', f'ckpt-{step}_saved_modules']
+  assert commit.is_published(copy)
+  assert served_value(copy) == float(step)
+  info = best_lib.read_best(model_dir)
+  assert (info['step'], info['metrics'], info['path']) == (step, metrics, copy)
+  assert best_lib.BestExport(model_dir, info['metric']).best == (step, metrics)
+
+
+@pytest.mark.parametrize('higher, values, expected', [
+    (True, [1.0, 3.0, 2.0, 3.0], 2),
+    (False, [1.0, 3.0, 0.5, 0.5], 3),
+])
+def test_keeps_the_best_by_metric(manager, scale, model_dir, higher, values,
+                                  expected):
+  best = best_lib.BestExport(model_dir, 'm', higher_is_better=higher)
+  assert best.best is None and best.best_export is None
+  won = [best.update(step, _export(manager, scale, step), {'m': value})
+         for step, value in enumerate(values, start=1)]
+  assert won == [True, higher, not higher, False]
+  assert best.best == (expected, {'m': values[expected - 1]})
+  _assert_best(model_dir, expected, {'m': values[expected - 1]})
+  # Copied under a lease, released since.
+  assert not leases.holders(paths.export_path(model_dir, 'ckpt', expected))
+
+
+def test_compare_fn_decides(manager, scale, model_dir):
+  # Better: higher accuracy, ties broken by lower loss.
+  def better(old, new):
+    return (new['acc'], -new['loss']) > (old['acc'], -old['loss'])
+  best = best_lib.BestExport(model_dir, 'acc', compare_fn=better)
+  metrics = [{'acc': 0.5, 'loss': 2.0}, {'acc': 0.5, 'loss': 1.0},
+             {'acc': 0.4, 'loss': 0.1}]
+  for step, m in enumerate(metrics, start=1):
+    best.update(step, _export(manager, scale, step), m)
+  _assert_best(model_dir, 2, metrics[1])
+
+
+def test_reloads_the_best_after_a_restart(manager, scale, model_dir):
+  best_lib.BestExport(model_dir, 'loss', higher_is_better=False).update(
+      4, _export(manager, scale, 4), {'loss': 0.25})
+  again = best_lib.BestExport(model_dir, 'loss', higher_is_better=False)
+  assert again.best == (4, {'loss': 0.25})
+  assert not again.update(5, _export(manager, scale, 5), {'loss': 0.5})
+  assert again.update(6, _export(manager, scale, 6), {'loss': 0.125})
+  _assert_best(model_dir, 6, {'loss': 0.125})
+
+
+def test_nan_never_wins_and_bad_input_changes_nothing(manager, scale,
+                                                      model_dir):
+  best = best_lib.BestExport(model_dir, 'm')
+  assert not best.update(1, _export(manager, scale, 1), {'m': math.nan})
+  assert best.best is None
+  best.update(2, _export(manager, scale, 2), {'m': np.float32(1.5)})
+  export = _export(manager, scale, 3)
+  for metrics, match in [({'x': 9.0}, "step 3 have no 'm'"),
+                         ({'m': 'high'}, "Metric 'm' of step 3 .*'high'"),
+                         ({'m': True}, "Metric 'm' of step 3"),
+                         ({'m': tf.ones([2])}, "Metric 'm' of step 3.*shape"),
+                         ([('m', 9.0)], 'step 3 must be a non-empty dict'),
+                         ({}, 'step 3 must be a non-empty dict')]:
+    with pytest.raises(ValueError, match=match):
+      best.update(3, export, metrics)
+  with pytest.raises(ValueError, match='step must be a non-negative'):
+    best.update(-1, export, {'m': 9.0})
+  missing = paths.export_path(model_dir, 'ckpt', 99)
+  with pytest.raises(ValueError, match='ckpt-99_saved_modules.*not a publ'):
+    best.update(99, missing, {'m': 9.0})
+  _assert_best(model_dir, 2, {'m': 1.5})
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(metric=''), 'metric must be'),
+    (dict(metric='m', compare_fn=3), 'compare_fn must be callable'),
+    (dict(metric='m', directory_name='a/b'), 'directory_name'),
+    (dict(metric='m', directory_name='ckpt-3_saved_modules'), 'like an exp'),
+    (dict(metric='m', directory_name='.hidden'), "start with '.'"),
+])
+def test_bad_arguments(local_dir, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    best_lib.BestExport(local_dir, **kwargs)
+  assert not os.path.exists(local_dir)
+
+
+def test_a_tensor_metric_is_accepted(manager, scale, model_dir):
+  best = best_lib.BestExport(model_dir, 'm')
+  assert best.update(1, _export(manager, scale, 1), {'m': tf.constant(2)})
+  assert best.best == (1, {'m': 2.0})
+
+
+def test_recovers_from_a_crash_between_publishing_and_best_json(
+    manager, scale, model_dir):
+  best = best_lib.BestExport(model_dir, 'm')
+  best.update(1, _export(manager, scale, 1), {'m': 1.0})
+  best_dir = best.directory
+  # The state a kill leaves after publishing a better copy, before best.json:
+  # both copies, best.json naming the old one; plus dead writers' leftovers.
+  newer = paths.export_path(best_dir, 'ckpt', 2)
+  source = _export(manager, scale, 2)
+  info = dict(best_lib.read_best(model_dir), step=2, metrics={'m': 2.0},
+              value=2.0, sequence=2, path=newer, source=source)
+  with commit.staged_export(newer, info) as tmp:
+    best_lib._copy_export(source, tmp)
+  leftovers = [f'.best.json.tmp-{_dead_token()}',
+               f'.ckpt-3_saved_modules.tmp-{_dead_token()}']
+  with tf.io.gfile.GFile(os.path.join(best_dir, leftovers[0]), 'w') as f:
+    f.write('{"step": 3')
+  tf.io.gfile.makedirs(os.path.join(best_dir, leftovers[1], 'scale'))
+  assert best_lib.read_best(model_dir)['step'] == 1
+  assert best_lib.BestExport(model_dir, 'm').best == (2, {'m': 2.0})
+  _assert_best(model_dir, 2, {'m': 2.0})
+
+
+def test_best_json_without_its_copy_is_removed(local_dir):
+  os.makedirs(os.path.join(local_dir, 'best_export'))
+  with open(os.path.join(local_dir, 'best_export', 'best.json'), 'w') as f:
+    json.dump({'step': 1, 'path': '/nowhere'}, f)
+  assert best_lib.BestExport(local_dir, 'm').best is None
+  assert os.listdir(os.path.join(local_dir, 'best_export')) == []
+
+
+def test_garbage_collection_never_touches_the_best_export(model_dir, scale):
+  manager = ckpt_export.SavedModelCheckpointManager(
+      tf.train.Checkpoint(scale=scale), model_dir, max_to_keep=1,
+      modules_to_export={'scale': scale})
+  best = best_lib.BestExport(model_dir, 'm')
+  for step in range(1, 6):
+    best.update(step, _export(manager, scale, step), {'m': -abs(step - 2)})
+  assert ckpt_export.list_savedmodels(model_dir) == [
+      paths.export_path(model_dir, 'ckpt', 5)]
+  assert 'best_export' in entries(model_dir)
+  _assert_best(model_dir, 2, {'m': 0.0})
+  manager.restore_or_initialize()
+  save_step(manager, scale, 6)
+  _assert_best(model_dir, 2, {'m': 0.0})
+
+
+def test_an_export_being_deleted_is_copied_only_under_a_held_lease(
+    local_dir, scale):
+  manager = ckpt_export.SavedModelCheckpointManager(
+      tf.train.Checkpoint(scale=scale), local_dir, max_to_keep=1,
+      modules_to_export={'scale': scale})
+  first = _export(manager, scale, 1)
+  lease = leases.acquire(first)  # An evaluator's, say.
+  _export(manager, scale, 2)  # Its GC asks to delete step 1; the lease holds.
+  assert commit.is_published(first)
+  best = best_lib.BestExport(local_dir, 'm')
+  with pytest.raises(ValueError, match='ckpt-1_saved_modules.*not a publ'):
+    best.update(1, first, {'m': 1.0})
+  assert best.update(1, first, {'m': 1.0}, holds_lease=True)
+  lease.release()
+  assert not os.path.exists(first)
+  _assert_best(local_dir, 1, {'m': 1.0})

@@ -1,0 +1,112 @@
+"""BestExportAction in a real orbit.Controller's train_and_evaluate."""
+
+import os
+
+import numpy as np
+import orbit
+import pytest
+import tensorflow as tf
+
+from conftest import N_FEATURES, Scale, entries, served_value
+import ckpt_export
+from ckpt_export import best as best_lib
+from ckpt_export import best_action
+
+TARGET = 6.0  # The evaluator's score is best when the weights equal this.
+
+
+class Trainer(orbit.StandardTrainer):
+  """Adds 1 to every weight per step: after step s they all equal s."""
+
+  def __init__(self, model: Scale):
+    self.model = model
+    self.global_step = orbit.utils.create_global_step()
+    super().__init__(tf.data.Dataset.range(1).repeat())
+
+  def train_step(self, iterator):
+    next(iterator)
+    self.model.w.assign_add(tf.ones([N_FEATURES]))
+    self.global_step.assign_add(1)
+
+
+class Evaluator(orbit.StandardEvaluator):
+  """Scores the model by how close its weights are to TARGET."""
+
+  def __init__(self, model: Scale):
+    self.model = model
+    super().__init__(tf.data.Dataset.range(1))
+
+  def eval_step(self, iterator):
+    next(iterator)
+
+  def eval_end(self):
+    w = self.model.w[0]
+    return {'score': -tf.square(w - TARGET),
+            'nested': {'w': w}, 'per_feature': self.model.w.read_value()}
+
+
+def _controller(model_dir, model, action, **manager_kwargs):
+  trainer, evaluator = Trainer(model), Evaluator(model)
+  manager = ckpt_export.SavedModelCheckpointManager(
+      tf.train.Checkpoint(model=model, step=trainer.global_step), model_dir,
+      max_to_keep=2, step_counter=trainer.global_step,
+      modules_to_export={'scale': model}, **manager_kwargs)
+  eval_actions = [action(manager, trainer.global_step)]
+  return orbit.Controller(trainer=trainer, evaluator=evaluator,
+                          global_step=trainer.global_step, steps_per_loop=2,
+                          checkpoint_manager=manager,
+                          eval_actions=eval_actions), manager
+
+
+@pytest.mark.parametrize('metric, higher, expected', [
+    ('score', True, 6), ('nested/w', False, 2)])
+def test_train_and_evaluate_keeps_the_best_step(model_dir, metric, higher,
+                                                expected):
+  best = best_lib.BestExport(model_dir, metric, higher_is_better=higher)
+  controller, manager = _controller(
+      model_dir, Scale(),
+      lambda m, step: best_action.BestExportAction(best, m, step),
+      checkpoint_interval=2)
+  controller.train_and_evaluate(train_steps=10, eval_interval=2)
+  assert best.best[0] == expected
+  assert served_value(best.best_export) == float(expected)
+  info = best_lib.read_best(model_dir)
+  assert info['step'] == expected and info['path'] == best.best_export
+  assert info['metrics']['nested/w'] == float(expected)
+  assert 'per_feature' not in info['metrics']  # Not a scalar.
+  # The trainer kept only its last two exports; the best one is a copy.
+  assert [ckpt_export.parse_export_step(p) for p in manager.savedmodels
+         ] == [8, 10]
+  assert entries(os.path.join(model_dir, 'best_export')) == [
+      'best.json', f'ckpt-{expected}_saved_modules']
+
+
+def test_a_step_without_export_is_skipped(local_dir, caplog):
+  best = best_lib.BestExport(local_dir, 'score')
+  # Evaluations every 2 steps, exports at 2 (the first save), 6 and 10.
+  controller, _ = _controller(
+      local_dir, Scale(),
+      lambda m, step: best_action.BestExportAction(best, local_dir, step),
+      checkpoint_interval=4)
+  controller.train_and_evaluate(train_steps=10, eval_interval=2)
+  assert best.best == (6, {'score': 0.0, 'nested/w': 6.0})
+  skipped = [r.getMessage() for r in caplog.records
+             if 'No export of step' in r.getMessage()]
+  assert [m.split()[4] for m in skipped] == ['4', '8']
+
+
+def test_bad_output_and_arguments(local_dir):
+  best = best_lib.BestExport(local_dir, 'score')
+  step = tf.Variable(1, dtype=tf.int64)
+  action = best_action.BestExportAction(best, local_dir, step)
+  with pytest.raises(ValueError, match=r"no scalar 'score'.*\['loss'\]"):
+    action({'loss': np.float32(1.0), 'score': np.ones(2)})
+  with pytest.raises(ValueError, match='best must be a BestExport'):
+    best_action.BestExportAction('best', local_dir, step)
+  with pytest.raises(ValueError, match='manager_or_model_dir must be'):
+    best_action.BestExportAction(best, 3, step)
+  with pytest.raises(ValueError, match='global_step must be'):
+    best_action.BestExportAction(best, local_dir, 5)
+  with pytest.raises(ValueError, match='global step must be an integer'):
+    best_action.BestExportAction(best, local_dir, lambda: 1.5)({'score': 1})
+  assert best.best is None
