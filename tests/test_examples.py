@@ -3,7 +3,8 @@
 examples/train_and_export.py (a plain training loop) and
 examples/train_with_orbit.py (orbit's Controller) save the same steps with
 these flags; each second run resumes the first one's model directory (the
-orbit one with async checkpointing).
+orbit one with async checkpointing). examples/run_job.py, the README's main
+job, runs the orbit trainer and the evaluator sidecar together.
 """
 
 import os
@@ -158,3 +159,29 @@ def test_second_run_resumes_from_the_last_checkpoint(first_run, tmp_path):
   assert saved_steps_logged(example, result.stdout) == [8, 9]
   assert_layout(model_dir, SECOND_STEPS)
   assert 'predictions match the trained model' in result.stdout
+
+
+def test_main_job_trains_and_evaluates_every_export(tmp_path):
+  model_dir = tmp_path / 'job'
+  out = run_example('run_job', model_dir, train_steps=40,
+                    checkpoint_interval=10, max_to_keep=2).stdout
+  summary = out[out.index('=' * 72):]
+  evaluated = re.search(r'^Steps exported and evaluated: (.*)$', summary,
+                        re.M).group(1)
+  kept = re.search(r'^Exports kept by the trainer .*: (.*)$', summary,
+                   re.M).group(1)
+  evaluated = [int(s) for s in evaluated.split(', ')]
+  kept = [int(s) for s in kept.split(', ')]
+  # Every export the trainer wrote was evaluated once, in order, though the
+  # trainer kept only the last two.
+  assert evaluated == [10, 20, 30, 40]
+  assert kept == [30, 40]
+  assert_layout(model_dir, set(kept))
+  best = ckpt_export.best.read_best(str(model_dir))
+  assert best['step'] in evaluated
+  metrics = ckpt_export.evaluation.read_metrics(
+      str(model_dir / 'eval_exports'))
+  assert sorted(metrics) == evaluated
+  assert best['metrics']['mse'] == min(m['mse'] for m in metrics.values())
+  assert f'ckpt-export ls {model_dir}' in summary
+  assert tf.saved_model.load(os.path.join(best['path'], 'regressor'))

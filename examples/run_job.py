@@ -1,0 +1,126 @@
+r"""The main job: a trainer and an evaluator sidecar, side by side.
+
+Starts two processes on one model directory (a fresh temporary one unless
+`--model_dir` is given):
+
+* the trainer, `train_with_orbit.py`: an orbit Controller that checkpoints
+  and exports every `--checkpoint_interval` steps, keeping `--max_to_keep`;
+* the sidecar, `eval_sidecar.py`: evaluates each export as it appears (under a
+  reader lease, so the trainer's garbage collection never deletes it
+  mid-evaluation), writes TensorBoard summaries and keeps the best export.
+
+Their output is interleaved, prefixed with the process's name. Once both have
+finished it prints a summary: the steps exported and evaluated, the best step
+and its metric, and where to look. It exits non-zero if either process failed
+or an export went unevaluated.
+
+Usage:
+
+  python examples/run_job.py
+  python examples/run_job.py --model_dir=/tmp/job --train_steps=400  # resumes
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from typing import IO, List
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # Before TF loads.
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app
+from absl import flags
+
+from ckpt_export import best as best_lib
+from ckpt_export import evaluation
+from ckpt_export import paths
+from ckpt_export import readers
+
+_MODEL_DIR = flags.DEFINE_string(
+    'model_dir', None, 'The model directory; default: a fresh temporary one.')
+_TRAIN_STEPS = flags.DEFINE_integer(
+    'train_steps', 200, 'Train until the global step reaches this.',
+    lower_bound=1)
+_CHECKPOINT_INTERVAL = flags.DEFINE_integer(
+    'checkpoint_interval', 25, 'Steps between checkpoints (with exports).',
+    lower_bound=1)
+_MAX_TO_KEEP = flags.DEFINE_integer(
+    'max_to_keep', 3, 'Checkpoints (with their exports) the trainer keeps.',
+    lower_bound=1)
+_TIMEOUT = flags.DEFINE_float(
+    'timeout', 300.0, 'The sidecar gives up after this many seconds without '
+    'a new export.', lower_bound=0.0)
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _start(script: str, *args: str) -> subprocess.Popen:
+  return subprocess.Popen(
+      [sys.executable, os.path.join(_HERE, script), *args],
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+
+
+def _relay(name: str, stream: IO[str]) -> None:
+  """Copies a child's output lines to ours, prefixed with its name."""
+  for line in stream:
+    print(f'[{name}] {line.rstrip()}', flush=True)
+
+
+def _steps(step_list: List[int]) -> str:
+  return ', '.join(str(s) for s in step_list) or 'none'
+
+
+def main(argv: List[str]) -> None:
+  """Runs the trainer and the sidecar, then prints the job's summary."""
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  model_dir = _MODEL_DIR.value or tempfile.mkdtemp(prefix='ckpt_export_job_')
+  os.makedirs(model_dir, exist_ok=True)
+  print(f'Model directory: {model_dir}\n', flush=True)
+  children = {
+      'sidecar': _start('eval_sidecar.py', f'--model_dir={model_dir}',
+                        f'--until_step={_TRAIN_STEPS.value}',
+                        f'--timeout={_TIMEOUT.value}'),
+      'trainer': _start('train_with_orbit.py', f'--model_dir={model_dir}',
+                        f'--train_steps={_TRAIN_STEPS.value}',
+                        f'--checkpoint_interval={_CHECKPOINT_INTERVAL.value}',
+                        f'--max_to_keep={_MAX_TO_KEEP.value}'),
+  }
+  relays = [threading.Thread(target=_relay, args=(name, child.stdout))
+            for name, child in children.items()]
+  for relay in relays:
+    relay.start()
+  codes = {name: child.wait() for name, child in children.items()}
+  for relay in relays:
+    relay.join()
+
+  summary_dir = os.path.join(model_dir, evaluation.SUMMARY_SUBDIR)
+  evaluated = sorted(evaluation.read_metrics(summary_dir))
+  kept = [paths.parse_export_step(p)
+          for p in readers.list_savedmodels(model_dir)]
+  best = best_lib.read_best(model_dir)
+  print('\n' + '=' * 72)
+  print(f'Model directory: {model_dir}')
+  print(f'Steps exported and evaluated: {_steps(evaluated)}')
+  print(f'Exports kept by the trainer (max_to_keep={_MAX_TO_KEEP.value}): '
+        f'{_steps(kept)}')
+  if best is not None:
+    metric = best['metric']
+    print(f'Best export: step {best["step"]}, {metric} '
+          f'{best["metrics"][metric]:.4f}, at {best["path"]}')
+  print(f'TensorBoard:  tensorboard --logdir {model_dir}')
+  print(f'List steps:   ckpt-export ls {model_dir}')
+  print(f'Check all:    ckpt-export verify {model_dir}')
+  failed = [f'{name} exited with code {code}'
+            for name, code in codes.items() if code]
+  missing = sorted(set(kept) - set(evaluated))
+  if missing:
+    failed.append(f'exports not evaluated: steps {_steps(missing)}')
+  if failed or best is None:
+    sys.exit('ERROR: ' + ('; '.join(failed) or 'no best export'))
+
+
+if __name__ == '__main__':
+  app.run(main)
