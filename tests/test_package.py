@@ -13,8 +13,9 @@ ALLOWED = {
     'paths': set(),
     'commit': {'paths'},
     'export': {'commit', 'paths'},
+    'fast_export': {'commit', 'export'},
     'readers': {'commit', 'paths'},
-    'manager': {'commit', 'export', 'paths', 'readers'},
+    'manager': {'commit', 'export', 'fast_export', 'paths', 'readers'},
     '__init__': {'manager', 'paths', 'readers'},
 }
 
