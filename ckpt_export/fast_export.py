@@ -128,12 +128,14 @@ class _Template:
   """A full export's files and variable layout, to write fast exports from."""
 
   def __init__(self, module_dir: str, module: Any):
+    self.dirs = []  # Relative paths, such as an empty assets/.
     self.files = {}  # Relative path -> bytes, all but variables/ and fingerprint.
     self.has_fingerprint = False
     for directory, _, names in tf.io.gfile.walk(module_dir):
-      relative_dir = os.path.relpath(directory, module_dir)
+      relative_dir = os.path.relpath(directory.rstrip('/'), module_dir)
       if relative_dir.split(os.sep)[0] == _VARIABLES_DIR:
         continue
+      self.dirs.append(relative_dir)
       for name in names:
         relative = os.path.normpath(os.path.join(relative_dir, name))
         if relative == _FINGERPRINT:
@@ -141,7 +143,8 @@ class _Template:
           continue
         with tf.io.gfile.GFile(os.path.join(directory, name), 'rb') as f:
           self.files[relative] = f.read()
-    reader = tf.train.load_checkpoint(_variables_prefix(module_dir))
+    reader = tf.compat.v1.train.NewCheckpointReader(
+        _variables_prefix(module_dir))
     self.object_graph = reader.get_tensor(_OBJECT_GRAPH_KEY)
     self.keys, self.variables = _variables_by_key(module, self.object_graph)
 
@@ -162,10 +165,10 @@ class _Template:
 
   def write(self, module_dir: str, values: Sequence[tf.Tensor]) -> None:
     """Writes a complete SavedModel of `values` into `module_dir`."""
+    for relative in self.dirs:
+      tf.io.gfile.makedirs(os.path.normpath(os.path.join(module_dir, relative)))
     for relative, content in self.files.items():
-      path = os.path.join(module_dir, relative)
-      tf.io.gfile.makedirs(os.path.dirname(path))
-      with tf.io.gfile.GFile(path, 'wb') as f:
+      with tf.io.gfile.GFile(os.path.join(module_dir, relative), 'wb') as f:
         f.write(content)
     self.write_variables(module_dir, values)
     if self.has_fingerprint:
@@ -226,7 +229,8 @@ def _variables_by_key(module: Any, object_graph: bytes
 
 def _same_variables(prefix_a: str, prefix_b: str) -> bool:
   """Whether two checkpoints hold the same keys, dtypes, shapes and values."""
-  a, b = tf.train.load_checkpoint(prefix_a), tf.train.load_checkpoint(prefix_b)
+  a, b = (tf.compat.v1.train.NewCheckpointReader(prefix)
+          for prefix in (prefix_a, prefix_b))
   if (a.get_variable_to_dtype_map() != b.get_variable_to_dtype_map() or
       a.get_variable_to_shape_map() != b.get_variable_to_shape_map()):
     return False
@@ -247,6 +251,7 @@ class ModuleExporter:
     self.module = module
     self._structure = None
     self._template = None  # None while the structure has no usable template.
+    self._unusable = None  # A structure whose template failed its check.
     self.full_exports = 0
     self.fast_exports = 0
 
@@ -263,7 +268,11 @@ class ModuleExporter:
     self.full_exports += 1
     # Taken after the export, which may trace functions it then includes.
     self._structure = _Structure(self.module)
-    self._template = self._make_template(module_dir)
+    self._template = None
+    if self._structure != self._unusable:
+      self._template = self._make_template(module_dir)
+      if self._template is None:
+        self._unusable = self._structure
 
   def write_fast(self, export_dir: str, values: Sequence[tf.Tensor]) -> None:
     """Writes a SavedModel of `values` (from `snapshot()`) from the template."""
