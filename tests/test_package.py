@@ -14,6 +14,7 @@ ALLOWED = {
     'commit': {'paths'},
     'export': {'commit', 'paths'},
     'fast_export': {'commit', 'export'},
+    'exporter': {'commit', 'export', 'fast_export', 'paths', 'readers'},
     'readers': {'commit', 'paths'},
     'manager': {'commit', 'export', 'fast_export', 'paths', 'readers'},
     '__init__': {'manager', 'paths', 'readers'},
