@@ -6,7 +6,10 @@ same constructor, methods, properties and on-disk layout, without its defects.
 
 At each `save()` that writes a checkpoint, the modules are exported and the
 export is published (`commit.py`) before the checkpoint is written, so a
-checkpoint never exists without its export. An export then lives exactly as
+checkpoint never exists without its export; with async checkpointing the
+export is written in the background and the checkpoint is recorded only once
+it is published. Exports after the first are fast (`fast_export.py`) while
+the modules' structure is unchanged. An export then lives exactly as
 long as its checkpoint's files: garbage collection removes the exports (made
 by ckpt_export) whose checkpoint is gone, which also keeps the exports of
 checkpoints preserved by `keep_checkpoint_every_n_hours`.

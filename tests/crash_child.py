@@ -2,7 +2,7 @@
 
 Usage:
   python tests/crash_child.py --model_dir D --total_steps T --save_every K \
-      --max_to_keep M [--wait_for_go]
+      --max_to_keep M [--wait_for_go] [--enable_async]
 
 After training step `s` every weight of the model equals `float(s)`, so any
 checkpoint or export reveals the step it was made at: the serving signature
@@ -74,7 +74,10 @@ def main() -> None:
   parser.add_argument('--wait_for_go', action='store_true',
                       help='After READY, wait for a line on stdin before '
                       'touching --model_dir.')
+  parser.add_argument('--enable_async', action='store_true',
+                      help='Save with CheckpointOptions(enable_async=True).')
   args = parser.parse_args()
+  options = tf.train.CheckpointOptions(enable_async=args.enable_async)
 
   model = StepModel()
   _say('READY')
@@ -94,8 +97,9 @@ def main() -> None:
   while step < args.total_steps:
     step = model.train_step()
     if step % args.save_every == 0:
-      manager.save(checkpoint_number=step)
+      manager.save(checkpoint_number=step, options=options)
       _say(f'SAVED {step}')
+  manager.sync()  # As orbit does: the async write and its cleanup finish.
   _say(f'DONE {step}')
 
 

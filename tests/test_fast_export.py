@@ -91,6 +91,26 @@ def test_each_export_serves_its_step_despite_an_overwrite_right_after_save(
   assert _served_step(manager.latest_savedmodel, module) == 4
 
 
+def test_an_optimizer_step_right_after_an_async_save_changes_no_export(
+    local_dir):
+  model = KerasRegressor()
+  optimizer = tf_keras.optimizers.SGD(learning_rate=0.5)
+  manager = _manager(local_dir, model)
+  x = tf.ones([2, N_FEATURES])
+  for step in range(1, 5):
+    _set_step(model, step)
+    manager.save(checkpoint_number=step, options=ASYNC)
+    with tf.GradientTape() as tape:  # Updates the variables in place.
+      loss = tf.reduce_sum(model(x) ** 2)
+    optimizer.apply_gradients(zip(tape.gradient(loss, model.variables),
+                                  model.variables))
+  manager.sync()
+  assert _counts(manager) == (1, 3)
+  for export_dir in manager.savedmodels:
+    assert _served_step(export_dir, model) == paths.parse_export_step(
+        export_dir)
+
+
 @pytest.mark.parametrize('make_module', [Scale, KerasRegressor],
                          ids=['tf.Module', 'tf_keras'])
 def test_a_fast_export_has_the_files_of_a_full_export(tmp_path, make_module):
@@ -307,3 +327,35 @@ def test_restore_exports_a_checkpoint_that_has_none(local_dir, scale):
   assert steps_of(manager.savedmodels) == [4]
   assert served_value(manager.latest_savedmodel, 'm') == 4
   assert commit.is_ours(manager.latest_savedmodel)
+
+
+_EXIT_WITHOUT_SYNC = '''
+import sys
+import tensorflow as tf
+import ckpt_export
+from conftest import N_FEATURES, Scale
+scale = Scale()
+manager = ckpt_export.SavedModelCheckpointManager(
+    tf.train.Checkpoint(module=scale), sys.argv[1], 5,
+    modules_to_export={'m': scale})
+options = tf.train.CheckpointOptions(enable_async=True)
+for step in (1, 2, 3):
+  scale.w.assign(tf.fill([N_FEATURES], float(step)))
+  manager.save(checkpoint_number=step, options=options)
+  scale.w.assign(tf.fill([N_FEATURES], -1.0))
+'''
+
+
+def test_an_async_export_completes_when_the_process_exits_without_sync(
+    local_dir):
+  tests_dir = os.path.dirname(os.path.abspath(__file__))
+  subprocess.run(
+      [sys.executable, '-c', _EXIT_WITHOUT_SYNC, local_dir], check=True,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3',
+               PYTHONPATH=os.pathsep.join([os.path.dirname(tests_dir),
+                                           tests_dir])))
+  assert steps_of(ckpt_export.list_savedmodels(local_dir)) == [1, 2, 3]
+  assert [paths.parse_checkpoint_step(p) for p in tf.train.get_checkpoint_state(
+      local_dir).all_model_checkpoint_paths] == [1, 2, 3]
+  for export_dir in ckpt_export.list_savedmodels(local_dir):
+    assert served_value(export_dir, 'm') == paths.parse_export_step(export_dir)
