@@ -129,7 +129,8 @@ def run_exporter(model_dir: str,
   """
   paths.validate_component('checkpoint_name', checkpoint_name)
   for name, value, allow_none in (('timeout', timeout, True),
-                                  ('seconds_to_sleep', seconds_to_sleep, False)):
+                                  ('seconds_to_sleep', seconds_to_sleep,
+                                   False)):
     if value is None and allow_none:
       continue
     if (isinstance(value, bool) or not isinstance(value, (int, float)) or
@@ -166,7 +167,7 @@ def run_exporter(model_dir: str,
 def _export_step(model_dir: str, checkpoint_name: str, step: int,
                  checkpoint: tf.train.Checkpoint, modules: Mapping[str, Any],
                  exporter: fast_export.Exporter) -> bool:
-  """Restores checkpoint `step` and publishes its export; False if it is gone."""
+  """Restores checkpoint `step` and publishes its export; False if gone."""
   prefix = os.path.join(model_dir, f'{checkpoint_name}-{step}')
   export_dir = paths.export_path(model_dir, checkpoint_name, step)
   if not commit.is_replaceable(export_dir):

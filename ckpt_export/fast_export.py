@@ -1,4 +1,4 @@
-"""Fast exports: a module's graph is traced once, its variables written per save.
+"""Fast exports: a module's graph traced once, its variables written per save.
 
 Most of `tf.saved_model.save`'s cost is tracing and serializing a graph that
 does not change between saves; only variable values do. A `ModuleExporter`
@@ -37,13 +37,15 @@ import copy
 import os
 import tempfile
 import weakref
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
-from tensorflow.python.saved_model import fingerprinting_utils  # pylint: disable=g-direct-tensorflow-import
+# pylint: disable=g-direct-tensorflow-import
+from tensorflow.python.saved_model import fingerprinting_utils
+# pylint: enable=g-direct-tensorflow-import
 
 from ckpt_export import commit
 from ckpt_export import export
@@ -129,7 +131,7 @@ class _Template:
 
   def __init__(self, module_dir: str, module: Any):
     self.dirs = []  # Relative paths, such as an empty assets/.
-    self.files = {}  # Relative path -> bytes, all but variables/ and fingerprint.
+    self.files = {}  # Relative path -> bytes, but variables/ and fingerprint.
     self.has_fingerprint = False
     for directory, _, names in tf.io.gfile.walk(module_dir):
       relative_dir = os.path.relpath(directory.rstrip('/'), module_dir)
@@ -154,7 +156,7 @@ class _Template:
 
   def write_variables(self, module_dir: str, values: Sequence[tf.Tensor]
                      ) -> None:
-    """Writes `values` as the SavedModel checkpoint `<module_dir>/variables/`."""
+    """Writes `values` as the SavedModel's checkpoint `variables/`."""
     tf.io.gfile.makedirs(os.path.join(module_dir, _VARIABLES_DIR))
     with tf.device('CPU:0'):
       tf.raw_ops.SaveV2(

@@ -6,7 +6,7 @@ from conftest import Scale
 
 
 def build():
-  """The exporter's side of a trainer saving `tf.train.Checkpoint(module=...)`."""
+  """The exporter's side of a trainer saving `Checkpoint(module=...)`."""
   scale = Scale()
   return tf.train.Checkpoint(module=scale), {'scale': scale}
 

@@ -3,10 +3,10 @@
 Each round starts `crash_child.py` on one model directory, lets it restore and
 save for a random delay, and SIGKILLs it. After every kill, each export a
 reader accepts must load and serve the values of its own step, and every
-checkpoint the next run may restore must have its export. Saves are
-synchronous, then asynchronous (`CheckpointOptions(enable_async=True)`). A last run then
+checkpoint the next run may restore must have its export. A last run then
 restores, finishes, and must leave exactly the exports its checkpoints call
-for and no work directories.
+for and no work directories. All of it runs with synchronous saves, then with
+asynchronous ones (`CheckpointOptions(enable_async=True)`).
 
 Children import TensorFlow (~5 s) before touching the model directory and wait
 for a go line after READY, so the next children are started ahead and import

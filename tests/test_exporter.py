@@ -1,4 +1,4 @@
-"""The decoupled exporter: a trainer writes checkpoints, the exporter exports."""
+"""The decoupled exporter: a trainer checkpoints, the exporter exports."""
 
 import os
 import subprocess

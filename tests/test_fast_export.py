@@ -268,8 +268,10 @@ def _failing_name(directory: str) -> str:
   work directory `.<name>-<step>_saved_modules.tmp-<token>` does not for a
   12-digit step, but does for step 1. A real error, from the file system.
   """
-  work = commit._work_dir(paths.export_path(directory, 'c', 1), 'tmp',  # pylint: disable=protected-access
-                          commit._new_token())  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  work = commit._work_dir(paths.export_path(directory, 'c', 1), 'tmp',
+                          commit._new_token())
+  # pylint: enable=protected-access
   return 'c' * (256 - len(os.path.basename(work)) - 5)
 
 
