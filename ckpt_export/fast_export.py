@@ -346,6 +346,7 @@ class Exporter:
             max_workers=1, thread_name_prefix='ckpt_export')
       future = self._executor.submit(self._write, export_dir, commit_info,
                                      snapshots)
+      future.add_done_callback(_log_failure)
       self._pending.append(future)
       return future
     self._write(export_dir, commit_info, snapshots)
@@ -370,6 +371,13 @@ class Exporter:
           module.write_full(tmp)
         else:
           module.write_fast(tmp, values)
+
+
+def _log_failure(future: concurrent.futures.Future) -> None:
+  """Logs a background export's error when it happens (it is raised later)."""
+  if future.exception() is not None:
+    logging.error('Background export failed (raised by the next save() or '
+                  'sync()): %r', future.exception())
 
 
 def publish_before_recording(options: tf.train.CheckpointOptions,
