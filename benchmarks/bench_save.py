@@ -42,6 +42,7 @@ import tf_keras
 from official.core import savedmodel_checkpoint_manager as reference
 
 import ckpt_export
+from ckpt_export import exporter
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _REPEATS = flags.DEFINE_integer('repeats', 7, 'Timed saves per variant.')
@@ -114,10 +115,10 @@ class Variant:
 
   key: str
   label: str
-  make_manager: Callable[[tf.train.Checkpoint, str], tf.train.CheckpointManager]
+  make_manager: Callable[[tf.train.Checkpoint, str], Any]
   enable_async: bool
   exports: bool
-  manager: Optional[tf.train.CheckpointManager] = None
+  manager: Any = None
   directory: str = ''
   samples: List[Sample] = dataclasses.field(default_factory=list)
 
@@ -156,7 +157,43 @@ def _has_export(checkpoint: str) -> bool:
       'saved_model.pb'))
 
 
-def _variants(modules: Dict[str, tf.Module]) -> List[Variant]:
+class DecoupledTrainer:
+  """A plain `CheckpointManager`, exported by `run_exporter` in a thread.
+
+  The exporter builds its own copy of the model (as a `ckpt-export export`
+  process would) and exports each checkpoint the trainer writes. `sync()`
+  waits for the plain manager, then for the export of its latest checkpoint.
+  """
+
+  def __init__(self, ckpt: tf.train.Checkpoint, directory: str, width: int):
+    self._manager = tf.train.CheckpointManager(ckpt, directory, MAX_TO_KEEP)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(
+        target=exporter.run_exporter, daemon=True,
+        args=(directory, lambda: _build_for_exporter(width)),
+        kwargs={'seconds_to_sleep': 0.02, 'stop': self._stop})
+    self._thread.start()
+
+  def save(self, options: Optional[tf.train.CheckpointOptions] = None) -> str:
+    return self._manager.save(options=options)
+
+  def sync(self) -> None:
+    self._manager.sync()
+    while not _has_export(self._manager.latest_checkpoint):
+      time.sleep(0.001)
+
+  def close(self) -> None:
+    self._stop.set()
+    self._thread.join()
+
+
+def _build_for_exporter(width: int) -> Tuple[tf.train.Checkpoint,
+                                             Dict[str, tf.Module]]:
+  model = MLP(width)
+  return tf.train.Checkpoint(model=model), {MODULE_NAME: model}
+
+
+def _variants(modules: Dict[str, tf.Module], width: int) -> List[Variant]:
   """The save variants: plain, reference and ckpt_export, sync and async."""
 
   def plain(ckpt: tf.train.Checkpoint,
@@ -173,6 +210,9 @@ def _variants(modules: Dict[str, tf.Module]) -> List[Variant]:
     return ckpt_export.SavedModelCheckpointManager(
         ckpt, directory, MAX_TO_KEEP, modules_to_export=modules)
 
+  def decoupled(ckpt: tf.train.Checkpoint, directory: str) -> DecoupledTrainer:
+    return DecoupledTrainer(ckpt, directory, width)
+
   return [
       Variant('a', 'plain CheckpointManager', plain, False, False),
       Variant('b', 'reference', ref, False, True),
@@ -180,6 +220,7 @@ def _variants(modules: Dict[str, tf.Module]) -> List[Variant]:
       Variant('d', 'ckpt_export async', ours, True, True),
       Variant('e', 'plain CheckpointManager async', plain, True, False),
       Variant('f', 'reference async', ref, True, True),
+      Variant('g', 'plain + decoupled exporter', decoupled, False, True),
   ]
 
 
@@ -262,7 +303,7 @@ def bench_save(root: str, repeats: int, params: int) -> None:
   print(f'Model: tf_keras MLP, {model.count_params():,} parameters, '
         f'{variables_mb:.1f} MB of variables; max_to_keep={MAX_TO_KEEP}; '
         f'{repeats} timed saves per variant after one warm-up, round-robin.\n')
-  variants = _variants({MODULE_NAME: model})
+  variants = _variants({MODULE_NAME: model}, _width_for(params))
   for variant in variants:
     variant.directory = os.path.join(root, variant.key)
     variant.manager = variant.make_manager(tf.train.Checkpoint(model=model),
@@ -319,6 +360,13 @@ def bench_save(root: str, repeats: int, params: int) -> None:
   for v in variants:
     print(f'({v.key}) {v.label:30} {_missing(v, "exported_at_return"):>17} '
           f'{_missing(v, "exported_after_sync"):>10} | {_leftovers(v)}')
+  for v in variants:
+    if isinstance(v.manager, DecoupledTrainer):
+      v.manager.close()
+    elif isinstance(v.manager, ckpt_export.SavedModelCheckpointManager):
+      module, = v.manager._exporter.modules  # pylint: disable=protected-access
+      print(f'({v.key}) {v.label}: {module.full_exports} full exports '
+            f'(tf.saved_model.save), {module.fast_exports} fast ones.')
 
 
 @contextlib.contextmanager

@@ -98,13 +98,28 @@ def write_modules(modules_to_export: Mapping[str, Any], export_dir: str,
     ValueError: If a module ends up with no serving signature.
   """
   for name, module in modules_to_export.items():
-    module_dir = os.path.join(export_dir, name)
-    signatures = getattr(module, 'saved_model_signatures', None)
-    tf.saved_model.save(module, module_dir, signatures=signatures,
-                        options=options)
-    if not signature_keys(module_dir):
-      raise ValueError(
-          f'Module {name!r} ({type(module).__name__}) has no serving signature:'
-          ' it has no `saved_model_signatures` and TensorFlow derived none (a '
-          'Keras model must be built with known input shapes first). Nothing '
-          'was exported or checkpointed for this step.')
+    write_module(name, module, os.path.join(export_dir, name), options)
+
+
+def write_module(name: str, module: Any, module_dir: str,
+                 options: Optional[tf.saved_model.SaveOptions] = None) -> None:
+  """Saves one module as the SavedModel `module_dir`, with its signatures.
+
+  Args:
+    name: The module's name, for error messages.
+    module: A validated module.
+    module_dir: The directory to write the SavedModel into.
+    options: Passed to `tf.saved_model.save`.
+
+  Raises:
+    ValueError: If the module ends up with no serving signature.
+  """
+  signatures = getattr(module, 'saved_model_signatures', None)
+  tf.saved_model.save(module, module_dir, signatures=signatures,
+                      options=options)
+  if not signature_keys(module_dir):
+    raise ValueError(
+        f'Module {name!r} ({type(module).__name__}) has no serving signature:'
+        ' it has no `saved_model_signatures` and TensorFlow derived none (a '
+        'Keras model must be built with known input shapes first). Nothing '
+        'was exported or checkpointed for this step.')

@@ -6,7 +6,10 @@ same constructor, methods, properties and on-disk layout, without its defects.
 
 At each `save()` that writes a checkpoint, the modules are exported and the
 export is published (`commit.py`) before the checkpoint is written, so a
-checkpoint never exists without its export. An export then lives exactly as
+checkpoint never exists without its export; with async checkpointing the
+export is written in the background and the checkpoint is recorded only once
+it is published. Exports after the first are fast (`fast_export.py`) while
+the modules' structure is unchanged. An export then lives exactly as
 long as its checkpoint's files: garbage collection removes the exports (made
 by ckpt_export) whose checkpoint is gone, which also keeps the exports of
 checkpoints preserved by `keep_checkpoint_every_n_hours`.
@@ -21,6 +24,7 @@ import tensorflow as tf
 
 from ckpt_export import commit
 from ckpt_export import export
+from ckpt_export import fast_export
 from ckpt_export import leases
 from ckpt_export import paths
 from ckpt_export import readers
@@ -88,6 +92,7 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
         init_fn=init_fn)
     self._checkpoint_name = checkpoint_name
     self._modules_to_export = modules_to_export
+    self._exporter = fast_export.Exporter(modules_to_export or {})
     # The step of this manager's latest save: its checkpoint may still be
     # in flight (async), so its export is kept regardless.
     self._last_saved_step = None
@@ -103,7 +108,9 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     The export of step N is published before checkpoint N is written, and
     replaces an earlier export of step N if there is one. With
     `options=tf.train.CheckpointOptions(enable_async=True)` the checkpoint is
-    written in the background; call `sync()` to wait for it.
+    written in the background, and so is the export when the modules'
+    structure is unchanged (from values taken now); checkpoint N is then
+    recorded only once its export is published. `sync()` waits for both.
 
     Args:
       checkpoint_number: The step to save as (an integer, or a scalar integer
@@ -118,7 +125,9 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
       ValueError: For a bad `checkpoint_number`, a module that gets no serving
         signature, or a user's file or directory in the way of the export;
         nothing is written then.
+      Exception: The error of an earlier background export.
     """
+    self._wait_for_exports()
     step = self._step_to_save(checkpoint_number, check_interval)
     if step is None:
       return None
@@ -128,9 +137,12 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
         raise ValueError(
             f'Cannot export step {step}: {export_dir!r} exists and is not an '
             'export (no SavedModels in it); move it away, it is left as is.')
-      with commit.staged_export(export_dir, {
-          'step': step, 'modules': list(self._modules_to_export)}) as tmp:
-        export.write_modules(self._modules_to_export, tmp)
+      pending = self._exporter.export(
+          export_dir, {'step': step, 'modules': list(self._modules_to_export)},
+          background=bool(
+              options and options.experimental_enable_async_checkpoint))
+      if pending is not None:
+        options = fast_export.publish_before_recording(options, pending)
     else:
       logging.info('No modules_to_export: saving a checkpoint only.')
     try:
@@ -142,6 +154,7 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
                            'that was due: was the step counter changed '
                            'concurrently?')
     except BaseException:
+      self._exporter.wait(raise_errors=False)
       if self._modules_to_export and commit.is_ours(export_dir):
         commit.remove_export(export_dir)
       raise
@@ -214,15 +227,49 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
             if step in steps and commit.is_published(path)]
 
   def restore_or_initialize(self) -> Optional[str]:
-    """Cleans up after crashed saves, then restores; see the base class."""
+    """Cleans up after crashed saves, then restores; see the base class.
+
+    If the restored checkpoint has no published export (a checkpoint written
+    by another tool, or one whose export was lost), the restored modules are
+    exported for its step.
+    """
     self._recover()
-    return super().restore_or_initialize()
+    checkpoint_path = super().restore_or_initialize()
+    step = paths.parse_checkpoint_step(checkpoint_path or '',
+                                       self._checkpoint_name)
+    if self._modules_to_export and step is not None:
+      export_dir = paths.export_path(self._directory, self._checkpoint_name,
+                                     step)
+      if not commit.is_published(export_dir) and commit.is_replaceable(
+          export_dir):
+        logging.warning('Checkpoint %s has no export: exporting it now.',
+                        checkpoint_path)
+        self._exporter.export(export_dir, {
+            'step': step, 'modules': list(self._modules_to_export)})
+        self._savedmodels = self._managed_savedmodels()
+    return checkpoint_path
 
   def sync(self) -> None:
-    """Waits for pending checkpoint writes, then collects garbage."""
+    """Waits for pending checkpoint writes and exports, collects garbage.
+
+    Raises:
+      Exception: The error of a background export.
+    """
+    self._wait_for_exports()
     super().sync()
     if self._last_saved_step is not None:
       self._collect_garbage()
+
+  def _wait_for_exports(self) -> None:
+    """Waits for background exports and their checkpoints; raises an error."""
+    if not self._exporter.pending:
+      return
+    super().sync()
+    try:
+      self._exporter.wait()
+    except BaseException as e:
+      fast_export.forget_async_error(self._checkpoint, e)
+      raise
 
   def get_existing_savedmodels(self) -> List[str]:
     """Returns all published exports in the directory, by step.

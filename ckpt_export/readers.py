@@ -40,28 +40,46 @@ def export_candidates(directory: str, checkpoint_name: str = 'ckpt',
   """
   if names is None:
     names = list_directory(directory)
+  prefix = os.path.join(directory, '')  # Joined once: names are relative.
   found = []
   for name in names:
     step = paths.parse_export_step(name, checkpoint_name)
     if step is not None:
-      found.append((step, os.path.join(directory, name)))
+      found.append((step, prefix + name))
   return sorted(found)
+
+
+def _published_exports(directory: str, checkpoint_name: str
+                       ) -> List[Tuple[int, str]]:
+  """Returns (step, path) of every published export in `directory`, by step.
+
+  On a local path one `os.scandir` lists the entries and tells directories
+  (published exports there) from the rest; elsewhere each candidate is
+  checked with `commit.is_published`.
+  """
+  if '://' in directory:
+    return [(step, path)
+            for step, path in export_candidates(directory, checkpoint_name)
+            if commit.is_published(path)]
+  try:
+    with os.scandir(directory) as scan:
+      names = [entry.name for entry in scan if entry.is_dir()]
+  except (FileNotFoundError, NotADirectoryError):
+    return []
+  return export_candidates(directory, checkpoint_name, names)
 
 
 def list_savedmodels(directory: str, checkpoint_name: str = 'ckpt'
                     ) -> List[str]:
   """Returns the paths of all published exports in `directory`, by step."""
-  return [path for _, path in export_candidates(directory, checkpoint_name)
-          if commit.is_published(path)]
+  return [path for _, path in _published_exports(directory, checkpoint_name)]
 
 
 def latest_savedmodel(directory: str,
                       checkpoint_name: str = 'ckpt') -> Optional[str]:
   """Returns the published export with the highest step, or None."""
-  for _, path in reversed(export_candidates(directory, checkpoint_name)):
-    if commit.is_published(path):
-      return path
-  return None
+  exports = _published_exports(directory, checkpoint_name)
+  return exports[-1][1] if exports else None
 
 
 def next_savedmodel(directory: str, after_step: int,
@@ -75,12 +93,11 @@ def next_savedmodel(directory: str, after_step: int,
     checkpoint_name: The checkpoint name of the exports.
     latest: Whether to return the highest such step, not the lowest.
   """
-  found = [(step, path) for step, path in export_candidates(
+  found = [(step, path) for step, path in _published_exports(
       directory, checkpoint_name) if step > after_step]
-  for step, path in reversed(found) if latest else found:
-    if commit.is_published(path):
-      return step, path
-  return None
+  if not found:
+    return None
+  return found[-1] if latest else found[0]
 
 
 def _check_seconds(name: str, value: Optional[float],

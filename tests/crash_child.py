@@ -4,8 +4,8 @@ Also the trainer that `test_cli_watch.py` runs beside `ckpt-export watch`.
 
 Usage:
   python tests/crash_child.py --model_dir D --total_steps T --save_every K \
-      --max_to_keep M [--wait_for_go] [--seconds_between_saves S] \
-      [--pace_file F]
+      --max_to_keep M [--wait_for_go] [--enable_async] \
+      [--seconds_between_saves S] [--pace_file F]
 
 After training step `s` every weight of the model equals `float(s)`, so any
 checkpoint or export reveals the step it was made at: the serving signature
@@ -90,11 +90,14 @@ def main() -> None:
   parser.add_argument('--wait_for_go', action='store_true',
                       help='After READY, wait for a line on stdin before '
                       'touching --model_dir.')
+  parser.add_argument('--enable_async', action='store_true',
+                      help='Save with CheckpointOptions(enable_async=True).')
   parser.add_argument('--seconds_between_saves', type=float, default=0.0)
   parser.add_argument('--pace_file',
                       help='Before each save but the first, wait until this '
                       'file has the line "start <previous saved step>".')
   args = parser.parse_args()
+  options = tf.train.CheckpointOptions(enable_async=args.enable_async)
 
   model = StepModel()
   _say('READY')
@@ -117,10 +120,11 @@ def main() -> None:
     if step % args.save_every == 0:
       if args.pace_file and last_saved is not None:
         _wait_for_line(args.pace_file, f'start {last_saved}')
-      manager.save(checkpoint_number=step)
+      manager.save(checkpoint_number=step, options=options)
       last_saved = step
       _say(f'SAVED {step}')
       time.sleep(args.seconds_between_saves)
+  manager.sync()  # As orbit does: the async write and its cleanup finish.
   _say(f'DONE {step}')
 
 

@@ -5,7 +5,8 @@ save for a random delay, and SIGKILLs it. After every kill, each export a
 reader accepts must load and serve the values of its own step, and every
 checkpoint the next run may restore must have its export. A last run then
 restores, finishes, and must leave exactly the exports its checkpoints call
-for and no work directories.
+for and no work directories. All of it runs with synchronous saves, then with
+asynchronous ones (`CheckpointOptions(enable_async=True)`).
 
 Children import TensorFlow (~5 s) before touching the model directory and wait
 for a go line after READY, so the next children are started ahead and import
@@ -43,10 +44,12 @@ FINAL_SAVES = 2  # Saves of the last run, which runs to completion.
 WORK_DIR_MARKS = ('.tmp-', '.old-', '.del-')
 
 
-def _child_command(model_dir: str, total_steps: int) -> List[str]:
+def _child_command(model_dir: str, total_steps: int,
+                   enable_async: bool) -> List[str]:
   return [sys.executable, crash_child.__file__, '--model_dir', model_dir,
           '--total_steps', str(total_steps), '--save_every', str(SAVE_EVERY),
-          '--max_to_keep', str(MAX_TO_KEEP)]
+          '--max_to_keep', str(MAX_TO_KEEP)] + (
+              ['--enable_async'] if enable_async else [])
 
 
 def _child_env() -> Dict[str, str]:
@@ -56,10 +59,11 @@ def _child_env() -> Dict[str, str]:
 class _Child:
   """A `crash_child.py` process started ahead, waiting for its go line."""
 
-  def __init__(self, model_dir: str, stderr: IO[str]):
+  def __init__(self, model_dir: str, stderr: IO[str], enable_async: bool):
     self.stderr_path = stderr.name
     self.proc = subprocess.Popen(
-        _child_command(model_dir, ENDLESS_STEPS) + ['--wait_for_go'],
+        _child_command(model_dir, ENDLESS_STEPS, enable_async) +
+        ['--wait_for_go'],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
         text=True, env=_child_env())
 
@@ -206,8 +210,9 @@ def _traces(names: List[str], new_names: Set[str], export_steps: List[int],
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize('enable_async', [False, True], ids=['sync', 'async'])
 def test_kill_during_save_leaves_no_partial_export(
-    tmp_path: pathlib.Path) -> None:
+    tmp_path: pathlib.Path, enable_async: bool) -> None:
   """SIGKILLs ROUNDS runs at random delays, then runs one to completion."""
   rng = random.Random(SEED)
   delays = [rng.uniform(0, MAX_DELAY_SECONDS) for _ in range(ROUNDS)]
@@ -224,7 +229,7 @@ def test_kill_during_save_leaves_no_partial_export(
   try:
     for i, delay in enumerate(delays):
       while started < min(ROUNDS, i + 1 + PREFETCH):
-        children.append(_Child(model_dir, logs[started]))
+        children.append(_Child(model_dir, logs[started], enable_async))
         started += 1
       child = children.popleft()
       lines = child.run_then_kill(delay, children)
@@ -252,7 +257,7 @@ def test_kill_during_save_leaves_no_partial_export(
   assert restored_at > 0
 
   total_steps = restored_at + FINAL_SAVES * SAVE_EVERY
-  final = subprocess.run(_child_command(model_dir, total_steps),
+  final = subprocess.run(_child_command(model_dir, total_steps, enable_async),
                          capture_output=True, text=True, env=_child_env(),
                          timeout=120, check=False)
   assert final.returncode == 0, final.stderr[-4000:]

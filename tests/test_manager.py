@@ -140,9 +140,10 @@ def test_async_checkpointing_keeps_every_export(local_dir):
   options = tf.train.CheckpointOptions(enable_async=True)
   for step in (1, 2, 3):
     save_step(manager, big, step, options=options)
+    big.w.assign(tf.fill([N_FEATURES], -1.0))  # Training goes on at once.
+    manager.sync()
     assert steps_of([manager.latest_savedmodel]) == [step]
     assert served_value(manager.latest_savedmodel) == step
-  manager.sync()
   assert _checkpoint_steps(local_dir) == [2, 3]
   assert steps_of(ckpt_export.list_savedmodels(local_dir)) == [2, 3]
   assert steps_of(manager.savedmodels) == [2, 3]
