@@ -10,16 +10,22 @@ checkpoint never exists without its export. An export then lives exactly as
 long as its checkpoint's files: garbage collection removes the exports (made
 by ckpt_export) whose checkpoint is gone, which also keeps the exports of
 checkpoints preserved by `keep_checkpoint_every_n_hours`.
+
+In a multi-worker job only the chief writes the directory; the other workers
+save into scratch directories they delete (`distribution.py`).
 """
 
+import copy
 import numbers
 import os
+import time
 from typing import Any, Callable, Iterable, Iterator, List, Mapping, Optional, Set
 
 from absl import logging
 import tensorflow as tf
 
 from ckpt_export import commit
+from ckpt_export import distribution
 from ckpt_export import export
 from ckpt_export import paths
 from ckpt_export import readers
@@ -99,6 +105,7 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     # The step of this manager's latest save: its checkpoint may still be
     # in flight (async), so its export is kept regardless.
     self._last_saved_step = None
+    self._strategy = None  # Found at the first save, see `_is_chief`.
     self._savedmodels = self._managed_savedmodels()
 
   def save(self,
@@ -130,6 +137,8 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     step = self._step_to_save(checkpoint_number, check_interval)
     if step is None:
       return None
+    if not self._is_chief():
+      return self._save_as_worker(step, options)
     export_dir = paths.export_path(self._directory, self._checkpoint_name, step)
     if self._modules_to_export:
       if not commit.is_replaceable(export_dir):
@@ -171,6 +180,58 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     if checkpoint_number is None:
       return int(self._checkpoint.save_counter.numpy()) + 1
     return checkpoint_number
+
+  def _is_chief(self) -> bool:
+    """Whether this process writes the directory (see `distribution.py`)."""
+    if self._strategy is None:
+      self._strategy = distribution.find_strategy(self._checkpoint)
+    return distribution.is_chief(self._strategy)
+
+  def _save_as_worker(self, step: int,
+                      options: Optional[tf.train.CheckpointOptions]) -> str:
+    """Saves as a non-chief worker: the chief's work, into scratch space.
+
+    Runs the same TensorFlow operations as the chief's save, so that the
+    collectives they need match, but writes a scratch directory that is
+    removed as soon as the checkpoint is written (in the background with
+    async checkpointing). The model directory is never touched; this
+    manager's bookkeeping follows the chief's.
+
+    Args:
+      step: The step being saved.
+      options: The `tf.train.CheckpointOptions` of the save.
+
+    Returns:
+      The path of the chief's checkpoint of this step.
+    """
+    scratch = distribution.make_scratch_directory(self._strategy)
+    options = copy.copy(options) or tf.train.CheckpointOptions()
+    options.experimental_write_callbacks = [
+        *(options.experimental_write_callbacks or []),
+        lambda: tf.io.gfile.rmtree(scratch)]
+    try:
+      if self._modules_to_export:
+        export.write_modules(self._modules_to_export, paths.export_path(
+            scratch, self._checkpoint_name, step))
+      # What tf.train.CheckpointManager.save does, with another prefix.
+      self._checkpoint.save_counter.assign_add(1)
+      self._checkpoint.write(os.path.join(scratch, f'{self._checkpoint_name}-'
+                                          f'{step}'), options=options)
+    except BaseException:
+      if tf.io.gfile.exists(scratch):
+        tf.io.gfile.rmtree(scratch)
+      raise
+    if self._checkpoint_interval is not None:
+      self._last_checkpoint_step = _as_step(self._step_counter)
+    checkpoint_path = f'{self._prefix}-{step}'
+    self._maybe_delete.pop(checkpoint_path, None)
+    self._maybe_delete[checkpoint_path] = time.time()
+    while self._max_to_keep and len(self._maybe_delete) > self._max_to_keep:
+      self._maybe_delete.popitem(last=False)
+    self._latest_checkpoint = checkpoint_path
+    self._last_saved_step = step
+    self._savedmodels = self._managed_savedmodels()
+    return checkpoint_path
 
   def _collect_garbage(self) -> None:
     """Removes our exports whose checkpoints are gone, and crash leftovers."""
@@ -216,14 +277,19 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
             if step in steps and commit.is_published(path)]
 
   def restore_or_initialize(self) -> Optional[str]:
-    """Cleans up after crashed saves, then restores; see the base class."""
-    self._recover()
+    """Cleans up after crashed saves, then restores; see the base class.
+
+    Every worker of a multi-worker job restores the chief's latest checkpoint;
+    only the chief cleans up.
+    """
+    if self._is_chief():
+      self._recover()
     return super().restore_or_initialize()
 
   def sync(self) -> None:
     """Waits for pending checkpoint writes, then collects garbage."""
     super().sync()
-    if self._last_saved_step is not None:
+    if self._last_saved_step is not None and self._is_chief():
       self._collect_garbage()
 
   def get_existing_savedmodels(self) -> List[str]:

@@ -12,9 +12,10 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'ckpt_export'
 ALLOWED = {
     'paths': set(),
     'commit': {'paths'},
+    'distribution': set(),
     'export': {'commit', 'paths'},
     'readers': {'commit', 'paths'},
-    'manager': {'commit', 'export', 'paths', 'readers'},
+    'manager': {'commit', 'distribution', 'export', 'paths', 'readers'},
     '__init__': {'manager', 'paths', 'readers'},
 }
 
