@@ -24,7 +24,7 @@ SCRATCH_PREFIX = 'ckpt_export-scratch-'
 
 def find_strategy(checkpoint: tf.train.Checkpoint
                  ) -> Optional[tf.distribute.Strategy]:
-  """Returns the strategy in scope, else the one owning `checkpoint`'s variables.
+  """Returns the strategy in scope, else that of `checkpoint`'s variables.
 
   Args:
     checkpoint: The checkpoint a manager saves.

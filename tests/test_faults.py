@@ -92,7 +92,8 @@ def _check_intact(model_dir: str, steps) -> None:
   latest = tf.train.latest_checkpoint(model_dir)
   assert latest == os.path.join(model_dir, f'ckpt-{steps[-1]}')
   module = Padded()
-  tf.train.Checkpoint(module=module).read(latest).assert_existing_objects_matched()
+  status = tf.train.Checkpoint(module=module).read(latest)
+  status.assert_existing_objects_matched()
   assert module.w.numpy().tolist() == [float(steps[-1])] * N_FEATURES
 
 
