@@ -28,9 +28,11 @@ import os
 import pathlib
 import socket
 import socketserver
+import signal
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from typing import Dict, Optional
@@ -251,13 +253,24 @@ class GcsEmulator:
 
 
 def main() -> None:
-  """Runs the proxy; prints its port once it listens."""
+  """Runs an emulator until interrupted, or (with --upstream) the proxy."""
   parser = argparse.ArgumentParser(description=main.__doc__)
-  parser.add_argument('--upstream', required=True,
-                      help='host:port of fake-gcs-server')
-  parser.add_argument('--certificates', required=True, type=pathlib.Path,
+  parser.add_argument('--upstream', help='host:port of fake-gcs-server; '
+                      'runs the proxy and prints its port once it listens')
+  parser.add_argument('--certificates', type=pathlib.Path,
                       help='Where _make_certificates wrote server.pem/.key')
   args = parser.parse_args()
+  if args.upstream is None:
+    emulator = GcsEmulator(pathlib.Path(tempfile.mkdtemp()))
+    print('Bucket gs://bucket; use with: env ' + ' '.join(
+        f'{k}={v}' for k, v in emulator.env().items()), flush=True)
+    try:
+      signal.pause()
+    except KeyboardInterrupt:
+      pass
+    finally:
+      emulator.stop()
+    return
   tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
   tls.load_cert_chain(args.certificates / 'server.pem',
                       args.certificates / 'server.key')
