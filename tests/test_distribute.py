@@ -15,11 +15,13 @@ import sys
 from typing import List, Sequence
 
 import pytest
+import tensorflow as tf
 
+from ckpt_export import distribution
+from ckpt_export import paths
 from conftest import entries
 from conftest import served_value
 import distribute_job
-from ckpt_export import paths
 
 WORKERS = 2
 TIMEOUT_SECONDS = 300
@@ -99,6 +101,32 @@ def _check_exports(model_dir: str, steps: Sequence[int],
     export_dir = paths.export_path(model_dir, 'ckpt', step)
     assert served_value(export_dir, distribute_job.MODULE_NAME) == (
         (1 + replicas) * step)
+
+
+def test_strategy_found_in_scope_or_from_the_checkpoint_variables():
+  strategy = tf.distribute.MirroredStrategy(['/cpu:0'])
+  with strategy.scope():
+    distributed = tf.train.Checkpoint(model=distribute_job.CountingModel())
+    assert distribution.find_strategy(tf.train.Checkpoint()) is strategy
+  assert distribution.find_strategy(distributed) is strategy
+  assert distribution.is_chief(strategy)
+  plain = tf.train.Checkpoint(model=distribute_job.CountingModel())
+  assert distribution.find_strategy(plain) is None
+  assert distribution.is_chief(None)
+
+
+def test_scratch_directories_are_fresh_and_outside_the_model_directory(
+    tmp_path, monkeypatch):
+  monkeypatch.setenv('TMPDIR', str(tmp_path))
+  monkeypatch.setattr('tempfile.tempdir', None)  # Re-read TMPDIR.
+  first = distribution.make_scratch_directory(None)
+  second = distribution.make_scratch_directory(None)
+  assert first != second
+  for scratch in (first, second):
+    assert os.path.dirname(scratch) == str(tmp_path)
+    assert os.path.basename(scratch).startswith(
+        distribution.SCRATCH_PREFIX + 'local-')
+    assert not os.listdir(scratch)
 
 
 @pytest.mark.slow
