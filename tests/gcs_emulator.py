@@ -24,7 +24,6 @@ import argparse
 import http.client
 import http.server
 import json
-import os
 import pathlib
 import socket
 import socketserver
