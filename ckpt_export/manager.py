@@ -105,7 +105,8 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     # The step of this manager's latest save: its checkpoint may still be
     # in flight (async), so its export is kept regardless.
     self._last_saved_step = None
-    self._strategy = None  # Found at the first save, see `_is_chief`.
+    # The tf.distribute strategy, once found (see `_is_chief`).
+    self._strategy = None
     self._savedmodels = self._managed_savedmodels()
 
   def save(self,
@@ -118,7 +119,9 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     The export of step N is published before checkpoint N is written, and
     replaces an earlier export of step N if there is one. With
     `options=tf.train.CheckpointOptions(enable_async=True)` the checkpoint is
-    written in the background; call `sync()` to wait for it.
+    written in the background; call `sync()` to wait for it. In a
+    multi-worker job every worker calls it, and only the chief writes the
+    directory.
 
     Args:
       checkpoint_number: The step to save as (an integer, or a scalar integer
