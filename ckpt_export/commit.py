@@ -271,9 +271,25 @@ def staged_export(export_dir: str, commit_info: Dict[str, Any]
       else:
         _publish_by_copy(tmp, export_dir, marker, token)
     except BaseException:
-      if tf.io.gfile.exists(tmp):
-        tf.io.gfile.rmtree(tmp)
+      _remove_after_failure(tmp)
       raise
+
+
+def _remove_after_failure(work_dir: str) -> None:
+  """Removes a failed operation's work directory, keeping the first error.
+
+  What cannot be removed now (the directory turned read-only, say) is left for
+  `recover`, which removes it once this operation is over.
+
+  Args:
+    work_dir: The work directory.
+  """
+  try:
+    if tf.io.gfile.exists(work_dir):
+      tf.io.gfile.rmtree(work_dir)
+  except tf.errors.OpError as e:
+    logging.warning('Could not remove %s after a failed save (%s); a later '
+                    'save removes it.', work_dir, e)
 
 
 def _publish_by_rename(tmp: str, export_dir: str, token: str) -> None:

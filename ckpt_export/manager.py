@@ -13,16 +13,22 @@ the modules' structure is unchanged. An export then lives exactly as
 long as its checkpoint's files: garbage collection removes the exports (made
 by ckpt_export) whose checkpoint is gone, which also keeps the exports of
 checkpoints preserved by `keep_checkpoint_every_n_hours`.
+
+In a multi-worker job only the chief writes the directory; the other workers
+save into scratch directories they delete (`distribution.py`).
 """
 
+import copy
 import numbers
 import os
+import time
 from typing import Any, Callable, Iterable, Iterator, List, Mapping, Optional, Set
 
 from absl import logging
 import tensorflow as tf
 
 from ckpt_export import commit
+from ckpt_export import distribution
 from ckpt_export import export
 from ckpt_export import fast_export
 from ckpt_export import leases
@@ -96,6 +102,8 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     # The step of this manager's latest save: its checkpoint may still be
     # in flight (async), so its export is kept regardless.
     self._last_saved_step = None
+    # The tf.distribute strategy, once found (see `_is_chief`).
+    self._strategy = None
     self._savedmodels = self._managed_savedmodels()
 
   def save(self,
@@ -111,6 +119,8 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     written in the background, and so is the export when the modules'
     structure is unchanged (from values taken now); checkpoint N is then
     recorded only once its export is published. `sync()` waits for both.
+    In a multi-worker job every worker calls it, and only the chief writes
+    the directory; under a tf.distribute strategy every export is a full one.
 
     Args:
       checkpoint_number: The step to save as (an integer, or a scalar integer
@@ -131,18 +141,24 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     step = self._step_to_save(checkpoint_number, check_interval)
     if step is None:
       return None
+    if not self._is_chief():
+      return self._save_as_worker(step, options)
     export_dir = paths.export_path(self._directory, self._checkpoint_name, step)
     if self._modules_to_export:
       if not commit.is_replaceable(export_dir):
         raise ValueError(
             f'Cannot export step {step}: {export_dir!r} exists and is not an '
             'export (no SavedModels in it); move it away, it is left as is.')
-      pending = self._exporter.export(
-          export_dir, {'step': step, 'modules': list(self._modules_to_export)},
-          background=bool(
-              options and options.experimental_enable_async_checkpoint))
-      if pending is not None:
-        options = fast_export.publish_before_recording(options, pending)
+      commit_info = {'step': step, 'modules': list(self._modules_to_export)}
+      if self._strategy is None:
+        pending = self._exporter.export(export_dir, commit_info, background=bool(
+            options and options.experimental_enable_async_checkpoint))
+        if pending is not None:
+          options = fast_export.publish_before_recording(options, pending)
+      else:
+        # The operations every worker runs (see `_save_as_worker`) must match.
+        with commit.staged_export(export_dir, commit_info) as tmp:
+          export.write_modules(self._modules_to_export, tmp)
     else:
       logging.info('No modules_to_export: saving a checkpoint only.')
     try:
@@ -176,6 +192,58 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     if checkpoint_number is None:
       return int(self._checkpoint.save_counter.numpy()) + 1
     return checkpoint_number
+
+  def _is_chief(self) -> bool:
+    """Whether this process writes the directory (see `distribution.py`)."""
+    if self._strategy is None:
+      self._strategy = distribution.find_strategy(self._checkpoint)
+    return distribution.is_chief(self._strategy)
+
+  def _save_as_worker(self, step: int,
+                      options: Optional[tf.train.CheckpointOptions]) -> str:
+    """Saves as a non-chief worker: the chief's work, into scratch space.
+
+    Runs the same TensorFlow operations as the chief's save, so that the
+    collectives they need match, but writes a scratch directory that is
+    removed as soon as the checkpoint is written (in the background with
+    async checkpointing). The model directory is never touched; this
+    manager's bookkeeping follows the chief's.
+
+    Args:
+      step: The step being saved.
+      options: The `tf.train.CheckpointOptions` of the save.
+
+    Returns:
+      The path of the chief's checkpoint of this step.
+    """
+    scratch = distribution.make_scratch_directory(self._strategy)
+    options = copy.copy(options) or tf.train.CheckpointOptions()
+    options.experimental_write_callbacks = [
+        *(options.experimental_write_callbacks or []),
+        lambda: tf.io.gfile.rmtree(scratch)]
+    try:
+      if self._modules_to_export:
+        export.write_modules(self._modules_to_export, paths.export_path(
+            scratch, self._checkpoint_name, step))
+      # What tf.train.CheckpointManager.save does, with another prefix.
+      self._checkpoint.save_counter.assign_add(1)
+      self._checkpoint.write(os.path.join(scratch, f'{self._checkpoint_name}-'
+                                          f'{step}'), options=options)
+    except BaseException:
+      if tf.io.gfile.exists(scratch):
+        tf.io.gfile.rmtree(scratch)
+      raise
+    if self._checkpoint_interval is not None:
+      self._last_checkpoint_step = _as_step(self._step_counter)
+    checkpoint_path = f'{self._prefix}-{step}'
+    self._maybe_delete.pop(checkpoint_path, None)
+    self._maybe_delete[checkpoint_path] = time.time()
+    while self._max_to_keep and len(self._maybe_delete) > self._max_to_keep:
+      self._maybe_delete.popitem(last=False)
+    self._latest_checkpoint = checkpoint_path
+    self._last_saved_step = step
+    self._savedmodels = self._managed_savedmodels()
+    return checkpoint_path
 
   def _collect_garbage(self) -> None:
     """Removes our exports whose checkpoints are gone, and crash leftovers.
@@ -231,13 +299,17 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
 
     If the restored checkpoint has no published export (a checkpoint written
     by another tool, or one whose export was lost), the restored modules are
-    exported for its step.
+    exported for its step (without a tf.distribute strategy: with one, every
+    worker would have to take part). Every worker of a multi-worker job
+    restores the chief's latest checkpoint; only the chief cleans up.
     """
-    self._recover()
+    if self._is_chief():
+      self._recover()
     checkpoint_path = super().restore_or_initialize()
     step = paths.parse_checkpoint_step(checkpoint_path or '',
                                        self._checkpoint_name)
-    if self._modules_to_export and step is not None:
+    if (self._modules_to_export and step is not None and
+        self._strategy is None):
       export_dir = paths.export_path(self._directory, self._checkpoint_name,
                                      step)
       if not commit.is_published(export_dir) and commit.is_replaceable(
@@ -257,7 +329,7 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     """
     self._wait_for_exports()
     super().sync()
-    if self._last_saved_step is not None:
+    if self._last_saved_step is not None and self._is_chief():
       self._collect_garbage()
 
   def _wait_for_exports(self) -> None:

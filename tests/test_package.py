@@ -12,6 +12,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'ckpt_export'
 ALLOWED = {
     'paths': set(),
     'commit': {'paths'},
+    'distribution': set(),
     'export': {'commit', 'paths'},
     'leases': {'commit', 'paths'},
     'readers': {'commit', 'leases', 'paths'},
@@ -21,8 +22,8 @@ ALLOWED = {
     'best': {'commit', 'leases', 'paths', 'readers'},
     'evaluation': {'best', 'commit', 'paths', 'readers'},
     'best_action': {'best', 'commit', 'paths'},
-    'manager': {'commit', 'export', 'fast_export', 'leases', 'paths',
-                'readers'},
+    'manager': {'commit', 'distribution', 'export', 'fast_export', 'leases',
+                'paths', 'readers'},
     'orbit_actions': {'commit', 'export', 'leases', 'paths', 'readers'},
     '__init__': {'best', 'best_action', 'evaluation', 'leases', 'manager',
                  'paths', 'readers'},

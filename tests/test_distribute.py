@@ -1,0 +1,162 @@
+"""Saving under tf.distribute strategies: real processes, real collectives.
+
+`distribute_job.py` is the user's training script. Under MultiWorkerMirrored
+every worker runs it on the same model directory, as on a real cluster; here
+the two workers are processes on 127.0.0.1, each with its own TMPDIR, so that
+anything a worker leaves behind is seen. Its SyncOnRead counter makes every
+save need both workers: a worker that skipped a save would hang the other.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from typing import List, Sequence
+
+import pytest
+import tensorflow as tf
+
+from ckpt_export import distribution
+from ckpt_export import paths
+from conftest import entries
+from conftest import served_value
+import distribute_job
+
+WORKERS = 2
+TIMEOUT_SECONDS = 300
+
+
+def _free_ports(count: int) -> List[int]:
+  sockets = [socket.socket() for _ in range(count)]
+  for s in sockets:
+    s.bind(('127.0.0.1', 0))
+  ports = [s.getsockname()[1] for s in sockets]
+  for s in sockets:
+    s.close()
+  return ports
+
+
+def _job_args(strategy: str, model_dir: str, total_steps: int,
+              use_async: bool = False) -> List[str]:
+  return [sys.executable, distribute_job.__file__, '--strategy', strategy,
+          '--model_dir', model_dir, '--total_steps', str(total_steps),
+          '--save_every', '2', '--max_to_keep', '2'] + (
+              ['--async'] if use_async else [])
+
+
+def _run_all(commands: Sequence[List[str]], envs: Sequence[dict],
+             tmp_path) -> List[List[str]]:
+  """Runs processes together; returns each one's output lines."""
+  procs = []
+  for i, (command, env) in enumerate(zip(commands, envs)):
+    with open(tmp_path / f'stderr{i}', 'w') as stderr:
+      procs.append(subprocess.Popen(command, stdout=subprocess.PIPE,
+                                    stderr=stderr, text=True, env=env))
+  outputs = []
+  try:
+    for proc in procs:
+      outputs.append(proc.communicate(timeout=TIMEOUT_SECONDS)[0])
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  for i, proc in enumerate(procs):
+    if proc.returncode:
+      stderr = (tmp_path / f'stderr{i}').read_text()[-4000:]
+      pytest.fail(f'Process {i} exited with {proc.returncode}:\n{stderr}')
+  return [out.split('\n') for out in outputs]
+
+
+def _run_workers(model_dir: str, total_steps: int, use_async: bool,
+                 tmp_path) -> List[List[str]]:
+  """Runs the job on two MultiWorkerMirrored workers; returns their lines."""
+  cluster = {'worker': [f'127.0.0.1:{p}' for p in _free_ports(WORKERS)]}
+  envs = []
+  for index in range(WORKERS):
+    scratch = tmp_path / f'tmp{index}'
+    scratch.mkdir(exist_ok=True)
+    envs.append(dict(
+        os.environ, TF_CPP_MIN_LOG_LEVEL='2', TMPDIR=str(scratch),
+        TF_CONFIG=json.dumps({'cluster': cluster,
+                              'task': {'type': 'worker', 'index': index}})))
+  commands = [_job_args('multi_worker', model_dir, total_steps, use_async)
+              ] * WORKERS
+  return _run_all(commands, envs, tmp_path)
+
+
+def _expected_entries(steps: Sequence[int]) -> List[str]:
+  names = ['checkpoint']
+  for step in steps:
+    names += [f'ckpt-{step}.data-00000-of-00001', f'ckpt-{step}.index',
+              paths.export_basename('ckpt', step)]
+  return sorted(names)
+
+
+def _check_exports(model_dir: str, steps: Sequence[int],
+                   replicas: int) -> None:
+  """Each export serves its step's weights plus the summed counter."""
+  for step in steps:
+    export_dir = paths.export_path(model_dir, 'ckpt', step)
+    assert served_value(export_dir, distribute_job.MODULE_NAME) == (
+        (1 + replicas) * step)
+
+
+def test_strategy_found_in_scope_or_from_the_checkpoint_variables():
+  strategy = tf.distribute.MirroredStrategy(['/cpu:0'])
+  with strategy.scope():
+    distributed = tf.train.Checkpoint(model=distribute_job.CountingModel())
+    assert distribution.find_strategy(tf.train.Checkpoint()) is strategy
+  assert distribution.find_strategy(distributed) is strategy
+  assert distribution.is_chief(strategy)
+  plain = tf.train.Checkpoint(model=distribute_job.CountingModel())
+  assert distribution.find_strategy(plain) is None
+  assert distribution.is_chief(None)
+
+
+def test_scratch_directories_are_fresh_and_outside_the_model_directory(
+    tmp_path, monkeypatch):
+  monkeypatch.setenv('TMPDIR', str(tmp_path))
+  monkeypatch.setattr('tempfile.tempdir', None)  # Re-read TMPDIR.
+  first = distribution.make_scratch_directory(None)
+  second = distribution.make_scratch_directory(None)
+  assert first != second
+  for scratch in (first, second):
+    assert os.path.dirname(scratch) == str(tmp_path)
+    assert os.path.basename(scratch).startswith(
+        distribution.SCRATCH_PREFIX + 'local-')
+    assert not os.listdir(scratch)
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_over_two_logical_cpus(tmp_path):
+  model_dir = str(tmp_path / 'model')
+  [lines] = _run_all([_job_args('mirrored', model_dir, 6)],
+                     [dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')], tmp_path)
+  assert 'DONE 2' in lines
+  assert entries(model_dir) == _expected_entries([4, 6])
+  _check_exports(model_dir, [4, 6], replicas=2)
+
+
+@pytest.mark.slow
+def test_multi_worker_chief_alone_writes_sync_then_async(tmp_path):
+  model_dir = str(tmp_path / 'model')
+  first = _run_workers(model_dir, 4, use_async=False, tmp_path=tmp_path)
+  for lines in first:
+    assert 'RESTORED 0' in lines and 'DONE 2' in lines
+    # Every worker's manager names the chief's checkpoints.
+    assert f'SAVED 4 {model_dir}/ckpt-4' in lines
+  assert entries(model_dir) == _expected_entries([2, 4])
+  _check_exports(model_dir, [2, 4], replicas=2)
+
+  # Resumed, with async checkpointing: every worker restores the chief's
+  # latest checkpoint, and the chief alone collects garbage.
+  second = _run_workers(model_dir, 8, use_async=True, tmp_path=tmp_path)
+  for lines in second:
+    assert 'RESTORED 4' in lines and 'DONE 2' in lines
+  assert entries(model_dir) == _expected_entries([6, 8])
+  _check_exports(model_dir, [6, 8], replicas=2)
+  for index in range(WORKERS):
+    assert not os.listdir(tmp_path / f'tmp{index}'), (
+        f'worker {index} left files in its TMPDIR')

@@ -1,0 +1,188 @@
+"""File system faults during save(): a full disk, a directory turned read-only.
+
+A full disk is a real one: a 24 MB tmpfs the test mounts (root, or
+CAP_SYS_ADMIN, is needed; without it these tests skip). Permissions are real
+too: root bypasses them through its capabilities, so under root the saving
+process runs without CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH and CAP_FOWNER
+(util-linux's `setpriv` drops them), and file modes apply to it.
+Either way save() must raise TensorFlow's own error naming the path, leave
+every earlier checkpoint and export intact and loadable, leave nothing a
+reader takes for an export, and the next save once the fault is gone must
+work and leave no leftovers.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+import tensorflow as tf
+
+import ckpt_export
+from ckpt_export import paths
+from conftest import entries
+from conftest import N_FEATURES
+from conftest import served_value
+import permission_child
+
+FS_BYTES = 24 << 20
+PAD_FLOATS = 512 * 1024  # 2 MB in each checkpoint and in each export.
+# The capabilities that let root ignore file modes.
+_DROPPED_CAPABILITIES = '-dac_override,-dac_read_search,-fowner'
+
+
+class Padded(tf.Module):
+  """Serves `x * w` like conftest's Scale, carrying 2 MB of other weights."""
+
+  def __init__(self) -> None:
+    super().__init__()
+    self.w = tf.Variable(tf.zeros([N_FEATURES]))
+    self.pad = tf.Variable(tf.zeros([PAD_FLOATS]))
+
+  @tf.function(input_signature=[tf.TensorSpec([None, N_FEATURES], tf.float32)])
+  def __call__(self, x: tf.Tensor) -> tf.Tensor:
+    return x * self.w
+
+  @property
+  def saved_model_signatures(self):
+    return {'serving_default': self.__call__}
+
+
+@pytest.fixture
+def small_fs(tmp_path) -> pathlib.Path:
+  """A freshly mounted 24 MB tmpfs."""
+  mount_point = tmp_path / 'fs'
+  mount_point.mkdir()
+  mounted = subprocess.run(
+      ['mount', '-t', 'tmpfs', '-o', f'size={FS_BYTES}', 'tmpfs',
+       str(mount_point)], capture_output=True, text=True, check=False)
+  if mounted.returncode:
+    pytest.skip('Cannot mount a small tmpfs to fill up (needs root or '
+                f'CAP_SYS_ADMIN): {mounted.stderr.strip()}')
+  yield mount_point
+  subprocess.run(['umount', '-l', str(mount_point)], check=True)
+
+
+def _fill(fs: pathlib.Path, leave_bytes: int) -> pathlib.Path:
+  """Fills `fs` up to `leave_bytes` free bytes; returns the filler file."""
+  st = os.statvfs(fs)
+  filler = fs / 'filler'
+  with open(filler, 'wb') as f:
+    f.write(b'\0' * (st.f_bavail * st.f_frsize - leave_bytes))
+  return filler
+
+
+def _expected_entries(steps) -> list:
+  names = ['checkpoint']
+  for step in steps:
+    names += [f'ckpt-{step}.data-00000-of-00001', f'ckpt-{step}.index',
+              paths.export_basename('ckpt', step)]
+  return sorted(names)
+
+
+def _check_intact(model_dir: str, steps) -> None:
+  """Exactly `steps` are published, serve their values and restore."""
+  assert [paths.parse_export_step(p) for p in
+          ckpt_export.list_savedmodels(model_dir)] == list(steps)
+  for step in steps:
+    assert served_value(paths.export_path(model_dir, 'ckpt', step)) == step
+  latest = tf.train.latest_checkpoint(model_dir)
+  assert latest == os.path.join(model_dir, f'ckpt-{steps[-1]}')
+  module = Padded()
+  status = tf.train.Checkpoint(module=module).read(latest)
+  status.assert_existing_objects_matched()
+  assert module.w.numpy().tolist() == [float(steps[-1])] * N_FEATURES
+
+
+def _save(manager, module: Padded, step: int) -> str:
+  module.w.assign(tf.fill([N_FEATURES], float(step)))
+  return manager.save(checkpoint_number=step)
+
+
+# Free space left before step 3's save: less than its export needs (it fails
+# writing the export), or enough for the export but not for the checkpoint.
+@pytest.mark.parametrize('free_bytes,failing_write', [
+    (1 << 20, '.ckpt-3_saved_modules.tmp-'),
+    (3 << 20, 'ckpt-3_temp'),
+], ids=['export', 'checkpoint'])
+def test_disk_full(small_fs, free_bytes, failing_write):
+  model_dir = str(small_fs / 'model')
+  module = Padded()
+  manager = ckpt_export.SavedModelCheckpointManager(
+      tf.train.Checkpoint(module=module), model_dir, max_to_keep=5,
+      modules_to_export={'scale': module})
+  _save(manager, module, 1)
+  _save(manager, module, 2)
+  filler = _fill(small_fs, free_bytes)
+
+  with pytest.raises(tf.errors.ResourceExhaustedError) as error:
+    _save(manager, module, 3)
+  assert 'No space left on device' in str(error.value)
+  assert os.path.join(model_dir, failing_write) in str(error.value)
+  _check_intact(model_dir, [1, 2])
+  assert manager.savedmodels == [paths.export_path(model_dir, 'ckpt', s)
+                                 for s in (1, 2)]
+
+  filler.unlink()
+  _save(manager, module, 3)
+  assert entries(model_dir) == _expected_entries([1, 2, 3])
+  _check_intact(model_dir, [1, 2, 3])
+
+
+@pytest.fixture
+def unprivileged() -> list:
+  """A command prefix that runs a child to which file modes apply."""
+  if os.geteuid() != 0:
+    return []
+  setpriv = shutil.which('setpriv')
+  if setpriv is None:
+    pytest.skip('Running as root, which bypasses file modes, and there is no '
+                'setpriv (util-linux) to drop the capabilities that do so.')
+  return [setpriv, '--bounding-set', _DROPPED_CAPABILITIES, '--']
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('when', ['before', 'mid_publish'])
+def test_permission_denied_on_the_model_directory(unprivileged, when,
+                                                  tmp_path):
+  model_dir = str(tmp_path / 'model')
+  os.mkdir(model_dir)
+  try:
+    child = subprocess.run(
+        unprivileged + [sys.executable, permission_child.__file__,
+                        '--model_dir', model_dir, '--when', when],
+        capture_output=True, text=True, check=False,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+    assert child.returncode == 0, child.stderr[-4000:]
+    error = json.loads(child.stdout.strip().split('\n')[-1])
+    assert error['type'] == 'PermissionDeniedError'
+    assert model_dir in error['message']
+    assert 'Permission denied' in error['message']
+
+    # Nothing a reader takes for an export, and step 1 intact.
+    assert [paths.parse_export_step(p) for p in
+            ckpt_export.list_savedmodels(model_dir)] == [1]
+    assert served_value(paths.export_path(model_dir, 'ckpt', 1),
+                        'first') == 1.0
+    assert tf.train.latest_checkpoint(model_dir) == os.path.join(
+        model_dir, 'ckpt-1')
+
+    # Writable again: the next save works and leaves no leftovers.
+    os.chmod(model_dir, 0o755)
+    first, second = permission_child.Scale(), permission_child.Scale()
+    manager = ckpt_export.SavedModelCheckpointManager(
+        tf.train.Checkpoint(first=first, second=second), model_dir,
+        max_to_keep=5, modules_to_export={'first': first, 'second': second})
+    manager.restore_or_initialize()
+    assert first.w.numpy().tolist() == [1.0] * N_FEATURES
+    for module in (first, second):
+      module.w.assign(tf.fill([N_FEATURES], 2.0))
+    manager.save(checkpoint_number=2)
+    assert entries(model_dir) == _expected_entries([1, 2])
+    assert served_value(paths.export_path(model_dir, 'ckpt', 2),
+                        'second') == 2.0
+  finally:
+    os.chmod(model_dir, 0o755)  # For pytest's clean-up, if not done yet.
