@@ -1,8 +1,9 @@
-"""The `ckpt-export` command: list, verify and watch a model's exports.
+"""The `ckpt-export` command: list, verify, watch and make a model's exports.
 
     ckpt-export ls MODEL_DIR
     ckpt-export verify MODEL_DIR
     ckpt-export watch MODEL_DIR [options] -- COMMAND [ARGS...]
+    ckpt-export export MODEL_DIR --build-fn package.module:function
 
 Exit codes: 0 success, 1 a broken export or a failed COMMAND, 2 bad arguments
 or an unusable MODEL_DIR (one line on stderr).
@@ -540,8 +541,52 @@ def _add_watch(subparsers: Any) -> None:
   parser.set_defaults(run=_watch, takes_command=True)
 
 
+# export
+
+
+def _export(args: argparse.Namespace) -> int:
+  """Exports each new checkpoint of MODEL_DIR (the decoupled mode)."""
+  from ckpt_export import exporter  # pylint: disable=g-import-not-at-top
+  _list_model_dir(args.model_dir)
+  sys.path.insert(0, os.getcwd())  # Finds the user's modules, as python does.
+  try:
+    build_fn = exporter.load_build_fn(args.build_fn)
+    steps = exporter.run_exporter(
+        args.model_dir, build_fn, checkpoint_name=args.checkpoint_name,
+        timeout=args.timeout, seconds_to_sleep=args.seconds_to_sleep)
+  except ValueError as e:
+    raise UsageError(_one_line(e)) from None
+  print(f'{PROG}: exported steps {", ".join(map(str, steps)) or "none"}')
+  return 0
+
+
+def _add_export(subparsers: Any) -> None:
+  parser = subparsers.add_parser(
+      'export', help='export each new checkpoint (trainer writes checkpoints '
+      'only)',
+      description='The decoupled mode: the trainer writes checkpoints only '
+      '(a plain tf.train.CheckpointManager), and this process exports each new '
+      'checkpoint of MODEL_DIR as <name>-<step>_saved_modules/<module>/ through '
+      'the same commit protocol, and deletes exports whose checkpoint is gone '
+      '(unless a reader leases them). BUILD_FN is "package.module:function", '
+      'returning (tf.train.Checkpoint, {module name: module}) shaped like the '
+      "trainer's checkpoint.")
+  add_model_dir_arguments(parser)
+  parser.add_argument('--build-fn', required=True, metavar='BUILD_FN',
+                      help='package.module:function building the checkpoint '
+                      'and the modules to export')
+  parser.add_argument('--timeout', type=_seconds, default=None,
+                      help='stop after this many seconds without a new '
+                      'checkpoint (default: wait forever)')
+  parser.add_argument('--seconds-to-sleep', type=_positive_seconds,
+                      default=1.0,
+                      help='seconds between looks for a new checkpoint '
+                      '(default: %(default)s)')
+  parser.set_defaults(run=_export)
+
+
 _SUBCOMMANDS: Sequence[Callable[[Any], None]] = (_add_ls, _add_verify,
-                                                 _add_watch)
+                                                 _add_watch, _add_export)
 
 
 def _parser() -> argparse.ArgumentParser:

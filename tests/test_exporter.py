@@ -12,7 +12,8 @@ import ckpt_export
 from ckpt_export import exporter
 from ckpt_export import paths
 import exporter_build
-from conftest import N_FEATURES, Scale, entries, served_value, steps_of
+from conftest import N_FEATURES, Scale, entries, run_cli, served_value
+from conftest import steps_of
 
 TRAINER = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                        'trainer_child.py')
@@ -126,3 +127,28 @@ def test_follows_a_real_trainer_process(local_dir):
   for export_dir in exports:
     assert served_value(export_dir) == paths.parse_export_step(export_dir)
   assert not [n for n in entries(local_dir) if n.startswith('.')]
+
+
+def test_the_export_command_exports_each_checkpoint(local_dir):
+  _write_checkpoints(local_dir, [1, 2, 3, 4])
+  result = run_cli('export', local_dir, '--build-fn', 'exporter_build:build',
+                   '--timeout', '0', '--seconds-to-sleep', '0.1')
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip() == 'ckpt-export: exported steps 2, 3, 4'
+  exports = ckpt_export.list_savedmodels(local_dir)
+  assert [served_value(p) for p in exports] == [2.0, 3.0, 4.0]
+
+
+@pytest.mark.parametrize('spec, message', [
+    ('exporter_build', "'exporter_build'"),
+    ('exporter_build:NOT_CALLABLE', "'exporter_build:NOT_CALLABLE'"),
+    ('no_such_module:build', "'no_such_module:build'"),
+])
+def test_the_export_command_names_a_bad_build_fn(local_dir, spec, message):
+  _write_checkpoints(local_dir, [1])
+  result = run_cli('export', local_dir, '--build-fn', spec, '--timeout', '0')
+  assert result.returncode == 2
+  assert result.stderr.startswith('ckpt-export: error: ')
+  assert message in result.stderr and len(result.stderr.splitlines()) == 1
+  assert entries(local_dir) == ['checkpoint', 'ckpt-1.data-00000-of-00001',
+                                'ckpt-1.index']

@@ -27,7 +27,7 @@ ALLOWED = {
     'orbit_actions': {'commit', 'export', 'leases', 'paths', 'readers'},
     '__init__': {'best', 'best_action', 'evaluation', 'leases', 'manager',
                  'paths', 'readers'},
-    'cli': {'commit', 'leases', 'paths', 'readers'},
+    'cli': {'commit', 'exporter', 'leases', 'paths', 'readers'},
 }
 
 
