@@ -151,8 +151,9 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
             'export (no SavedModels in it); move it away, it is left as is.')
       commit_info = {'step': step, 'modules': list(self._modules_to_export)}
       if self._strategy is None:
-        pending = self._exporter.export(export_dir, commit_info, background=bool(
-            options and options.experimental_enable_async_checkpoint))
+        background = bool(
+            options and options.experimental_enable_async_checkpoint)
+        pending = self._exporter.export(export_dir, commit_info, background)
         if pending is not None:
           options = fast_export.publish_before_recording(options, pending)
       else:
