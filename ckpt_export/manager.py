@@ -21,6 +21,7 @@ save into scratch directories they delete (`distribution.py`).
 import copy
 import numbers
 import os
+import re
 import time
 from typing import Any, Callable, Iterable, Iterator, List, Mapping, Optional, Set
 
@@ -34,6 +35,10 @@ from ckpt_export import fast_export
 from ckpt_export import leases
 from ckpt_export import paths
 from ckpt_export import readers
+
+# The temporary file TF writes the checkpoint state file `checkpoint` to
+# before renaming it over (`file_io.atomic_write_string_to_file`).
+_STATE_TEMP_RE = re.compile(r'checkpoint\.tmp[0-9a-f]{32}')
 
 
 def _as_step(value: Any) -> int:
@@ -272,11 +277,19 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
 
     Besides ckpt_export's own work directories (`commit.recover`), this removes
     TF's checkpoint work directories `<name>-N_temp` that a crash mid-write
-    left behind, except the one of a checkpoint write still in flight.
+    left behind, except the one of a checkpoint write still in flight, and
+    before this manager's first save (none of its writes in flight then) the
+    temporary files of TF's checkpoint state file.
     """
     names = commit.recover(self._directory, self._checkpoint_name,
                            readers.list_directory(self._directory))
     for name in sorted(names):
+      if self._last_saved_step is None and _STATE_TEMP_RE.fullmatch(name):
+        path = os.path.join(self._directory, name)
+        logging.info('Removing %s, left by a crashed checkpoint write.', path)
+        tf.io.gfile.remove(path)
+        names.discard(name)
+        continue
       step = paths.parse_checkpoint_temp_step(name, self._checkpoint_name)
       if step is not None and step != self._last_saved_step:
         path = os.path.join(self._directory, name)

@@ -439,10 +439,15 @@ def test_crash_leftovers_are_removed_on_restore_and_save(local_dir, scale):
   for name, child in {**leftovers, **kept}.items():
     os.makedirs(os.path.join(local_dir, name))
     open(os.path.join(local_dir, name, child), 'w').close()
+  # TF's temporary checkpoint state file of a write killed midway; a file
+  # named otherwise is not TF's.
+  state_temp, not_tf = 'checkpoint.tmp' + '0123abcd' * 4, 'checkpoint.tmp-x'
+  for name in (state_temp, not_tf):
+    open(os.path.join(local_dir, name), 'w').close()
   restarted = _manager(local_dir, Scale())
   restarted.restore_or_initialize()
-  assert not set(leftovers) & set(entries(local_dir))
-  assert set(kept) <= set(entries(local_dir))
+  assert not (set(leftovers) | {state_temp}) & set(entries(local_dir))
+  assert set(kept) | {not_tf} <= set(entries(local_dir))
   os.makedirs(os.path.join(local_dir, 'ckpt-3_temp'))
   save_step(restarted, scale, 2)
   assert 'ckpt-3_temp' not in entries(local_dir)

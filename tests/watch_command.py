@@ -1,4 +1,4 @@
-"""The COMMAND that `test_cli_watch.py` has `ckpt-export watch` run.
+"""The COMMAND that `ckpt-export watch` runs in test_cli_watch.py and soak.py.
 
 Usage:
   python tests/watch_command.py LOG {path} {step} [--wait_for_gc DONE_FILE]
