@@ -132,15 +132,8 @@ def run_exporter(model_dir: str,
       does not hold the modules' variables.
   """
   paths.validate_component('checkpoint_name', checkpoint_name)
-  for name, value, allow_none in (('timeout', timeout, True),
-                                  ('seconds_to_sleep', seconds_to_sleep,
-                                   False)):
-    if value is None and allow_none:
-      continue
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or
-        not value >= 0):
-      raise ValueError(f'{name} must be a non-negative number of seconds, got '
-                       f'{value!r}.')
+  readers.check_seconds('timeout', timeout, allow_none=True)
+  readers.check_seconds('seconds_to_sleep', seconds_to_sleep, allow_none=False)
   checkpoint, modules = _build(build_fn)
   exporter = fast_export.Exporter(modules)
   exported, skipped = [], set()

@@ -100,8 +100,9 @@ def next_savedmodel(directory: str, after_step: int,
   return found[-1] if latest else found[0]
 
 
-def _check_seconds(name: str, value: Optional[float],
-                   allow_none: bool) -> None:
+def check_seconds(name: str, value: Optional[float],
+                  allow_none: bool) -> None:
+  """Raises a ValueError naming `name` unless `value` is a time in seconds."""
   if value is None and allow_none:
     return
   if (isinstance(value, bool) or not isinstance(value, (int, float)) or
@@ -147,8 +148,8 @@ def wait_for_new_savedmodel(directory: str,
     ValueError: If `last_savedmodel` is not an export path of this checkpoint
       name, or a time is negative.
   """
-  _check_seconds('seconds_to_sleep', seconds_to_sleep, allow_none=False)
-  _check_seconds('timeout', timeout, allow_none=True)
+  check_seconds('seconds_to_sleep', seconds_to_sleep, allow_none=False)
+  check_seconds('timeout', timeout, allow_none=True)
   found = _wait_for_step(directory, _step_of(last_savedmodel, checkpoint_name),
                          seconds_to_sleep, timeout, checkpoint_name)
   return found[1] if found else None
@@ -210,9 +211,9 @@ def savedmodels_iterator(
     ValueError: For a negative time, a bad `lease_seconds` or a non-bool
       `latest_only`; at the call.
   """
-  _check_seconds('min_interval_secs', min_interval_secs, allow_none=False)
-  _check_seconds('seconds_to_sleep', seconds_to_sleep, allow_none=False)
-  _check_seconds('timeout', timeout, allow_none=True)
+  check_seconds('min_interval_secs', min_interval_secs, allow_none=False)
+  check_seconds('seconds_to_sleep', seconds_to_sleep, allow_none=False)
+  check_seconds('timeout', timeout, allow_none=True)
   if lease_seconds is not None:
     leases.check_lease_seconds(lease_seconds)
   if not isinstance(latest_only, bool):

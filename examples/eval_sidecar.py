@@ -34,7 +34,6 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # Before TF loads.
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
-from absl import logging
 import tensorflow as tf
 
 import ckpt_export
@@ -64,9 +63,7 @@ def main(argv: List[str]) -> None:
   """Evaluates exports until --until_step or --timeout, then summarizes."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
-    tf.get_logger().setLevel('WARNING')
+  regression.quiet_logging()
   model_dir = _MODEL_DIR.value
   if not model_dir:
     raise app.UsageError('--model_dir is required: the directory the trainer '

@@ -11,6 +11,8 @@ import sys
 import textwrap
 from typing import Any, Callable, Dict, Iterable, Tuple
 
+from absl import flags
+from absl import logging
 import numpy as np
 import tensorflow as tf
 import tf_keras
@@ -21,6 +23,13 @@ NUM_FEATURES = 8
 NUM_EXAMPLES = 1024
 DATA_SEED = 42
 MODULE_NAME = 'regressor'
+
+
+def quiet_logging() -> None:
+  """Logs warnings and errors only, unless --verbosity was given."""
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+    tf.get_logger().setLevel('WARNING')
 
 
 class Regressor(tf_keras.Model):

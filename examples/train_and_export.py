@@ -34,7 +34,6 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # Before TF loads.
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
-from absl import logging
 import tensorflow as tf
 import tf_keras
 
@@ -64,9 +63,7 @@ def main(argv: List[str]) -> None:
   """Trains, saving and exporting as it goes, then checks the export."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
-    tf.get_logger().setLevel('WARNING')
+  regression.quiet_logging()
   model_dir = _MODEL_DIR.value or tempfile.mkdtemp(prefix='train_and_export_')
   print(f'Model directory: {model_dir}')
 

@@ -25,6 +25,7 @@ import ckpt_export
 from ckpt_export import paths
 from conftest import entries
 from conftest import N_FEATURES
+from conftest import Scale
 from conftest import served_value
 import permission_child
 
@@ -34,21 +35,12 @@ PAD_FLOATS = 512 * 1024  # 2 MB in each checkpoint and in each export.
 _DROPPED_CAPABILITIES = '-dac_override,-dac_read_search,-fowner'
 
 
-class Padded(tf.Module):
+class Padded(Scale):
   """Serves `x * w` like conftest's Scale, carrying 2 MB of other weights."""
 
   def __init__(self) -> None:
     super().__init__()
-    self.w = tf.Variable(tf.zeros([N_FEATURES]))
     self.pad = tf.Variable(tf.zeros([PAD_FLOATS]))
-
-  @tf.function(input_signature=[tf.TensorSpec([None, N_FEATURES], tf.float32)])
-  def __call__(self, x: tf.Tensor) -> tf.Tensor:
-    return x * self.w
-
-  @property
-  def saved_model_signatures(self):
-    return {'serving_default': self.__call__}
 
 
 @pytest.fixture
