@@ -48,10 +48,10 @@ _TRAIN_STEPS = flags.DEFINE_integer(
     'train_steps', 200, 'Train until the global step reaches this.',
     lower_bound=1)
 _CHECKPOINT_INTERVAL = flags.DEFINE_integer(
-    'checkpoint_interval', 25, 'Steps between checkpoints (with exports).',
+    'checkpoint_interval', 40, 'Steps between checkpoints (with exports).',
     lower_bound=1)
 _MAX_TO_KEEP = flags.DEFINE_integer(
-    'max_to_keep', 3, 'Checkpoints (with their exports) the trainer keeps.',
+    'max_to_keep', 5, 'Checkpoints (with their exports) the trainer keeps.',
     lower_bound=1)
 _TIMEOUT = flags.DEFINE_float(
     'timeout', 300.0, 'The sidecar gives up after this many seconds without '
