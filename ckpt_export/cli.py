@@ -370,8 +370,8 @@ def _add_verify(subparsers: Any) -> None:
 class _WatchState:
   """The last step a watch finished, persisted so a restart resumes after it.
 
-  Written whole after each step: on local disk to a temporary file renamed
-  over the state file (atomic), elsewhere in a single object write.
+  Written whole after each step with `commit.write_file_atomically`, so a
+  reader (or a restart) sees the old state or the new one, never a mix.
   """
 
   def __init__(self, path: Optional[str], model_dir: str,
@@ -387,11 +387,18 @@ class _WatchState:
 
   def _load(self) -> None:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    # pylint: disable=g-import-not-at-top
+    from ckpt_export import commit
+    from ckpt_export import readers
+    # pylint: enable=g-import-not-at-top
+    parent = os.path.dirname(self._path) or '.'
+    # Removes the unfinished write of a watch killed while recording a step.
+    commit.remove_stale_files(parent, os.path.basename(self._path),
+                              readers.list_directory(parent))
     try:
       with tf.io.gfile.GFile(self._path) as f:
         text = f.read()
     except tf.errors.NotFoundError:
-      parent = os.path.dirname(self._path) or '.'
       if not tf.io.gfile.isdir(parent):
         raise UsageError(f'--state-file {self._path}: directory {parent} does '
                          'not exist') from None
@@ -426,17 +433,8 @@ class _WatchState:
     text = json.dumps(dict(self._owner, version=_STATE_VERSION,
                            last_step=step, failed=self.failed),
                       indent=1, sort_keys=True) + '\n'
-    if '://' in self._path:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      with tf.io.gfile.GFile(self._path, 'w') as f:
-        f.write(text)
-      return
-    tmp = f'{self._path}.tmp-{os.getpid()}'
-    with open(tmp, 'w') as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, self._path)
+    from ckpt_export import commit  # pylint: disable=g-import-not-at-top
+    commit.write_file_atomically(self._path, text)
 
 
 def _substitute(word: str, export_dir: str, step: int) -> str:
