@@ -355,7 +355,7 @@ class Exporter:
   def wait(self, raise_errors: bool = True) -> None:
     """Waits for the background exports; raises the first one's error."""
     pending, self._pending = self._pending, []
-    errors = [f.exception() for f in pending if f.exception() is not None]
+    errors = [e for e in (f.exception() for f in pending) if e is not None]
     for error in errors[1:]:
       logging.error('Another background export failed too: %r', error)
     if errors:

@@ -284,18 +284,17 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     names = commit.recover(self._directory, self._checkpoint_name,
                            readers.list_directory(self._directory))
     for name in sorted(names):
-      if self._last_saved_step is None and _STATE_TEMP_RE.fullmatch(name):
-        path = os.path.join(self._directory, name)
-        logging.info('Removing %s, left by a crashed checkpoint write.', path)
-        tf.io.gfile.remove(path)
-        names.discard(name)
-        continue
       step = paths.parse_checkpoint_temp_step(name, self._checkpoint_name)
       if step is not None and step != self._last_saved_step:
-        path = os.path.join(self._directory, name)
-        logging.info('Removing %s, left by a crashed checkpoint write.', path)
-        tf.io.gfile.rmtree(path)
-        names.discard(name)
+        remove = tf.io.gfile.rmtree
+      elif self._last_saved_step is None and _STATE_TEMP_RE.fullmatch(name):
+        remove = tf.io.gfile.remove
+      else:
+        continue
+      path = os.path.join(self._directory, name)
+      logging.info('Removing %s, left by a crashed checkpoint write.', path)
+      remove(path)
+      names.discard(name)
     return names
 
   def _managed_savedmodels(self, names: Optional[Iterable[str]] = None
