@@ -184,13 +184,20 @@ def remove_export_unless_leased(export_dir: str) -> bool:
   created = commit.created_time(export_dir)
   request = _request_path(model_dir, name)
   if not tf.io.gfile.exists(request):
-    _write_json(request, {'requested': time.time()})
+    try:
+      _write_json(request, {'requested': time.time()})
+    except tf.errors.NotFoundError:  # A reader's release deleted it meanwhile.
+      return True
   live = _live_holders(model_dir, name)
   if live:
     logging.info('Deferring the deletion of %s: leased by %s.', export_dir,
                  ', '.join(str(r.get('holder')) for r in live))
     return False
-  _delete(model_dir, name, created)
+  if (not _delete(model_dir, name, created) and created is not None and
+      commit.created_time(export_dir) is None):
+    # Deleted meanwhile; on object stores the request written above may have
+    # outlived the deletion, as a stray object where the export was.
+    _remove_file(request)
   return True
 
 

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 import ckpt_export
+from ckpt_export import commit
 from ckpt_export import leases
 from ckpt_export import paths
 from conftest import Scale, entries, save_step, served_value, steps_of
@@ -93,6 +94,33 @@ def test_remove_export_unless_leased(model_dir, scale):
   lease.release()
   assert ckpt_export.list_savedmodels(model_dir) == []
   assert leases.remove_export_unless_leased(_export(model_dir, 1))
+
+
+def test_gc_survives_a_release_deleting_the_export_under_it(
+    model_dir, scale, monkeypatch):
+  manager = _manager(model_dir, scale)
+  save_step(manager, scale, 1)
+  lease = leases.acquire(_export(model_dir, 1))
+  save_step(manager, scale, 2)  # Deletion of the leased step 1 deferred.
+  created_time = commit.created_time
+
+  def release_meanwhile(export_dir):
+    # The reader releases (and so deletes) step 1 just as the next garbage
+    # collection has found it there and is about to request its deletion.
+    monkeypatch.setattr(commit, 'created_time', created_time)
+    result = created_time(export_dir)
+    lease.release()
+    return result
+
+  monkeypatch.setattr(commit, 'created_time', release_meanwhile)
+  save_step(manager, scale, 3)
+  assert commit.created_time is created_time  # The race did happen.
+  # Nothing left where step 1 was (on ram://, listdir omits such a leftover).
+  assert not tf.io.gfile.exists(_export(model_dir, 1))
+  assert entries(model_dir) == [
+      '.ckpt_export', 'checkpoint', 'ckpt-3.data-00000-of-00001',
+      'ckpt-3.index', 'ckpt-3_saved_modules']
+  assert served_value(_export(model_dir, 3)) == 3
 
 
 def test_a_live_reader_keeps_its_lease_past_its_duration(model_dir, scale):
