@@ -435,15 +435,21 @@ def recover(directory: str, checkpoint_name: str,
           _owner_alive(name)):
         continue
       path = os.path.join(directory, name)
-      if match.group('kind') == _OLD and atomic and export not in names:
-        logging.warning('Restoring export %s that a crashed save was replacing.',
-                        export)
-        tf.io.gfile.rename(path, os.path.join(directory, export))
-        names.add(export)
-      else:
-        logging.info('Removing %s, left behind by a writer that is gone.', path)
-        tf.io.gfile.rmtree(path)
       names.discard(name)
+      restore = match.group('kind') == _OLD and atomic and export not in names
+      try:
+        if restore:
+          logging.warning('Restoring export %s that a crashed save was '
+                          'replacing.', export)
+          tf.io.gfile.rename(path, os.path.join(directory, export))
+        else:
+          logging.info('Removing %s, left behind by a writer that is gone.',
+                       path)
+          tf.io.gfile.rmtree(path)
+      except (tf.errors.NotFoundError, tf.errors.AlreadyExistsError):
+        _log_recovered_meanwhile(path)
+      if restore and tf.io.gfile.exists(os.path.join(directory, export)):
+        names.add(export)  # Restored, here or by another process.
     elif (not atomic and
           paths.parse_export_step(name, checkpoint_name) is not None):
       path = os.path.join(directory, name)
@@ -455,7 +461,15 @@ def recover(directory: str, checkpoint_name: str,
       if not _owner_alive(writer):
         logging.info('Removing %s, left half-written by a writer that is gone.',
                      path)
-        with _operation() as token:
-          _remove_tree_in_order(path, token)
         names.discard(name)
+        try:
+          with _operation() as token:
+            _remove_tree_in_order(path, token)
+        except tf.errors.NotFoundError:
+          _log_recovered_meanwhile(path)
   return names
+
+
+def _log_recovered_meanwhile(path: str) -> None:
+  logging.info('%s was recovered meanwhile by another process (one sharing '
+               'the directory, such as a decoupled exporter).', path)

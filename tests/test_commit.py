@@ -137,6 +137,47 @@ def test_recover_restores_an_export_whose_replacement_crashed(local_dir, scale):
   assert served_value(final) == 5.0
 
 
+def test_two_processes_recovering_at_once_both_succeed(model_dir, scale):
+  """A trainer and a decoupled exporter list the directory, then both recover."""
+  final = _publish(model_dir, 5, scale)
+  leftover = commit._work_dir(final, 'tmp', _dead_token())
+  tf.io.gfile.makedirs(os.path.join(leftover, MODULES_KEY))
+  listed = entries(model_dir)
+  first = commit.recover(model_dir, 'ckpt', listed)
+  second = commit.recover(model_dir, 'ckpt', listed)  # Its listing is stale.
+  assert first == second == {'ckpt-5_saved_modules'}
+  assert not tf.io.gfile.exists(leftover)
+  assert readers.list_savedmodels(model_dir) == [final]
+
+
+def test_two_processes_restoring_a_replaced_export_both_succeed(local_dir,
+                                                                scale):
+  scale.w.assign(tf.fill([4], 5.0))
+  final = _publish(local_dir, 5, scale)
+  # A crash between renaming the old export aside and publishing the new one.
+  tf.io.gfile.rename(final, commit._work_dir(final, 'old', _dead_token()))
+  listed = entries(local_dir)
+  first = commit.recover(local_dir, 'ckpt', listed)
+  second = commit.recover(local_dir, 'ckpt', listed)  # Its listing is stale.
+  assert first == second == {'ckpt-5_saved_modules'}
+  assert entries(local_dir) == ['ckpt-5_saved_modules']
+  assert served_value(final) == 5.0
+
+
+def test_two_processes_removing_a_half_published_export_both_succeed(scale):
+  model_dir = 'ram://ckpt_export_test/two_recoverers'
+  final = paths.export_path(model_dir, 'ckpt', 1)
+  tmp = commit._work_dir(final, 'tmp', _dead_token())
+  export.write_modules({MODULES_KEY: scale}, tmp)
+  tf.io.gfile.makedirs(final)
+  with tf.io.gfile.GFile(os.path.join(final, commit.INCOMPLETE_MARKER), 'w') as f:
+    f.write(paths.basename(tmp))
+  listed = entries(model_dir)
+  assert commit.recover(model_dir, 'ckpt', listed) == set()
+  commit.recover(model_dir, 'ckpt', listed)  # Its listing is stale.
+  assert not tf.io.gfile.exists(final) and not tf.io.gfile.exists(tmp)
+
+
 def test_object_store_export_needs_its_commit_marker(scale):
   model_dir = 'ram://ckpt_export_test/marker'
   final = _publish(model_dir, 1, scale)
