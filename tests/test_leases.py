@@ -2,6 +2,7 @@
 
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -264,6 +265,68 @@ def test_iterator_with_a_trainer_deleting_never_yields_a_missing_export(
   # Every deferred deletion was carried out at release.
   assert steps_of(ckpt_export.list_savedmodels(model_dir)) == [last]
   assert _lease_files(model_dir) == []
+
+
+def test_many_readers_racing_the_trainers_gc(model_dir):
+  """Iterators and brief leases on every export while the trainer deletes it.
+
+  Every release may carry out a deletion the trainer's garbage collection is
+  requesting at that moment: nothing may fail, every yielded export serves its
+  step, and in the end only the last export and no lease is left.
+  """
+  trainer_module = Scale()
+  manager = _manager(model_dir, trainer_module)
+  save_step(manager, trainer_module, 1)
+  last, done = 40, threading.Event()
+  errors, seen = [], {}
+
+  def run(name, target):
+    def guarded():
+      try:
+        target(name)
+      except Exception as e:  # pylint: disable=broad-except
+        errors.append((name, e))
+        done.set()
+    return threading.Thread(target=guarded, name=name)
+
+  def train(_):
+    for step in range(2, last + 1):
+      save_step(manager, trainer_module, step)
+    done.set()
+
+  def iterate(name):
+    seen[name] = []
+    for export_dir in ckpt_export.savedmodels_iterator(
+        model_dir, timeout=0.05, seconds_to_sleep=0.005, latest_only=True,
+        timeout_fn=lambda: seen[name][-1:] == [last] or bool(errors)):
+      step = paths.parse_export_step(export_dir)
+      assert served_value(export_dir) == step
+      seen[name].append(step)
+
+  def grab(name):
+    rng = random.Random(name)
+    while not done.is_set():
+      for export_dir in ckpt_export.list_savedmodels(model_dir):
+        lease = leases.acquire(export_dir, lease_seconds=60)
+        if lease is not None:
+          time.sleep(rng.uniform(0, 0.05))
+          lease.release()
+
+  threads = [run('trainer', train)] + [
+      run(f'reader{i}', iterate) for i in range(2)] + [
+          run(f'grabber{i}', grab) for i in range(4)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  assert errors == []
+  for steps in seen.values():
+    assert steps == sorted(set(steps)) and steps[-1] == last
+  assert steps_of(ckpt_export.list_savedmodels(model_dir)) == [last]
+  assert _lease_files(model_dir) == []
+  assert entries(model_dir) == [
+      '.ckpt_export', 'checkpoint', f'ckpt-{last}.data-00000-of-00001',
+      f'ckpt-{last}.index', f'ckpt-{last}_saved_modules']
 
 
 # Real reader processes.
