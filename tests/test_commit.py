@@ -2,6 +2,7 @@
 
 import json
 import os
+from typing import Tuple
 
 import pytest
 import tensorflow as tf
@@ -25,6 +26,21 @@ def _publish(model_dir: str, step: int, module) -> str:
 def _dead_token() -> str:
   """A work-dir token of a process on this host that no longer exists."""
   return f'{int(__import__("time").time() * 1000)}-999999999-{commit._HOST}-0123abcd'
+
+
+def _half_published(model_dir: str, scale) -> Tuple[str, str]:
+  """A copy-then-delete publish, killed after it marked the export incomplete.
+
+  Returns:
+    The export's path and its writer's (dead) work directory.
+  """
+  final = paths.export_path(model_dir, 'ckpt', 1)
+  tmp = commit._work_dir(final, 'tmp', _dead_token())
+  export.write_modules({MODULES_KEY: scale}, tmp)
+  tf.io.gfile.makedirs(final)
+  with tf.io.gfile.GFile(os.path.join(final, commit.INCOMPLETE_MARKER), 'w') as f:
+    f.write(paths.basename(tmp))
+  return final, tmp
 
 
 def test_publish_writes_a_complete_export_and_nothing_else(model_dir, scale):
@@ -166,12 +182,7 @@ def test_two_processes_restoring_a_replaced_export_both_succeed(local_dir,
 
 def test_two_processes_removing_a_half_published_export_both_succeed(scale):
   model_dir = 'ram://ckpt_export_test/two_recoverers'
-  final = paths.export_path(model_dir, 'ckpt', 1)
-  tmp = commit._work_dir(final, 'tmp', _dead_token())
-  export.write_modules({MODULES_KEY: scale}, tmp)
-  tf.io.gfile.makedirs(final)
-  with tf.io.gfile.GFile(os.path.join(final, commit.INCOMPLETE_MARKER), 'w') as f:
-    f.write(paths.basename(tmp))
+  final, tmp = _half_published(model_dir, scale)
   listed = entries(model_dir)
   assert commit.recover(model_dir, 'ckpt', listed) == set()
   commit.recover(model_dir, 'ckpt', listed)  # Its listing is stale.
@@ -195,12 +206,7 @@ def test_object_store_export_needs_its_commit_marker(scale):
 def test_object_store_half_published_export_is_removed(scale):
   """A copy-then-delete publish killed midway is cleaned up, never read."""
   model_dir = 'ram://ckpt_export_test/half'
-  final = paths.export_path(model_dir, 'ckpt', 1)
-  tmp = commit._work_dir(final, 'tmp', _dead_token())
-  export.write_modules({MODULES_KEY: scale}, tmp)
-  tf.io.gfile.makedirs(final)
-  with tf.io.gfile.GFile(os.path.join(final, commit.INCOMPLETE_MARKER), 'w') as f:
-    f.write(paths.basename(tmp))
+  final, tmp = _half_published(model_dir, scale)
   tf.io.gfile.rename(os.path.join(tmp, MODULES_KEY, 'saved_model.pb'),
                      os.path.join(final, 'saved_model.pb'))
   assert readers.list_savedmodels(model_dir) == []
