@@ -6,18 +6,23 @@ reads the variables, and reading some of them (SyncOnRead ones, say) runs
 collectives across all workers. Only the chief
 (`strategy.extended.should_checkpoint`) may write the model directory: two
 workers writing one directory collide. The others write the same checkpoint and
-export into a scratch directory of their own on local disk, then delete it.
+export into a scratch directory of their own on local disk, then delete it; the
+next manager on the host deletes those of a worker killed meanwhile.
 
 The strategy is the one in scope, or else the one that owns the checkpoint's
 distributed variables, so a manager built outside `strategy.scope()` still
 finds it.
 """
 
+import os
 import re
 import tempfile
-from typing import Optional
+from typing import List, Optional
 
+from absl import logging
 import tensorflow as tf
+
+from ckpt_export import commit
 
 SCRATCH_PREFIX = 'ckpt_export-scratch-'
 
@@ -61,12 +66,62 @@ def make_scratch_directory(strategy: Optional[tf.distribute.Strategy]) -> str:
   """Creates a new, unique local directory for a non-chief's writes.
 
   It lives in the temporary directory (`$TMPDIR`, else `/tmp`), never in the
-  model directory: no reader, garbage collection or other worker sees it.
+  model directory: no reader, garbage collection or other worker sees it. Its
+  name carries the token of an operation in flight (`commit.begin_operation`)
+  until `remove_scratch_directory`, so `remove_stale_scratch_directories` can
+  tell it from the leftover of a process killed mid-save.
 
   Args:
     strategy: The job's strategy, to name the directory after the task.
 
   Returns:
-    The directory's path; the caller removes it.
+    The directory's path; the caller removes it with
+    `remove_scratch_directory`.
   """
-  return tempfile.mkdtemp(prefix=f'{SCRATCH_PREFIX}{task_name(strategy)}-')
+  token = commit.begin_operation()
+  path = os.path.join(tempfile.gettempdir(),
+                      f'{SCRATCH_PREFIX}{task_name(strategy)}.{token}')
+  try:
+    os.mkdir(path, 0o700)
+  except BaseException:
+    commit.end_operation(token)
+    raise
+  return path
+
+
+def _token(path: str) -> str:
+  """The token in a scratch directory's name (the task name has no '.')."""
+  return os.path.basename(path)[len(SCRATCH_PREFIX):].partition('.')[2]
+
+
+def remove_scratch_directory(path: str) -> None:
+  """Removes a directory `make_scratch_directory` made, and ends its token."""
+  try:
+    tf.io.gfile.rmtree(path)
+  except tf.errors.NotFoundError:
+    pass
+  finally:
+    commit.end_operation(_token(path))
+
+
+def remove_stale_scratch_directories() -> List[str]:
+  """Removes the scratch directories of processes that are gone.
+
+  A worker killed mid-save leaves its scratch directory (a checkpoint and an
+  export's worth of bytes); a restarted worker removes it, on its first save.
+  Those of running processes on this host (other workers sharing `/tmp`) and
+  of other hosts (a shared `$TMPDIR`) are left alone.
+
+  Returns:
+    The paths removed.
+  """
+  directory = tempfile.gettempdir()
+  removed = []
+  for name in sorted(os.listdir(directory)):
+    path = os.path.join(directory, name)
+    if (name.startswith(SCRATCH_PREFIX) and
+        not commit.token_alive(_token(path), stale_seconds=None)):
+      logging.info('Removing %s, left by a worker killed while saving.', path)
+      remove_scratch_directory(path)
+      removed.append(path)
+  return removed

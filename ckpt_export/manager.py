@@ -109,6 +109,8 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     self._last_saved_step = None
     # The tf.distribute strategy, once found (see `_is_chief`).
     self._strategy = None
+    # Whether a non-chief removed dead workers' scratch directories yet.
+    self._scratch_swept = False
     self._savedmodels = self._managed_savedmodels()
 
   def save(self,
@@ -222,11 +224,14 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     Returns:
       The path of the chief's checkpoint of this step.
     """
+    if not self._scratch_swept:
+      distribution.remove_stale_scratch_directories()
+      self._scratch_swept = True
     scratch = distribution.make_scratch_directory(self._strategy)
     options = copy.copy(options) or tf.train.CheckpointOptions()
     options.experimental_write_callbacks = [
         *(options.experimental_write_callbacks or []),
-        lambda: tf.io.gfile.rmtree(scratch)]
+        lambda: distribution.remove_scratch_directory(scratch)]
     try:
       if self._modules_to_export:
         export.write_modules(self._modules_to_export, paths.export_path(
@@ -236,8 +241,7 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
       self._checkpoint.write(os.path.join(scratch, f'{self._checkpoint_name}-'
                                           f'{step}'), options=options)
     except BaseException:
-      if tf.io.gfile.exists(scratch):
-        tf.io.gfile.rmtree(scratch)
+      distribution.remove_scratch_directory(scratch)
       raise
     if self._checkpoint_interval is not None:
       self._last_checkpoint_step = _as_step(self._step_counter)

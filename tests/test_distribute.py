@@ -12,11 +12,13 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from typing import List, Sequence
 
 import pytest
 import tensorflow as tf
 
+from ckpt_export import commit
 from ckpt_export import distribution
 from ckpt_export import paths
 from conftest import entries
@@ -125,8 +127,41 @@ def test_scratch_directories_are_fresh_and_outside_the_model_directory(
   for scratch in (first, second):
     assert os.path.dirname(scratch) == str(tmp_path)
     assert os.path.basename(scratch).startswith(
-        distribution.SCRATCH_PREFIX + 'local-')
+        distribution.SCRATCH_PREFIX + 'local.')
     assert not os.listdir(scratch)
+    distribution.remove_scratch_directory(scratch)
+  assert not os.listdir(tmp_path)
+
+
+def _plant_scratch(directory, pid: int) -> str:
+  """A scratch directory with a file, as process `pid` on this host makes."""
+  token = f'{int(time.time() * 1000)}-{pid}-{commit._HOST}-0123abcd'
+  path = os.path.join(directory, f'{distribution.SCRATCH_PREFIX}worker1.{token}')
+  os.makedirs(os.path.join(path, 'ckpt-2_saved_modules'))
+  with open(os.path.join(path, 'ckpt-2.index'), 'w') as f:
+    f.write('partial')
+  return path
+
+
+def test_only_the_scratch_directories_of_dead_processes_are_removed(
+    tmp_path, monkeypatch):
+  monkeypatch.setenv('TMPDIR', str(tmp_path))
+  monkeypatch.setattr('tempfile.tempdir', None)  # Re-read TMPDIR.
+  killed = _plant_scratch(tmp_path, pid=999999999)
+  running = _plant_scratch(tmp_path, pid=os.getppid())
+  # Of this process: one in use, and one left by a former process whose pid
+  # this one reuses (its token is not in flight here).
+  in_use = distribution.make_scratch_directory(None)
+  former = _plant_scratch(tmp_path, pid=os.getpid())
+  unrelated = tmp_path / 'ckpt_export-scratch'  # Not named like ours.
+  unrelated.mkdir()
+  assert distribution.remove_stale_scratch_directories() == sorted(
+      [killed, former])
+  assert sorted(os.listdir(tmp_path)) == sorted(
+      os.path.basename(p) for p in (running, in_use, str(unrelated)))
+  distribution.remove_scratch_directory(in_use)
+  assert distribution.remove_stale_scratch_directories() == []
+  assert not os.path.exists(in_use)
 
 
 @pytest.mark.slow
@@ -152,11 +187,15 @@ def test_multi_worker_chief_alone_writes_sync_then_async(tmp_path):
 
   # Resumed, with async checkpointing: every worker restores the chief's
   # latest checkpoint, and the chief alone collects garbage.
+  # The non-chief's TMPDIR holds what a killed predecessor of it left, and
+  # the scratch directory of a running process sharing it.
+  killed = _plant_scratch(tmp_path / 'tmp1', pid=999999999)
+  running = _plant_scratch(tmp_path / 'tmp1', pid=os.getpid())
   second = _run_workers(model_dir, 8, use_async=True, tmp_path=tmp_path)
   for lines in second:
     assert 'RESTORED 4' in lines and 'DONE 2' in lines
   assert entries(model_dir) == _expected_entries([6, 8])
   _check_exports(model_dir, [6, 8], replicas=2)
-  for index in range(WORKERS):
-    assert not os.listdir(tmp_path / f'tmp{index}'), (
-        f'worker {index} left files in its TMPDIR')
+  assert not os.path.exists(killed)
+  assert os.listdir(tmp_path / 'tmp1') == [os.path.basename(running)]
+  assert not os.listdir(tmp_path / 'tmp0'), 'the chief left files in TMPDIR'

@@ -12,7 +12,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'ckpt_export'
 ALLOWED = {
     'paths': set(),
     'commit': {'paths'},
-    'distribution': set(),
+    'distribution': {'commit'},
     'export': {'commit', 'paths'},
     'leases': {'commit', 'paths'},
     'readers': {'commit', 'leases', 'paths'},
