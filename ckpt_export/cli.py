@@ -565,10 +565,10 @@ def _add_export(subparsers: Any) -> None:
       description='The decoupled mode: the trainer writes checkpoints only '
       '(a plain tf.train.CheckpointManager), and this process exports each new '
       'checkpoint of MODEL_DIR as <name>-<step>_saved_modules/<module>/ '
-      'through the same commit protocol, and deletes exports whose checkpoint is gone '
-      '(unless a reader leases them). BUILD_FN is "package.module:function", '
-      'returning (tf.train.Checkpoint, {module name: module}) shaped like the '
-      "trainer's checkpoint.")
+      'through the same commit protocol, and deletes exports whose checkpoint '
+      'is gone (unless a reader leases them). BUILD_FN is '
+      '"package.module:function", returning (tf.train.Checkpoint, '
+      "{module name: module}) shaped like the trainer's checkpoint.")
   add_model_dir_arguments(parser)
   parser.add_argument('--build-fn', required=True, metavar='BUILD_FN',
                       help='package.module:function building the checkpoint '

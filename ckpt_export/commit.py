@@ -3,7 +3,8 @@
 An export is written into a work directory that no reader takes for an export
 (`.<export>.tmp-<token>`: its name does not end in `_saved_modules`, is not an
 integer, and no export's name is a prefix of it, which TF's prefix-matching
-`ram://` file system needs), and published only once complete. Two file system families:
+`ram://` file system needs), and published only once complete. Two file system
+families:
 
 * Atomic directory rename (local disk, `file://`). The commit marker is written
   into the work directory, which is then renamed to the final name in one step:
@@ -410,7 +411,7 @@ def remove_export_if_created(export_dir: str,
 
 def recover(directory: str, checkpoint_name: str,
             names: Iterable[str]) -> Set[str]:
-  """Removes what crashed writers left in `directory`; restores replaced exports.
+  """Removes what crashed writers left in `directory`; restores replaced ones.
 
   Only entries of `checkpoint_name` are considered, and only those whose writer
   is no longer alive: work directories of dead writers are deleted (a replaced

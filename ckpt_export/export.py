@@ -70,9 +70,9 @@ def validate_modules(modules_to_export: Optional[Mapping[str, Any]]) -> None:
                        'Keras model.')
     if not _could_have_signature(module):
       raise ValueError(
-          f'Module {name!r} ({type(module).__name__}) has no way to get serving '
-          'signatures: give it a `saved_model_signatures` attribute, or a '
-          'tf.function with an input_signature.')
+          f'Module {name!r} ({type(module).__name__}) has no way to get '
+          'serving signatures: give it a `saved_model_signatures` attribute, '
+          'or a tf.function with an input_signature.')
 
 
 def signature_keys(saved_model_dir: str) -> List[str]:

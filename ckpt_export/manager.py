@@ -23,7 +23,8 @@ import numbers
 import os
 import re
 import time
-from typing import Any, Callable, Iterable, Iterator, List, Mapping, Optional, Set
+from typing import (Any, Callable, Iterable, Iterator, List, Mapping, Optional,
+                    Set)
 
 from absl import logging
 import tensorflow as tf

@@ -58,7 +58,7 @@ def export_path(directory: str, checkpoint_name: str, step: int) -> str:
 
 
 def basename(path: PathLike) -> str:
-  """Returns the last component of a local path or URL, ignoring trailing '/'."""
+  """Returns the last component of a path or URL, ignoring a trailing '/'."""
   path = os.fspath(path)
   return path.rstrip('/').rsplit('/', 1)[-1]
 

@@ -166,7 +166,8 @@ def _wait_for_step(directory: str, after_step: int, seconds_to_sleep: float,
     if found is not None:
       logging.info('Found export %s', found[1])
       return found
-    if stop_time is not None and time.monotonic() + seconds_to_sleep > stop_time:
+    if (stop_time is not None and
+        time.monotonic() + seconds_to_sleep > stop_time):
       return None
     time.sleep(seconds_to_sleep)
 

@@ -38,7 +38,8 @@ def _half_published(model_dir: str, scale) -> Tuple[str, str]:
   tmp = commit._work_dir(final, 'tmp', _dead_token())
   export.write_modules({MODULES_KEY: scale}, tmp)
   tf.io.gfile.makedirs(final)
-  with tf.io.gfile.GFile(os.path.join(final, commit.INCOMPLETE_MARKER), 'w') as f:
+  marker = os.path.join(final, commit.INCOMPLETE_MARKER)
+  with tf.io.gfile.GFile(marker, 'w') as f:
     f.write(paths.basename(tmp))
   return final, tmp
 
@@ -154,7 +155,7 @@ def test_recover_restores_an_export_whose_replacement_crashed(local_dir, scale):
 
 
 def test_two_processes_recovering_at_once_both_succeed(model_dir, scale):
-  """A trainer and a decoupled exporter list the directory, then both recover."""
+  """A trainer and a decoupled exporter list the directory, then recover."""
   final = _publish(model_dir, 5, scale)
   leftover = commit._work_dir(final, 'tmp', _dead_token())
   tf.io.gfile.makedirs(os.path.join(leftover, MODULES_KEY))

@@ -136,7 +136,8 @@ def test_scratch_directories_are_fresh_and_outside_the_model_directory(
 def _plant_scratch(directory, pid: int) -> str:
   """A scratch directory with a file, as process `pid` on this host makes."""
   token = f'{int(time.time() * 1000)}-{pid}-{commit._HOST}-0123abcd'
-  path = os.path.join(directory, f'{distribution.SCRATCH_PREFIX}worker1.{token}')
+  path = os.path.join(directory,
+                      f'{distribution.SCRATCH_PREFIX}worker1.{token}')
   os.makedirs(os.path.join(path, 'ckpt-2_saved_modules'))
   with open(os.path.join(path, 'ckpt-2.index'), 'w') as f:
     f.write('partial')
