@@ -108,8 +108,9 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     # The step of this manager's latest save: its checkpoint may still be
     # in flight (async), so its export is kept regardless.
     self._last_saved_step = None
-    # The tf.distribute strategy, once found (see `_is_chief`).
+    # The tf.distribute strategy (see `_is_chief`), and whether it is final.
     self._strategy = None
+    self._strategy_resolved = False
     # Whether a non-chief removed dead workers' scratch directories yet.
     self._scratch_swept = False
     self._savedmodels = self._managed_savedmodels()
@@ -149,7 +150,9 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     step = self._step_to_save(checkpoint_number, check_interval)
     if step is None:
       return None
-    if not self._is_chief():
+    chief = self._is_chief()
+    self._strategy_resolved = True
+    if not chief:
       return self._save_as_worker(step, options)
     export_dir = paths.export_path(self._directory, self._checkpoint_name, step)
     if self._modules_to_export:
@@ -203,8 +206,12 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     return checkpoint_number
 
   def _is_chief(self) -> bool:
-    """Whether this process writes the directory (see `distribution.py`)."""
-    if self._strategy is None:
+    """Whether this process writes the directory (see `distribution.py`).
+
+    The strategy is looked for (a walk of the checkpoint's objects) until the
+    first save, when the variables exist: none found then means none.
+    """
+    if not self._strategy_resolved:
       self._strategy = distribution.find_strategy(self._checkpoint)
     return distribution.is_chief(self._strategy)
 

@@ -18,10 +18,13 @@ from typing import List, Sequence
 import pytest
 import tensorflow as tf
 
+import ckpt_export
 from ckpt_export import commit
 from ckpt_export import distribution
 from ckpt_export import paths
 from conftest import entries
+from conftest import save_step
+from conftest import Scale
 from conftest import served_value
 import distribute_job
 
@@ -115,6 +118,29 @@ def test_strategy_found_in_scope_or_from_the_checkpoint_variables():
   plain = tf.train.Checkpoint(model=distribute_job.CountingModel())
   assert distribution.find_strategy(plain) is None
   assert distribution.is_chief(None)
+
+
+def test_the_strategy_is_looked_for_until_the_first_save_only(
+    tmp_path, monkeypatch):
+  """Walking the checkpoint's objects is not repeated on every save."""
+  calls = []
+  find_strategy = distribution.find_strategy
+
+  def counting(checkpoint):
+    calls.append(checkpoint)
+    return find_strategy(checkpoint)
+
+  monkeypatch.setattr(distribution, 'find_strategy', counting)
+  module = Scale()
+  manager = ckpt_export.SavedModelCheckpointManager(
+      tf.train.Checkpoint(module=module), str(tmp_path / 'model'), 2,
+      modules_to_export={'scale': module})
+  manager.restore_or_initialize()
+  for step in (1, 2, 3):
+    save_step(manager, module, step)
+  manager.sync()
+  assert len(calls) == 2  # At restore_or_initialize, then the first save.
+  assert served_value(manager.latest_savedmodel) == 3
 
 
 def test_scratch_directories_are_fresh_and_outside_the_model_directory(
