@@ -184,7 +184,7 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     except BaseException:
       self._exporter.wait(raise_errors=False)
       if self._modules_to_export and commit.is_ours(export_dir):
-        commit.remove_export(export_dir)
+        leases.remove_export_unless_leased(export_dir)
       raise
     self._last_saved_step = step
     self._collect_garbage()

@@ -11,6 +11,7 @@ from official.core import savedmodel_checkpoint_manager as reference
 
 import ckpt_export
 from ckpt_export import commit
+from ckpt_export import leases
 from ckpt_export import paths
 from conftest import N_FEATURES, Scale, entries, save_step, served_value, steps_of
 
@@ -327,6 +328,28 @@ def test_failed_checkpoint_write_publishes_no_export(local_dir, scale):
   assert entries(local_dir) == before
   assert steps_of(ckpt_export.list_savedmodels(local_dir)) == [1]
 
+
+
+def test_failed_save_spares_its_export_while_a_reader_holds_it(local_dir,
+                                                               scale):
+  manager = _manager(local_dir, scale)
+  save_step(manager, scale, 1)
+  export_dir = paths.export_path(local_dir, 'ckpt', 2)
+  held = []
+
+  def reader_then_failure():
+    # A reader leases the new export just before the checkpoint write fails.
+    held.append(leases.acquire(export_dir))
+    raise RuntimeError('checkpoint write failed')
+
+  with pytest.raises(RuntimeError, match='checkpoint write failed'):
+    save_step(manager, scale, 2, options=tf.train.CheckpointOptions(
+        experimental_write_callbacks=[reader_then_failure]))
+  assert held[0] is not None
+  assert served_value(export_dir) == 2  # Still there for its reader.
+  assert steps_of(manager.savedmodels) == [1]
+  held[0].release()
+  assert steps_of(ckpt_export.list_savedmodels(local_dir)) == [1]
 
 # Names, paths, and what is not ours.
 
