@@ -478,12 +478,11 @@ def _watch(args: argparse.Namespace) -> int:
   exports = readers.savedmodels_iterator(
       args.model_dir, timeout=args.timeout,
       seconds_to_sleep=args.seconds_to_sleep,
-      checkpoint_name=args.checkpoint_name, latest_only=args.latest_only)
+      checkpoint_name=args.checkpoint_name, latest_only=args.latest_only,
+      after_step=state.last_step)
   with contextlib.closing(exports), _sigterm_raises():
     for export_dir in exports:
       step = paths.parse_export_step(export_dir, args.checkpoint_name)
-      if step <= state.last_step:
-        continue
       command = args.command[:1] + [
           _substitute(word, export_dir, step) for word in args.command[1:]]
       logging.info('Step %d: running %s', step, shlex.join(command))

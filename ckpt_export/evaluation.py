@@ -125,8 +125,9 @@ def evaluate_exports(model_dir: str,
                     ) -> Dict[int, Metrics]:
   """Evaluates the exports of `model_dir` as they appear.
 
-  Each published export (with `latest_only`, the newest one at each look) not
-  yet in the metrics record is loaded and passed to `eval_fn`. Its metrics are
+  Each published export (with `latest_only`, the newest one at each look)
+  after the last step in the metrics record is loaded and passed to
+  `eval_fn`. Its metrics are
   written as TensorBoard scalars under `summary_dir`, offered to `best`, then
   recorded in `<summary_dir>/metrics.json`. A restart resumes after the last
   recorded step. An export deleted by the trainer before it is loaded is
@@ -176,11 +177,9 @@ def evaluate_exports(model_dir: str,
     for export_dir in readers.savedmodels_iterator(
         model_dir, min_interval_secs=min_interval_secs, timeout=timeout,
         timeout_fn=timeout_fn, seconds_to_sleep=seconds_to_sleep,
-        checkpoint_name=checkpoint_name, latest_only=latest_only):
+        checkpoint_name=checkpoint_name, latest_only=latest_only,
+        after_step=max(recorded, default=-1)):
       step = paths.parse_export_step(export_dir, checkpoint_name)
-      if step in recorded:
-        logging.info('Step %d already evaluated; skipping it.', step)
-        continue
       try:
         loaded = load_modules(export_dir, modules)
       except (tf.errors.NotFoundError, ValueError):

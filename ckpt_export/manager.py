@@ -412,9 +412,11 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
       timeout_fn: Optional[Callable[[], bool]] = None,
       seconds_to_sleep: float = 1.0,
       latest_only: bool = False,
-      lease_seconds: Optional[float] = leases.DEFAULT_LEASE_SECONDS
+      lease_seconds: Optional[float] = leases.DEFAULT_LEASE_SECONDS,
+      after_step: int = -1
   ) -> Iterator[str]:
     """Yields leased exports by step; see `readers.savedmodels_iterator`."""
     return readers.savedmodels_iterator(
         self._directory, min_interval_secs, timeout, timeout_fn,
-        seconds_to_sleep, self._checkpoint_name, latest_only, lease_seconds)
+        seconds_to_sleep, self._checkpoint_name, latest_only, lease_seconds,
+        after_step)

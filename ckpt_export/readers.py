@@ -49,24 +49,36 @@ def export_candidates(directory: str, checkpoint_name: str = 'ckpt',
   return sorted(found)
 
 
-def _published_exports(directory: str, checkpoint_name: str
-                       ) -> List[Tuple[int, str]]:
-  """Returns (step, path) of every published export in `directory`, by step.
+def _published_exports(directory: str, checkpoint_name: str,
+                       after_step: int = -1, newest_first: bool = False
+                       ) -> Iterator[Tuple[int, str]]:
+  """Yields (step, path) of the published exports after `after_step`.
 
   On a local path one `os.scandir` lists the entries and tells directories
-  (published exports there) from the rest; elsewhere each candidate is
-  checked with `commit.is_published`.
+  (published exports there) from the rest; elsewhere each candidate after
+  `after_step` is checked with `commit.is_published` as it is reached, so a
+  caller that stops at the first one found checks no more.
+
+  Args:
+    directory: The model directory.
+    checkpoint_name: The checkpoint name of the exports.
+    after_step: Only exports of higher steps are yielded.
+    newest_first: Whether to yield by decreasing step, not increasing.
   """
   if '://' in directory:
-    return [(step, path)
-            for step, path in export_candidates(directory, checkpoint_name)
-            if commit.is_published(path)]
-  try:
-    with os.scandir(directory) as scan:
-      names = [entry.name for entry in scan if entry.is_dir()]
-  except (FileNotFoundError, NotADirectoryError):
-    return []
-  return export_candidates(directory, checkpoint_name, names)
+    candidates = export_candidates(directory, checkpoint_name)
+    is_published = commit.is_published
+  else:
+    try:
+      with os.scandir(directory) as scan:
+        names = [entry.name for entry in scan if entry.is_dir()]
+    except (FileNotFoundError, NotADirectoryError):
+      return
+    candidates = export_candidates(directory, checkpoint_name, names)
+    is_published = None
+  for step, path in reversed(candidates) if newest_first else candidates:
+    if step > after_step and (is_published is None or is_published(path)):
+      yield step, path
 
 
 def list_savedmodels(directory: str, checkpoint_name: str = 'ckpt'
@@ -78,8 +90,8 @@ def list_savedmodels(directory: str, checkpoint_name: str = 'ckpt'
 def latest_savedmodel(directory: str,
                       checkpoint_name: str = 'ckpt') -> Optional[str]:
   """Returns the published export with the highest step, or None."""
-  exports = _published_exports(directory, checkpoint_name)
-  return exports[-1][1] if exports else None
+  found = next_savedmodel(directory, -1, checkpoint_name, latest=True)
+  return found[1] if found else None
 
 
 def next_savedmodel(directory: str, after_step: int,
@@ -93,11 +105,8 @@ def next_savedmodel(directory: str, after_step: int,
     checkpoint_name: The checkpoint name of the exports.
     latest: Whether to return the highest such step, not the lowest.
   """
-  found = [(step, path) for step, path in _published_exports(
-      directory, checkpoint_name) if step > after_step]
-  if not found:
-    return None
-  return found[-1] if latest else found[0]
+  return next(_published_exports(directory, checkpoint_name, after_step,
+                                 newest_first=latest), None)
 
 
 def check_seconds(name: str, value: Optional[float],
@@ -180,7 +189,8 @@ def savedmodels_iterator(
     seconds_to_sleep: float = 1.0,
     checkpoint_name: str = 'ckpt',
     latest_only: bool = False,
-    lease_seconds: Optional[float] = leases.DEFAULT_LEASE_SECONDS
+    lease_seconds: Optional[float] = leases.DEFAULT_LEASE_SECONDS,
+    after_step: int = -1
 ) -> Iterator[str]:
   """Yields published exports in step order, waiting for new ones.
 
@@ -203,14 +213,17 @@ def savedmodels_iterator(
       does: for a reader slower than the trainer.
     lease_seconds: The lease duration (renewed while held, see
       `leases.acquire`), or None to take no lease.
+    after_step: Only exports of higher steps are yielded: a restarted reader
+      passes the last step it handled, and waits for no export before it.
 
   Returns:
     An iterator of export paths, each step at most once, in increasing step
     order.
 
   Raises:
-    ValueError: For a negative time, a bad `lease_seconds` or a non-bool
-      `latest_only`; at the call.
+    ValueError: For a negative time, a bad `lease_seconds`, a non-bool
+      `latest_only` or an `after_step` that is not an integer >= -1; at the
+      call.
   """
   check_seconds('min_interval_secs', min_interval_secs, allow_none=False)
   check_seconds('seconds_to_sleep', seconds_to_sleep, allow_none=False)
@@ -219,17 +232,21 @@ def savedmodels_iterator(
     leases.check_lease_seconds(lease_seconds)
   if not isinstance(latest_only, bool):
     raise ValueError(f'latest_only must be a bool, got {latest_only!r}.')
+  if (isinstance(after_step, bool) or not isinstance(after_step, int) or
+      after_step < -1):
+    raise ValueError(f'after_step must be an integer >= -1, got '
+                     f'{after_step!r}.')
   return _iterate(directory, min_interval_secs, timeout, timeout_fn,
-                  seconds_to_sleep, checkpoint_name, latest_only, lease_seconds)
+                  seconds_to_sleep, checkpoint_name, latest_only, lease_seconds,
+                  after_step)
 
 
 def _iterate(directory: str, min_interval_secs: float,
              timeout: Optional[float],
              timeout_fn: Optional[Callable[[], bool]],
              seconds_to_sleep: float, checkpoint_name: str, latest_only: bool,
-             lease_seconds: Optional[float]) -> Iterator[str]:
+             lease_seconds: Optional[float], last_step: int) -> Iterator[str]:
   """The generator behind `savedmodels_iterator`."""
-  last_step = -1
   while True:
     found = _wait_for_step(directory, last_step, seconds_to_sleep, timeout,
                            checkpoint_name, latest_only)

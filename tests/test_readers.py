@@ -10,6 +10,7 @@ from official.core import savedmodel_checkpoint_manager as reference
 import ckpt_export
 from ckpt_export import commit
 from ckpt_export import export
+from ckpt_export import leases
 from ckpt_export import paths
 from conftest import Scale, served_value, steps_of
 
@@ -174,6 +175,50 @@ def test_iterator_arguments_are_checked_at_the_call(local_dir):
     ckpt_export.savedmodels_iterator(local_dir, latest_only='yes')
   with pytest.raises(ValueError, match='min_interval_secs.*-1'):
     ckpt_export.savedmodels_iterator(local_dir, min_interval_secs=-1)
+  for bad in (-2, 1.5, True, '3'):
+    with pytest.raises(ValueError, match=f'after_step.*{bad!r}'):
+      ckpt_export.savedmodels_iterator(local_dir, after_step=bad)
+
+
+@pytest.mark.parametrize('latest_only', [False, True])
+def test_iterator_after_step_never_reaches_earlier_exports(
+    model_dir, latest_only, monkeypatch):
+  """A restarted reader: nothing before its last step is leased or waited on."""
+  for step in (1, 2, 3, 4):
+    _publish(model_dir, step)
+  acquired = []
+  acquire = leases.acquire
+
+  def recording(export_dir, *args, **kwargs):
+    acquired.append(paths.parse_export_step(export_dir))
+    return acquire(export_dir, *args, **kwargs)
+
+  monkeypatch.setattr(leases, 'acquire', recording)
+  found = list(ckpt_export.savedmodels_iterator(
+      model_dir, timeout=0, after_step=2, latest_only=latest_only))
+  assert steps_of(found) == ([4] if latest_only else [3, 4])
+  assert acquired == steps_of(found)
+
+
+def test_object_store_polls_check_no_export_at_or_before_the_last_step(
+    monkeypatch):
+  model_dir = 'ram://ckpt_export_test/poll_checks'
+  for step in (1, 2, 3):
+    _publish(model_dir, step)
+  checked = []
+  is_published = commit.is_published
+
+  def recording(export_dir):
+    checked.append(paths.parse_export_step(export_dir))
+    return is_published(export_dir)
+
+  monkeypatch.setattr(commit, 'is_published', recording)
+  assert ckpt_export.wait_for_new_savedmodel(
+      model_dir, paths.export_path(model_dir, 'ckpt', 3), timeout=0) is None
+  assert checked == []
+  assert steps_of([ckpt_export.latest_savedmodel(model_dir)]) == [3]
+  assert checked == [3]
+  tf.io.gfile.rmtree(model_dir)
 
 
 def test_manager_iterator_takes_mode_and_lease(local_dir):
