@@ -373,6 +373,8 @@ def acquire(export_dir: str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
   Raises:
     ValueError: For an `export_dir` that is not an export path, or a bad
       `lease_seconds` or `holder`.
+    tf.errors.PermissionDeniedError: If this process may not write the lease
+      (the message says where, and how to read without one).
   """
   model_dir, name = _split(export_dir)
   lease_seconds = check_lease_seconds(lease_seconds)
@@ -392,6 +394,15 @@ def acquire(export_dir: str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
   try:
     tf.io.gfile.makedirs(_state_dir(model_dir, _LEASES))
     _write_json(holding.path, record)
+  except tf.errors.PermissionDeniedError as e:
+    commit.end_operation(token)
+    raise tf.errors.PermissionDeniedError(
+        e.node_def, e.op,
+        f'Cannot lease {export_dir}: a lease is a file written under '
+        f'{_state_dir(model_dir, _LEASES)}, which this process may not write '
+        f'({e.message}). Grant write access there, or read without a lease '
+        '(lease_seconds=None), which lets garbage collection delete the '
+        'export while it is read.') from e
   except BaseException:
     commit.end_operation(token)
     raise

@@ -178,3 +178,50 @@ def test_permission_denied_on_the_model_directory(unprivileged, when,
                         'second') == 2.0
   finally:
     os.chmod(model_dir, 0o755)  # For pytest's clean-up, if not done yet.
+
+
+_READ_ONCE = '''
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import ckpt_export
+try:
+  found = list(ckpt_export.savedmodels_iterator(
+      sys.argv[2], timeout=0, lease_seconds=None if sys.argv[3] == 'none'
+      else 60))
+  print(json.dumps({'found': found}))
+except Exception as e:  # pylint: disable=broad-except
+  print(json.dumps({'type': type(e).__name__, 'message': str(e)}))
+'''
+
+
+@pytest.mark.slow
+def test_a_reader_that_may_not_write_is_told_how_to_read(unprivileged,
+                                                         tmp_path):
+  module = Scale()
+  module.w.assign(tf.fill([N_FEATURES], 1.0))
+  model_dir = str(tmp_path / 'model')
+  ckpt_export.SavedModelCheckpointManager(
+      tf.train.Checkpoint(module=module), model_dir, 2,
+      modules_to_export={'scale': module}).save(checkpoint_number=1)
+  before = entries(model_dir)
+  os.chmod(model_dir, 0o555)
+  try:
+    results = {}
+    for lease in ('60', 'none'):
+      child = subprocess.run(
+          unprivileged + [sys.executable, '-c', _READ_ONCE,
+                          str(pathlib.Path(__file__).parents[1]), model_dir,
+                          lease],
+          capture_output=True, text=True, check=False,
+          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+      assert child.returncode == 0, child.stderr[-4000:]
+      results[lease] = json.loads(child.stdout.strip().split('\n')[-1])
+  finally:
+    os.chmod(model_dir, 0o755)
+  assert results['60']['type'] == 'PermissionDeniedError'
+  assert os.path.join(model_dir, '.ckpt_export', 'leases') in (
+      results['60']['message'])
+  assert 'lease_seconds=None' in results['60']['message']
+  assert results['none'] == {
+      'found': [paths.export_path(model_dir, 'ckpt', 1)]}
+  assert entries(model_dir) == before
