@@ -78,13 +78,21 @@ def read_best(model_dir: str, directory_name: str = 'best_export'
 
   Its `path` is the published copy of the best export, whose modules are at
   `<path>/<module>/`.
+
+  Raises:
+    ValueError: Naming the file, if it is not JSON (edited by hand, say).
   """
+  path = os.path.join(model_dir, directory_name, INFO_FILE)
   try:
-    with tf.io.gfile.GFile(
-        os.path.join(model_dir, directory_name, INFO_FILE)) as f:
-      return json.loads(f.read())
+    with tf.io.gfile.GFile(path) as f:
+      content = f.read()
   except tf.errors.NotFoundError:
     return None
+  try:
+    return json.loads(content)
+  except ValueError as e:
+    raise ValueError(f'{path} is not valid JSON ({e}); a BestExport for this '
+                     'directory rewrites it from its best copy.') from e
 
 
 class BestExport:
@@ -239,7 +247,12 @@ class BestExport:
         commit.remove_export(path)
 
   def _read_info(self) -> Optional[Dict[str, Any]]:
-    return read_best(*os.path.split(self._directory))
+    """`best.json`'s content; {} (rewritten by `_recover`) if not JSON."""
+    try:
+      return read_best(*os.path.split(self._directory))
+    except ValueError as e:
+      logging.warning('Rewriting %s: %s', INFO_FILE, e)
+      return {}
 
   def _copies(self) -> List[Tuple[Dict[str, Any], str]]:
     """(commit info, path) of each published copy of ours, in the directory."""

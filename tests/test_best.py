@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import time
 
 import numpy as np
@@ -148,6 +149,19 @@ def test_recovers_from_a_crash_between_publishing_and_best_json(
   assert best_lib.read_best(model_dir)['step'] == 1
   assert best_lib.BestExport(model_dir, 'm').best == (2, {'m': 2.0})
   _assert_best(model_dir, 2, {'m': 2.0})
+
+
+def test_a_corrupt_best_json_is_named_then_rewritten(manager, scale,
+                                                     model_dir):
+  best_lib.BestExport(model_dir, 'm').update(1, _export(manager, scale, 1),
+                                             {'m': 1.0})
+  info_file = os.path.join(model_dir, 'best_export', 'best.json')
+  with tf.io.gfile.GFile(info_file, 'w') as f:
+    f.write('{"step": 1, "path"')  # Edited by hand, say.
+  with pytest.raises(ValueError, match=re.escape(info_file)):
+    best_lib.read_best(model_dir)
+  assert best_lib.BestExport(model_dir, 'm').best == (1, {'m': 1.0})
+  _assert_best(model_dir, 1, {'m': 1.0})
 
 
 def test_best_json_without_its_copy_is_removed(local_dir):
