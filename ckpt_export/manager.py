@@ -288,26 +288,44 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     """Removes what crashed saves left; returns the directory's entries.
 
     Besides ckpt_export's own work directories (`commit.recover`), this removes
-    TF's checkpoint work directories `<name>-N_temp` that a crash mid-write
-    left behind, except the one of a checkpoint write still in flight, and
-    before this manager's first save (none of its writes in flight then) the
-    temporary files of TF's checkpoint state file.
+    what a crash in TF's checkpoint writes and deletions leaves (see
+    `_crash_leftover`).
     """
     names = commit.recover(self._directory, self._checkpoint_name,
                            readers.list_directory(self._directory))
     for name in sorted(names):
-      step = paths.parse_checkpoint_temp_step(name, self._checkpoint_name)
-      if step is not None and step != self._last_saved_step:
-        remove = tf.io.gfile.rmtree
-      elif self._last_saved_step is None and _STATE_TEMP_RE.fullmatch(name):
-        remove = tf.io.gfile.remove
-      else:
-        continue
-      path = os.path.join(self._directory, name)
-      logging.info('Removing %s, left by a crashed checkpoint write.', path)
-      remove(path)
-      names.discard(name)
+      remove = self._crash_leftover(name, names)
+      if remove is not None:
+        path = os.path.join(self._directory, name)
+        logging.info('Removing %s, left by a crashed checkpoint write or '
+                     'deletion.', path)
+        remove(path)
+        names.discard(name)
     return names
+
+  def _crash_leftover(self, name: str, names: Set[str]
+                     ) -> Optional[Callable[[str], None]]:
+    """How to remove `name` if a crash in TF left it there, else None.
+
+    Leftovers are TF's work directories `<name>-N_temp` of a write, the data
+    files `<name>-N.data-*` of a checkpoint without its `.index` (a write or
+    a deletion of old checkpoints, which removes the index first, cut short),
+    except those of a checkpoint write still in flight; and, before this
+    manager's first save (none of its writes in flight then), the temporary
+    files of TF's checkpoint state file.
+    """
+    prefix, data, _ = name.partition('.data-')
+    if data:
+      step = paths.parse_checkpoint_step(prefix, self._checkpoint_name)
+      orphan = step is not None and f'{prefix}.index' not in names
+      return tf.io.gfile.remove if (
+          orphan and step != self._last_saved_step) else None
+    step = paths.parse_checkpoint_temp_step(name, self._checkpoint_name)
+    if step is not None and step != self._last_saved_step:
+      return tf.io.gfile.rmtree
+    if self._last_saved_step is None and _STATE_TEMP_RE.fullmatch(name):
+      return tf.io.gfile.remove
+    return None
 
   def _managed_savedmodels(self, names: Optional[Iterable[str]] = None
                           ) -> List[str]:
@@ -322,6 +340,9 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
   def restore_or_initialize(self) -> Optional[str]:
     """Cleans up after crashed saves, then restores; see the base class.
 
+    Cleaning up is what each save's garbage collection does: a run killed
+    while deleting old checkpoints may have left their exports.
+
     If the restored checkpoint has no published export (a checkpoint written
     by another tool, or one whose export was lost), the restored modules are
     exported for its step (without a tf.distribute strategy: with one, every
@@ -329,7 +350,7 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     restores the chief's latest checkpoint; only the chief cleans up.
     """
     if self._is_chief():
-      self._recover()
+      self._collect_garbage()
     checkpoint_path = super().restore_or_initialize()
     step = paths.parse_checkpoint_step(checkpoint_path or '',
                                        self._checkpoint_name)

@@ -2,6 +2,7 @@
 
 import inspect
 import os
+import time
 
 import keras
 import pytest
@@ -328,6 +329,29 @@ def test_failed_checkpoint_write_publishes_no_export(local_dir, scale):
   assert entries(local_dir) == before
   assert steps_of(ckpt_export.list_savedmodels(local_dir)) == [1]
 
+
+
+def test_restart_after_a_kill_mid_deletion_leaves_no_leftovers(local_dir,
+                                                               scale):
+  """Killed while TF deleted the oldest checkpoint: its index was gone."""
+  manager = _manager(local_dir, scale, max_to_keep=3)
+  for step in (1, 2, 3):
+    save_step(manager, scale, step)
+  # What a save of step 3 with max_to_keep=2 leaves if killed in TF's sweep:
+  # the state file already updated, the index of step 1 removed, not its data.
+  tf.__internal__.train.update_checkpoint_state(
+      local_dir, os.path.join(local_dir, 'ckpt-3'),
+      [os.path.join(local_dir, f'ckpt-{s}') for s in (2, 3)],
+      all_model_checkpoint_timestamps=[time.time()] * 2)
+  os.remove(os.path.join(local_dir, 'ckpt-1.index'))
+  restarted = _manager(local_dir, Scale(), max_to_keep=2)
+  assert restarted.restore_or_initialize() == os.path.join(local_dir,
+                                                           'ckpt-3')
+  assert entries(local_dir) == [
+      'checkpoint', 'ckpt-2.data-00000-of-00001', 'ckpt-2.index',
+      'ckpt-2_saved_modules', 'ckpt-3.data-00000-of-00001', 'ckpt-3.index',
+      'ckpt-3_saved_modules']
+  assert steps_of(restarted.savedmodels) == [2, 3]
 
 
 def test_failed_save_spares_its_export_while_a_reader_holds_it(local_dir,
