@@ -5,11 +5,22 @@ reference's convention) or, without one, from what `tf.saved_model.save`
 derives itself: a built Keras model's call, or a tf.Module's single
 `tf.function` with an `input_signature`. Unlike the reference, a module that
 ends up with no signature at all is an error, not a silent skip.
+
+Model Garden's serving modules (`official.core.export_base.ExportModule`)
+have no `saved_model_signatures`: theirs come from
+`get_inference_signatures(function_keys)`, as in Model Garden's own
+`export_base.export`. The function keys are the module's
+`serving_function_keys` attribute if it has one: a mapping of function keys to
+signature keys, or a list (or one string) of function keys, the first served
+as `serving_default` and the others under their own names. Without it, a
+vision module (which has an input type) serves its input type as
+`serving_default`, as Model Garden's export script does, and any other module
+serves `serve`.
 """
 
 import inspect
 import os
-from typing import Any, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
@@ -30,7 +41,8 @@ def _has_static(obj: Any, name: str) -> bool:
 
 def _could_have_signature(module: Any) -> bool:
   """Cheap check, without tracing, that a signature could be found later."""
-  if _has_static(module, 'saved_model_signatures'):
+  if (_has_static(module, 'saved_model_signatures') or
+      _has_static(module, 'get_inference_signatures')):
     return True
   # Keras 3 and tf_keras models derive one from their inputs once built.
   if (_has_static(module, '_default_save_signature') or
@@ -52,7 +64,8 @@ def validate_modules(modules_to_export: Optional[Mapping[str, Any]]) -> None:
   Raises:
     ValueError: For a mapping that is not one, a name that is not one plain
       path component or is reserved, an object that cannot be saved, or a
-      module with no way to get serving signatures.
+      module with no way to get serving signatures or malformed
+      `serving_function_keys`.
   """
   if modules_to_export is None:
     return
@@ -68,11 +81,65 @@ def validate_modules(modules_to_export: Optional[Mapping[str, Any]]) -> None:
       raise ValueError(f'Module {name!r} is a {type(module).__name__}, which '
                        'tf.saved_model.save cannot save: pass a tf.Module or a '
                        'Keras model.')
+    if not _has_static(module, 'saved_model_signatures') and _has_static(
+        module, 'get_inference_signatures'):
+      _function_keys(name, module)
     if not _could_have_signature(module):
       raise ValueError(
           f'Module {name!r} ({type(module).__name__}) has no way to get '
           'serving signatures: give it a `saved_model_signatures` attribute, '
           'or a tf.function with an input_signature.')
+
+
+def _function_keys(name: str, module: Any) -> Dict[str, str]:
+  """The function keys to pass to a module's `get_inference_signatures`."""
+  keys = getattr(module, 'serving_function_keys', None)
+  if keys is None:
+    keys = getattr(module, '_input_type', 'serve')
+  if isinstance(keys, str):
+    keys = [keys]
+  if isinstance(keys, (dict, Mapping)):  # tf.Module wraps a dict in a proxy.
+    keys = dict(keys)
+  elif isinstance(keys, Sequence):
+    keys = list(keys)  # Not tf.Module's wrapper, in messages.
+  if isinstance(keys, list) and keys:
+    keys = {k: k for k in keys}
+    keys[next(iter(keys))] = tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY
+  if not (isinstance(keys, dict) and keys and all(
+      isinstance(k, str) and isinstance(v, str) for k, v in keys.items())):
+    raise ValueError(
+        f'Module {name!r} has serving_function_keys {keys!r}: give a mapping '
+        'of function keys to signature keys, or a list of function keys.')
+  return keys
+
+
+def signatures_of(name: str, module: Any) -> Any:
+  """The `signatures` argument of `tf.saved_model.save` for a module.
+
+  Args:
+    name: The module's name, for error messages.
+    module: A validated module.
+
+  Returns:
+    Its `saved_model_signatures`, the signatures its
+    `get_inference_signatures` makes (see above), or None.
+
+  Raises:
+    ValueError: If the module's function keys are malformed or it rejects
+      them.
+  """
+  signatures = getattr(module, 'saved_model_signatures', None)
+  if signatures is not None or not callable(
+      getattr(module, 'get_inference_signatures', None)):
+    return signatures
+  keys = _function_keys(name, module)
+  try:
+    return module.get_inference_signatures(keys)
+  except ValueError as e:
+    raise ValueError(
+        f'Module {name!r} ({type(module).__name__}) rejected function keys '
+        f'{keys!r} ({e}): set its `serving_function_keys` attribute to keys '
+        'its get_inference_signatures knows.') from e
 
 
 def signature_keys(saved_model_dir: str) -> List[str]:
@@ -114,7 +181,7 @@ def write_module(name: str, module: Any, module_dir: str,
   Raises:
     ValueError: If the module ends up with no serving signature.
   """
-  signatures = getattr(module, 'saved_model_signatures', None)
+  signatures = signatures_of(name, module)
   tf.saved_model.save(module, module_dir, signatures=signatures,
                       options=options)
   if not signature_keys(module_dir):
