@@ -25,6 +25,7 @@ ALLOWED = {
     'manager': {'commit', 'distribution', 'export', 'fast_export', 'leases',
                 'paths', 'readers'},
     'orbit_actions': {'commit', 'export', 'leases', 'paths', 'readers'},
+    'model_garden': {'manager', 'paths', 'readers'},
     '__init__': {'best', 'best_action', 'evaluation', 'leases', 'manager',
                  'paths', 'readers'},
     'cli': {'commit', 'exporter', 'leases', 'paths', 'readers'},

@@ -1,0 +1,130 @@
+"""examples/model_garden_train.py run as a user runs Model Garden's train.py."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from ckpt_export import paths
+from ckpt_export import readers
+from conftest import REPO
+from test_model_garden import checkpoint_outputs
+from test_model_garden import served_outputs
+
+EXAMPLE = os.path.join(REPO, 'examples', 'model_garden_train.py')
+# The mock experiment is registered by a test module, imported first.
+RUN_WITH_MOCK = ('import runpy; from official.utils.testing import mock_task; '
+                 f'runpy.run_path({EXAMPLE!r}, run_name="__main__")')
+SGD = {'optimizer': {'type': 'sgd'},
+       'learning_rate': {'type': 'constant',
+                         'constant': {'learning_rate': 0.1}}}
+
+
+def run_example(args, timeout: float, mock: bool = False):
+  command = [sys.executable] + (['-c', RUN_WITH_MOCK] if mock else [EXAMPLE])
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
+  done = subprocess.run(command + args, capture_output=True, text=True,
+                        timeout=timeout, env=env, cwd=REPO, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return done
+
+
+def test_mock_experiment(tmp_path):
+  model_dir = str(tmp_path / 'model')
+  override = {'trainer': {'train_steps': 6, 'steps_per_loop': 2,
+                          'checkpoint_interval': 2, 'max_to_keep': 2,
+                          'validation_steps': 1, 'validation_interval': 2,
+                          'optimizer_config': SGD}}
+  run_example(['--experiment=mock', '--mode=train_and_eval',
+               f'--model_dir={model_dir}',
+               f'--params_override={json.dumps(override)}'], 120, mock=True)
+  exports = readers.list_savedmodels(model_dir)
+  assert [paths.parse_export_step(p) for p in exports] == [4, 6]
+  for export_dir in exports:
+    step = paths.parse_export_step(export_dir)
+    np.testing.assert_allclose(served_outputs(export_dir),
+                               checkpoint_outputs(model_dir, step), rtol=1e-6)
+  assert os.path.exists(os.path.join(model_dir, 'params.yaml'))
+
+
+def write_jpeg_records(directory: str, count: int = 16) -> str:
+  """Writes `count` random 32x32 JPEG examples in two files; returns a glob."""
+  os.makedirs(directory)
+  rng = np.random.default_rng(0)
+  for shard in range(2):
+    path = os.path.join(directory, f'data-{shard}.tfrecord')
+    with tf.io.TFRecordWriter(path) as writer:
+      for _ in range(count // 2):
+        image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        feature = {
+            'image/encoded': tf.train.Feature(bytes_list=tf.train.BytesList(
+                value=[tf.io.encode_jpeg(image).numpy()])),
+            'image/format': tf.train.Feature(
+                bytes_list=tf.train.BytesList(value=[b'jpeg'])),
+            'image/class/label': tf.train.Feature(int64_list=tf.train.Int64List(
+                value=[int(rng.integers(0, 10))])),
+        }
+        writer.write(tf.train.Example(features=tf.train.Features(
+            feature=feature)).SerializeToString())
+  return os.path.join(directory, 'data-*.tfrecord')
+
+
+def vision_override(pattern: str) -> dict:
+  data = {'input_path': pattern, 'global_batch_size': 4, 'dtype': 'float32'}
+  return {
+      'runtime': {'distribution_strategy': 'one_device', 'num_gpus': 0,
+                  'mixed_precision_dtype': 'float32'},
+      'task': {
+          'model': {'num_classes': 10, 'input_size': [32, 32, 3],
+                    'backbone': {'type': 'resnet',
+                                 'resnet': {'model_id': 18}}},
+          'train_data': data,
+          'validation_data': {**data, 'is_training': False,
+                              'drop_remainder': False}},
+      'trainer': {'train_steps': 4, 'steps_per_loop': 2,
+                  'checkpoint_interval': 2, 'max_to_keep': 3,
+                  'validation_steps': 1, 'validation_interval': 4,
+                  'summary_interval': 2, 'optimizer_config': SGD}}
+
+
+@pytest.mark.slow
+def test_resnet_imagenet_exports_classify_as_their_checkpoint(tmp_path):
+  from official.core import exp_factory  # pylint: disable=g-import-not-at-top
+  from official.core import task_factory  # pylint: disable=g-import-not-at-top
+  from official.vision import registry_imports  # pylint: disable=g-import-not-at-top,unused-import
+  from official.vision.serving import image_classification  # pylint: disable=g-import-not-at-top
+  override = vision_override(write_jpeg_records(str(tmp_path / 'data')))
+  model_dir = str(tmp_path / 'model')
+  run_example(['--experiment=resnet_imagenet', '--mode=train_and_eval',
+               f'--model_dir={model_dir}',
+               f'--params_override={json.dumps(override)}'], 240)
+  exports = readers.list_savedmodels(model_dir)
+  assert [paths.parse_export_step(p) for p in exports] == [2, 4]
+
+  params = exp_factory.get_exp_config('resnet_imagenet')
+  params.override(override, is_strict=True)
+  images = tf.constant(np.random.default_rng(1).integers(
+      0, 256, (3, 40, 48, 3), dtype=np.uint8))
+  served = []
+  for export_dir in exports:
+    loaded = tf.saved_model.load(os.path.join(export_dir, 'classifier'))
+    out = loaded.signatures['serving_default'](images)
+    model = task_factory.get_task(params.task).build_model()
+    tf.train.Checkpoint(model=model).read(os.path.join(
+        model_dir, f'ckpt-{paths.parse_export_step(export_dir)}')
+                                         ).expect_partial()
+    module = image_classification.ClassificationModule(
+        params, batch_size=None, input_image_size=[32, 32], model=model)
+    expected = module.inference_from_image_tensors(images)
+    np.testing.assert_allclose(out['logits'].numpy(),
+                               expected['logits'].numpy(), rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_array_equal(np.argmax(out['probs'], -1),
+                                  np.argmax(expected['probs'], -1))
+    served.append(out['logits'].numpy())
+  # Each export serves its own step's weights.
+  assert not np.allclose(served[0], served[1])
