@@ -49,18 +49,29 @@ DEFAULT_LEASE_SECONDS: float = 300.0
 STATE_DIR = '.ckpt_export'
 _LEASES = 'leases'
 DELETE_REQUEST = '.ckpt_export_delete'
+_VERSION_RE = re.compile(r'[0-9]+')
 _LEASE_RE = re.compile(r'(?P<export>.+)\.lease-(?P<token>' +
                        commit.TOKEN_PATTERN + r')\.json\Z', re.DOTALL)
+
+
+def _is_leasable(name: str) -> bool:
+  """Whether `name` is an export's, or a TF Serving version's (`serving.py`).
+
+  A version `<serving_dir>/<module>/<integer>` is leased, and deleted, as an
+  export, with `<serving_dir>/<module>` in the role of the model directory.
+  """
+  return (paths.parse_export_step(name) is not None or
+          _VERSION_RE.fullmatch(paths.basename(name.rstrip('/'))) is not None)
 
 
 def _split(export_dir: Any) -> Tuple[str, str]:
   """Returns (model_dir, export name) of an export path, or raises."""
   if isinstance(export_dir, os.PathLike):
     export_dir = os.fspath(export_dir)
-  if (not isinstance(export_dir, str) or
-      paths.parse_export_step(export_dir) is None):
+  if not isinstance(export_dir, str) or not _is_leasable(export_dir):
     raise ValueError(f'{export_dir!r} is not the path of an export '
-                     '(<model_dir>/<name>-<step>_saved_modules).')
+                     '(<model_dir>/<name>-<step>_saved_modules) or of a '
+                     'serving version (<serving_dir>/<module>/<version>).')
   export_dir = export_dir.rstrip('/')
   return os.path.dirname(export_dir), paths.basename(export_dir)
 
@@ -240,7 +251,7 @@ def sweep(model_dir: str) -> List[str]:
       _remove_file(path)
       dropped.add(match.group('export'))
   return [os.path.join(model_dir, name) for name in sorted(dropped)
-          if paths.parse_export_step(name) is not None and
+          if _is_leasable(name) and
           _carry_out_request(model_dir, name)]
 
 

@@ -26,6 +26,7 @@ ALLOWED = {
                 'paths', 'readers'},
     'orbit_actions': {'commit', 'export', 'leases', 'paths', 'readers'},
     'model_garden': {'manager', 'paths', 'readers'},
+    'serving': {'best', 'commit', 'leases', 'paths', 'readers'},
     '__init__': {'best', 'best_action', 'evaluation', 'leases', 'manager',
                  'paths', 'readers'},
     'cli': {'commit', 'exporter', 'leases', 'paths', 'readers'},
