@@ -30,6 +30,7 @@ if typing.TYPE_CHECKING:
   from ckpt_export.readers import list_savedmodels
   from ckpt_export.readers import savedmodels_iterator
   from ckpt_export.readers import wait_for_new_savedmodel
+  from ckpt_export.serving import ServingView
 
 __version__ = '0.1.0'
 
@@ -41,6 +42,7 @@ _PUBLIC = {
     'Lease': ('leases', 'Lease'),
     'SAVED_MODULES_PATH_SUFFIX': ('paths', 'SAVED_MODULES_PATH_SUFFIX'),
     'SavedModelCheckpointManager': ('manager', 'SavedModelCheckpointManager'),
+    'ServingView': ('serving', 'ServingView'),
     'acquire_lease': ('leases', 'acquire'),
     'evaluate_exports': ('evaluation', 'evaluate_exports'),
     'latest_savedmodel': ('readers', 'latest_savedmodel'),

@@ -4,6 +4,7 @@
     ckpt-export verify MODEL_DIR
     ckpt-export watch MODEL_DIR [options] -- COMMAND [ARGS...]
     ckpt-export export MODEL_DIR --build-fn package.module:function
+    ckpt-export serve MODEL_DIR --latest-dir DIR [--best-dir DIR]
 
 Exit codes: 0 success, 1 a broken export or a failed COMMAND, 2 bad arguments
 or an unusable MODEL_DIR (one line on stderr).
@@ -582,8 +583,81 @@ def _add_export(subparsers: Any) -> None:
   parser.set_defaults(run=_export)
 
 
+# serve
+
+
+def _max_versions(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value <= 0:
+    raise argparse.ArgumentTypeError(
+        f'--max-versions must be a positive integer, got {text!r}')
+  return value
+
+
+def _serve(args: argparse.Namespace) -> int:
+  """Publishes MODEL_DIR's latest and/or best export into serving views."""
+  from ckpt_export import serving  # pylint: disable=g-import-not-at-top
+  if not (args.latest_dir or args.best_dir):
+    raise UsageError('serve needs --latest-dir or --best-dir (or both)')
+  _list_model_dir(args.model_dir)
+  try:
+    feeds = [(serving.ServingView(d, args.max_versions), publish)
+             for d, publish in (
+                 (args.latest_dir, lambda v: v.publish_latest(
+                     args.model_dir, args.checkpoint_name)),
+                 (args.best_dir, lambda v: v.publish_best(args.model_dir)))
+             if d]
+  except ValueError as e:
+    raise UsageError(_one_line(e)) from None
+  last_new = time.monotonic()
+  with _sigterm_raises():
+    while True:
+      for view, publish in feeds:
+        for module, version_dir in sorted(publish(view).items()):
+          print(f'{PROG}: published {module} version {version_dir}',
+                flush=True)
+          last_new = time.monotonic()
+      if not args.follow or (args.timeout is not None and
+                             time.monotonic() - last_new > args.timeout):
+        return 0
+      time.sleep(args.seconds_to_sleep)
+
+
+def _add_serve(subparsers: Any) -> None:
+  parser = subparsers.add_parser(
+      'serve', help='publish exports as versions TF Serving can watch',
+      description='Publishes the latest export of MODEL_DIR into --latest-dir '
+      'and/or the best one (kept by BestExport) into --best-dir, each module '
+      'as <dir>/<module>/<step>/, the version layout TensorFlow Serving '
+      'watches. A version appears complete or not at all (hard links on '
+      'local disk), the newest --max-versions per module are kept (and '
+      'versions a reader leases), and <dir>/models.config lists them for '
+      "TF Serving's --model_config_file (required on object stores, where a "
+      'version directory is visible while it is copied).')
+  add_model_dir_arguments(parser)
+  parser.add_argument('--latest-dir', help='the view fed with the latest '
+                      'export')
+  parser.add_argument('--best-dir', help='the view fed with the best export')
+  parser.add_argument('--max-versions', type=_max_versions, default=2,
+                      help='versions kept per module (default: %(default)s)')
+  parser.add_argument('--follow', action='store_true',
+                      help='keep publishing new exports as they appear')
+  parser.add_argument('--timeout', type=_seconds, default=None,
+                      help='with --follow, stop after this many seconds '
+                      'without a new version (default: never)')
+  parser.add_argument('--seconds-to-sleep', type=_positive_seconds,
+                      default=1.0,
+                      help='with --follow, seconds between looks (default: '
+                      '%(default)s)')
+  parser.set_defaults(run=_serve)
+
+
 _SUBCOMMANDS: Sequence[Callable[[Any], None]] = (_add_ls, _add_verify,
-                                                 _add_watch, _add_export)
+                                                 _add_watch, _add_export,
+                                                 _add_serve)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -28,8 +28,8 @@ ALLOWED = {
     'model_garden': {'manager', 'paths', 'readers'},
     'serving': {'best', 'commit', 'leases', 'paths', 'readers'},
     '__init__': {'best', 'best_action', 'evaluation', 'leases', 'manager',
-                 'paths', 'readers'},
-    'cli': {'commit', 'exporter', 'leases', 'paths', 'readers'},
+                 'paths', 'readers', 'serving'},
+    'cli': {'commit', 'exporter', 'leases', 'paths', 'readers', 'serving'},
 }
 
 

@@ -214,3 +214,41 @@ def test_poller_never_sees_a_partial_version_across_kills(tmp_path):
   assert not leases.holders(os.path.join(module_dir, str(kept[-1])))
   print(f'\nversions loaded: {len(loaded)}; highest-version loads: '
         f'{len(highest_loaded)}; kept: {kept}')
+
+
+def test_cli_serve(tmp_path):
+  from conftest import run_cli  # pylint: disable=g-import-not-at-top
+  from ckpt_export import best  # pylint: disable=g-import-not-at-top
+  model_dir = str(tmp_path / 'model')
+  module = Scale()
+  manager = manager_lib.SavedModelCheckpointManager(
+      tf.train.Checkpoint(module=module), model_dir, max_to_keep=5,
+      modules_to_export={'scale': module})
+  save_steps(manager, module, [1, 2, 3])
+  best.BestExport(model_dir, metric='loss', higher_is_better=False).update(
+      2, manager.savedmodels[1], {'loss': 0.1})
+  latest, best_dir = str(tmp_path / 'latest'), str(tmp_path / 'best')
+
+  def serve(*args):
+    return run_cli('serve', model_dir, *args, timeout=120)
+
+  done = serve('--latest-dir', latest, '--best-dir', best_dir,
+               '--max-versions', '1')
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.splitlines() == [
+      f'ckpt-export: published scale version {latest}/scale/3',
+      f'ckpt-export: published scale version {best_dir}/scale/2']
+  assert served_value(latest, 'scale/3') == 3
+  assert served_value(best_dir, 'scale/2') == 2
+  save_steps(manager, module, [4])
+  done = serve('--latest-dir', latest, '--max-versions', '1', '--follow',
+               '--timeout', '0', '--seconds-to-sleep', '0.1')
+  assert done.returncode == 0, done.stderr
+  assert integer_children(os.path.join(latest, 'scale')) == [4]
+  for args, message in [
+      ((), 'serve needs --latest-dir or --best-dir'),
+      (('--latest-dir', latest, '--max-versions', '0'),
+       "--max-versions must be a positive integer, got '0'")]:
+    done = serve(*args)
+    assert done.returncode == 2
+    assert message in done.stderr
