@@ -13,7 +13,10 @@ The trainer starts once the sidecar is ready. Their output is interleaved,
 prefixed with the process's name. Once both have finished it prints a summary:
 the steps exported and evaluated, the best step and its metric, and where to
 look. It exits non-zero if either process failed or the last export went
-unevaluated. (A sidecar slower than the trainer may find an export already
+unevaluated. Then it publishes the last export and the best one as
+TensorFlow Serving versions (`ckpt_export.ServingView`) under `--serving_dir`
+(default `<model_dir>/serving`): `latest/<module>/<step>/` and
+`best/<module>/<step>/`, each with a `models.config`. (A sidecar slower than the trainer may find an export already
 deleted by the trainer's `max_to_keep` before it got to it: the summary lists
 such steps as skipped. The export it is evaluating is never deleted under it.)
 
@@ -41,6 +44,7 @@ from ckpt_export import best as best_lib
 from ckpt_export import evaluation
 from ckpt_export import paths
 from ckpt_export import readers
+from ckpt_export import serving
 
 _MODEL_DIR = flags.DEFINE_string(
     'model_dir', None, 'The model directory; default: a fresh temporary one.')
@@ -56,6 +60,10 @@ _MAX_TO_KEEP = flags.DEFINE_integer(
 _TIMEOUT = flags.DEFINE_float(
     'timeout', 300.0, 'The sidecar gives up after this many seconds without '
     'a new export.', lower_bound=0.0)
+
+_SERVING_DIR = flags.DEFINE_string(
+    'serving_dir', None, 'Where to publish the latest and best exports for '
+    'TF Serving; default: <model_dir>/serving.')
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -138,6 +146,15 @@ def main(argv: List[str]) -> None:
     metric = best['metric']
     print(f'Best export: step {best["step"]}, {metric} '
           f'{best["metrics"][metric]:.4f}, at {best["path"]}')
+  serving_dir = _SERVING_DIR.value or os.path.join(model_dir, 'serving')
+  for feed in ('latest', 'best'):
+    view = serving.ServingView(os.path.join(serving_dir, feed))
+    published = (view.publish_latest(model_dir) if feed == 'latest' else
+                 view.publish_best(model_dir))
+    for module, version_dir in sorted(published.items()):
+      print(f'Serving view ({feed}): {module} version {version_dir}')
+  print('TF Serving:   tensorflow_model_server --model_config_file='
+        f'{os.path.join(serving_dir, "latest", serving.CONFIG_FILE)}')
   print(f'TensorBoard:  tensorboard --logdir {model_dir}')
   print(f'List steps:   ckpt-export ls {model_dir}')
   print(f'Check all:    ckpt-export verify {model_dir}')

@@ -189,3 +189,10 @@ def test_main_job_trains_and_evaluates_its_exports(tmp_path):
   assert best['metrics']['mse'] == min(m['mse'] for m in metrics.values())
   assert f'ckpt-export ls {model_dir}' in summary
   assert tf.saved_model.load(os.path.join(best['path'], 'regressor'))
+  # The serving views: TF Serving's layout, each with its one version.
+  serving_dir = model_dir / 'serving'
+  assert f'Serving view (latest): regressor version {serving_dir}' in summary
+  assert sorted(os.listdir(serving_dir / 'latest' / 'regressor')) == ['40']
+  assert sorted(os.listdir(serving_dir / 'best' / 'regressor')) == [
+      str(best['step'])]
+  assert tf.saved_model.load(str(serving_dir / 'latest' / 'regressor' / '40'))
