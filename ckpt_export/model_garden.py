@@ -24,6 +24,11 @@ checkpoint: in step order, none skipped while it exists, each leased (so the
 trainer's garbage collection keeps it) while the model is restored from it and
 evaluated at its step.
 
+With `serving_dir`, the chief also publishes the latest export after each
+save into a TF Serving view there (`serving.py`): `<serving_dir>/<module>/
+<step>/`. A failure to publish is logged, never fatal to training; the next
+save publishes again.
+
 Under tf.distribute every worker passes the same `model_dir`: the manager
 writes it from the chief only, and other workers save into scratch
 directories it removes (`distribution.py`), so unlike Model Garden's runner no
@@ -43,6 +48,7 @@ import tensorflow as tf
 from ckpt_export import manager
 from ckpt_export import paths
 from ckpt_export import readers
+from ckpt_export import serving
 
 # (task, model, params) -> the modules to export at each checkpoint, by name.
 ExportModulesFn = Callable[[Any, Any, Any], Mapping[str, tf.Module]]
@@ -78,6 +84,36 @@ def default_export_modules(task: Any, model: Any,
   return {'model': model}
 
 
+class _PublishingManager(manager.SavedModelCheckpointManager):
+  """A manager publishing its latest export into a serving view (chief only)."""
+
+  def __init__(self, *args: Any, serving_dir: str, **kwargs: Any):
+    super().__init__(*args, **kwargs)
+    self._serving_dir = serving_dir
+    self._serving_view = None  # Opened (and recovered) by the chief only.
+
+  def _publish(self) -> None:
+    if not self._is_chief():
+      return
+    try:
+      if self._serving_view is None:
+        self._serving_view = serving.ServingView(self._serving_dir)
+      self._serving_view.publish_latest(self.directory)
+    except (tf.errors.OpError, OSError) as e:
+      logging.warning('Could not publish the latest export into %s (the next '
+                      'save tries again): %s', self._serving_dir, e)
+
+  def save(self, *args: Any, **kwargs: Any) -> Optional[str]:
+    path = super().save(*args, **kwargs)
+    if path is not None:
+      self._publish()
+    return path
+
+  def sync(self) -> None:
+    super().sync()
+    self._publish()
+
+
 class ExperimentRunner(train_lib.OrbitExperimentRunner):
   """`train_lib.OrbitExperimentRunner` saving with ckpt_export's manager."""
 
@@ -85,6 +121,7 @@ class ExperimentRunner(train_lib.OrbitExperimentRunner):
                *args: Any,
                export_modules: Optional[ExportModulesFn] = None,
                evaluate_exports: Union[bool, str] = False,
+               serving_dir: Optional[str] = None,
                **kwargs: Any):
     """Builds the runner; arguments as `OrbitExperimentRunner`'s, plus:
 
@@ -97,14 +134,20 @@ class ExperimentRunner(train_lib.OrbitExperimentRunner):
       evaluate_exports: In `continuous_eval` mode, evaluate exports instead
         of checkpoints: True if `export_modules` returns one module, else the
         name of the module to restore the model from.
+      serving_dir: When training with `export_modules`, publish the latest
+        export after each save into a `serving.ServingView` there.
       **kwargs: `OrbitExperimentRunner`'s keyword arguments.
 
     Raises:
-      ValueError: For `evaluate_exports` without `export_modules`.
+      ValueError: For `evaluate_exports` or `serving_dir` without
+        `export_modules`.
     """
-    if evaluate_exports and export_modules is None:
-      raise ValueError(f'evaluate_exports={evaluate_exports!r} needs '
-                       'export_modules, to know what the exports hold.')
+    for name, value in (('evaluate_exports', evaluate_exports),
+                        ('serving_dir', serving_dir)):
+      if value and export_modules is None:
+        raise ValueError(f'{name}={value!r} needs export_modules, to know '
+                         'what the exports hold.')
+    self._serving_dir = serving_dir
     self._export_modules = export_modules
     self._evaluate_exports = evaluate_exports
     super().__init__(*args, **kwargs)
@@ -128,6 +171,10 @@ class ExperimentRunner(train_lib.OrbitExperimentRunner):
       with self.strategy.scope():
         modules = self._export_modules(self.trainer.task, self.trainer.model,
                                        self.params)
+    if self._serving_dir:
+      return _PublishingManager(
+          self.trainer.checkpoint, self.model_dir, modules_to_export=modules,
+          serving_dir=self._serving_dir, **kwargs)
     return manager.SavedModelCheckpointManager(
         self.trainer.checkpoint, self.model_dir, modules_to_export=modules,
         **kwargs)
@@ -197,6 +244,7 @@ def run_experiment(
     *args: Any,
     export_modules: Optional[ExportModulesFn] = None,
     evaluate_exports: Union[bool, str] = False,
+    serving_dir: Optional[str] = None,
     **kwargs: Any) -> Tuple[Any, Mapping[str, Any]]:
   """`train_lib.run_experiment`, exporting `export_modules` at each save.
 
@@ -205,10 +253,12 @@ def run_experiment(
       (distribution_strategy, task, mode, params, model_dir, ...).
     export_modules: See `ExperimentRunner`.
     evaluate_exports: See `ExperimentRunner`.
+    serving_dir: See `ExperimentRunner`.
     **kwargs: `train_lib.run_experiment`'s keyword arguments.
 
   Returns:
     (model, eval logs), as `train_lib.run_experiment`.
   """
   return ExperimentRunner(*args, export_modules=export_modules,
-                          evaluate_exports=evaluate_exports, **kwargs).run()
+                          evaluate_exports=evaluate_exports,
+                          serving_dir=serving_dir, **kwargs).run()

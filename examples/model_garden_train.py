@@ -9,6 +9,8 @@ modes also export a serving module with every checkpoint
         --mode=train_and_eval --model_dir=/tmp/model \
         --config_file=my_config.yaml --params_override='trainer.train_steps=100'
 
+`--serving_dir=DIR` also publishes the latest export after each save as a
+TF Serving version, `DIR/<module>/<step>/` (see `ckpt_export.serving`).
 `--evaluate_exports` makes `--mode=continuous_eval` evaluate each export
 instead of each checkpoint.
 """
@@ -31,6 +33,10 @@ FLAGS = flags.FLAGS
 flags.DEFINE_bool(
     'enable_async_checkpointing', default=True,
     help='A boolean indicating whether to enable async checkpoint saving')
+flags.DEFINE_string(
+    'serving_dir', default=None,
+    help='Also publish the latest export after each save as a TF Serving '
+    'version, <serving_dir>/<module>/<step>/.')
 flags.DEFINE_bool(
     'evaluate_exports', default=False,
     help='In continuous_eval mode, evaluate each export instead of each '
@@ -64,7 +70,8 @@ def main(_) -> None:
           params=params, model_dir=model_dir),
       enable_async_checkpointing=FLAGS.enable_async_checkpointing,
       export_modules=model_garden.default_export_modules,
-      evaluate_exports=FLAGS.evaluate_exports)
+      evaluate_exports=FLAGS.evaluate_exports,
+      serving_dir=FLAGS.serving_dir)
   train_utils.save_gin_config(FLAGS.mode, model_dir)
 
 

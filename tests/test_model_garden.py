@@ -10,6 +10,7 @@ import tensorflow as tf
 from ckpt_export import manager as manager_lib
 from ckpt_export import paths
 from ckpt_export import readers
+from ckpt_export import serving
 from official.core import exp_factory
 from official.core import export_base
 from official.core import task_factory
@@ -63,10 +64,11 @@ def served_outputs(export_dir: str, name: str = 'model') -> np.ndarray:
 @pytest.mark.parametrize('mode', ['train', 'train_and_eval'])
 def test_training_exports_each_kept_checkpoint(tmp_path, mode,
                                                async_checkpointing):
-  model_dir = str(tmp_path / 'model')
+  model_dir, serving_dir = str(tmp_path / 'model'), str(tmp_path / 'serving')
   runner, _ = run(model_dir, mode,
                   export_modules=model_garden.default_export_modules,
-                  enable_async_checkpointing=async_checkpointing)
+                  enable_async_checkpointing=async_checkpointing,
+                  serving_dir=serving_dir)
   assert isinstance(runner.checkpoint_manager,
                     manager_lib.SavedModelCheckpointManager)
   exports = readers.list_savedmodels(model_dir)
@@ -77,6 +79,12 @@ def test_training_exports_each_kept_checkpoint(tmp_path, mode,
   for step, export_dir in zip([4, 6], exports):
     np.testing.assert_allclose(served_outputs(export_dir),
                                checkpoint_outputs(model_dir, step), rtol=1e-6)
+    np.testing.assert_allclose(
+        served_outputs(serving_dir, f'model/{step}'),
+        checkpoint_outputs(model_dir, step), rtol=1e-6)
+  # The serving view got each save's export; it keeps the newest two.
+  assert serving.versions(serving_dir, 'model') == [4, 6]
+  assert sorted(os.listdir(os.path.join(serving_dir, 'model'))) == ['4', '6']
   # Training moved the weights between the two kept steps.
   assert not np.allclose(checkpoint_outputs(model_dir, 4),
                          checkpoint_outputs(model_dir, 6))
@@ -131,8 +139,11 @@ def test_continuous_eval_of_exports(tmp_path, evaluate_exports):
 
 def test_evaluate_exports_errors(tmp_path):
   model_dir = str(tmp_path / 'model')
-  with pytest.raises(ValueError, match='needs export_modules'):
+  with pytest.raises(ValueError, match='evaluate_exports=True needs '
+                     'export_modules'):
     run(model_dir, 'continuous_eval', evaluate_exports=True)
+  with pytest.raises(ValueError, match="serving_dir='s' needs export_modules"):
+    run(model_dir, 'train', serving_dir='s')
   run(model_dir, 'train', export_modules=model_garden.default_export_modules)
 
   def two(task, model, params):

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from ckpt_export import paths
 from ckpt_export import readers
+from ckpt_export import serving
 from conftest import REPO
 from test_model_garden import checkpoint_outputs
 from test_model_garden import served_outputs
@@ -39,8 +40,9 @@ def test_mock_experiment(tmp_path):
                           'checkpoint_interval': 2, 'max_to_keep': 2,
                           'validation_steps': 1, 'validation_interval': 2,
                           'optimizer_config': SGD}}
+  serving_dir = str(tmp_path / 'serving')
   run_example(['--experiment=mock', '--mode=train_and_eval',
-               f'--model_dir={model_dir}',
+               f'--model_dir={model_dir}', f'--serving_dir={serving_dir}',
                f'--params_override={json.dumps(override)}'], 120, mock=True)
   exports = readers.list_savedmodels(model_dir)
   assert [paths.parse_export_step(p) for p in exports] == [4, 6]
@@ -49,6 +51,14 @@ def test_mock_experiment(tmp_path):
     np.testing.assert_allclose(served_outputs(export_dir),
                                checkpoint_outputs(model_dir, step), rtol=1e-6)
   assert os.path.exists(os.path.join(model_dir, 'params.yaml'))
+  # The serving view: TF Serving's layout, the newest two versions.
+  assert sorted(os.listdir(serving_dir)) == ['model', 'models.config']
+  assert serving.versions(serving_dir, 'model') == [4, 6]
+  assert sorted(os.listdir(os.path.join(serving_dir, 'model'))) == ['4', '6']
+  for step in (4, 6):
+    np.testing.assert_allclose(
+        served_outputs(serving_dir, f'model/{step}'),
+        checkpoint_outputs(model_dir, step), rtol=1e-6)
 
 
 def write_jpeg_records(directory: str, count: int = 16) -> str:
