@@ -138,3 +138,46 @@ def test_resnet_imagenet_exports_classify_as_their_checkpoint(tmp_path):
     served.append(out['logits'].numpy())
   # Each export serves its own step's weights.
   assert not np.allclose(served[0], served[1])
+
+
+@pytest.mark.slow
+def test_mock_experiment_on_two_workers(tmp_path):
+  """MultiWorkerMirrored: the chief writes model_dir, worker 1 no temp dir."""
+  from test_distribute import _free_ports  # pylint: disable=g-import-not-at-top
+  model_dir = str(tmp_path / 'model')
+  override = {'runtime': {'distribution_strategy': 'multi_worker_mirrored'},
+              'trainer': {'train_steps': 4, 'steps_per_loop': 2,
+                          'checkpoint_interval': 2, 'max_to_keep': 2,
+                          'optimizer_config': SGD}}
+  cluster = {'worker': [f'127.0.0.1:{p}' for p in _free_ports(2)]}
+  procs = []
+  for index in range(2):
+    scratch = tmp_path / f'tmp{index}'
+    scratch.mkdir()
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='',
+               TMPDIR=str(scratch), TF_CONFIG=json.dumps(
+                   {'cluster': cluster,
+                    'task': {'type': 'worker', 'index': index}}))
+    procs.append(subprocess.Popen(
+        [sys.executable, '-c', RUN_WITH_MOCK, '--experiment=mock',
+         '--mode=train', f'--model_dir={model_dir}',
+         f'--params_override={json.dumps(override)}'],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+        cwd=REPO))
+  try:
+    errors = [proc.communicate(timeout=240)[1] for proc in procs]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  for proc, stderr in zip(procs, errors):
+    assert proc.returncode == 0, stderr[-3000:]
+  exports = readers.list_savedmodels(model_dir)
+  assert [paths.parse_export_step(p) for p in exports] == [2, 4]
+  for export_dir in exports:
+    step = paths.parse_export_step(export_dir)
+    np.testing.assert_allclose(served_outputs(export_dir),
+                               checkpoint_outputs(model_dir, step), rtol=1e-6)
+  # Model Garden's runner would leave a mkdtemp() directory on worker 1.
+  assert os.listdir(tmp_path / 'tmp1') == []
