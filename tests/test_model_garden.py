@@ -53,6 +53,15 @@ def checkpoint_outputs(model_dir: str, step: int) -> np.ndarray:
   return model(X).numpy()
 
 
+def assert_exports_match_checkpoints(model_dir: str, steps) -> None:
+  """The model dir's exports are those of `steps`, each serving its step."""
+  exports = readers.list_savedmodels(model_dir)
+  assert [paths.parse_export_step(p) for p in exports] == list(steps)
+  for step, export_dir in zip(steps, exports):
+    np.testing.assert_allclose(served_outputs(export_dir),
+                               checkpoint_outputs(model_dir, step), rtol=1e-6)
+
+
 def served_outputs(export_dir: str, name: str = 'model') -> np.ndarray:
   loaded = tf.saved_model.load(os.path.join(export_dir, name))
   out = loaded.signatures['serving_default'](tf.constant(X))
@@ -71,14 +80,11 @@ def test_training_exports_each_kept_checkpoint(tmp_path, mode,
                   serving_dir=serving_dir)
   assert isinstance(runner.checkpoint_manager,
                     manager_lib.SavedModelCheckpointManager)
-  exports = readers.list_savedmodels(model_dir)
-  assert [paths.parse_export_step(p) for p in exports] == [4, 6]
+  assert_exports_match_checkpoints(model_dir, [4, 6])
   assert [n for n in entries(model_dir) if n.startswith('ckpt')] == [
       'ckpt-4.data-00000-of-00001', 'ckpt-4.index', 'ckpt-4_saved_modules',
       'ckpt-6.data-00000-of-00001', 'ckpt-6.index', 'ckpt-6_saved_modules']
-  for step, export_dir in zip([4, 6], exports):
-    np.testing.assert_allclose(served_outputs(export_dir),
-                               checkpoint_outputs(model_dir, step), rtol=1e-6)
+  for step in (4, 6):
     np.testing.assert_allclose(
         served_outputs(serving_dir, f'model/{step}'),
         checkpoint_outputs(model_dir, step), rtol=1e-6)

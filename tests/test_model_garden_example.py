@@ -13,6 +13,7 @@ from ckpt_export import paths
 from ckpt_export import readers
 from ckpt_export import serving
 from conftest import REPO
+from test_model_garden import assert_exports_match_checkpoints
 from test_model_garden import checkpoint_outputs
 from test_model_garden import served_outputs
 
@@ -44,12 +45,7 @@ def test_mock_experiment(tmp_path):
   run_example(['--experiment=mock', '--mode=train_and_eval',
                f'--model_dir={model_dir}', f'--serving_dir={serving_dir}',
                f'--params_override={json.dumps(override)}'], 120, mock=True)
-  exports = readers.list_savedmodels(model_dir)
-  assert [paths.parse_export_step(p) for p in exports] == [4, 6]
-  for export_dir in exports:
-    step = paths.parse_export_step(export_dir)
-    np.testing.assert_allclose(served_outputs(export_dir),
-                               checkpoint_outputs(model_dir, step), rtol=1e-6)
+  assert_exports_match_checkpoints(model_dir, [4, 6])
   assert os.path.exists(os.path.join(model_dir, 'params.yaml'))
   # The serving view: TF Serving's layout, the newest two versions.
   assert sorted(os.listdir(serving_dir)) == ['model', 'models.config']
@@ -173,11 +169,6 @@ def test_mock_experiment_on_two_workers(tmp_path):
         proc.wait()
   for proc, stderr in zip(procs, errors):
     assert proc.returncode == 0, stderr[-3000:]
-  exports = readers.list_savedmodels(model_dir)
-  assert [paths.parse_export_step(p) for p in exports] == [2, 4]
-  for export_dir in exports:
-    step = paths.parse_export_step(export_dir)
-    np.testing.assert_allclose(served_outputs(export_dir),
-                               checkpoint_outputs(model_dir, step), rtol=1e-6)
+  assert_exports_match_checkpoints(model_dir, [2, 4])
   # Model Garden's runner would leave a mkdtemp() directory on worker 1.
   assert os.listdir(tmp_path / 'tmp1') == []

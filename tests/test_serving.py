@@ -47,6 +47,14 @@ def integer_children(module_dir: str) -> list:
   return sorted(int(n) for n in entries(module_dir) if n.isdigit())
 
 
+def trainer(model_dir: str):
+  """A manager exporting a Scale module, and the module."""
+  module = Scale()
+  return manager_lib.SavedModelCheckpointManager(
+      tf.train.Checkpoint(module=module), model_dir, max_to_keep=5,
+      modules_to_export={'scale': module}), module
+
+
 def save_steps(manager, module, steps):
   for step in steps:
     module.w.assign(tf.fill([4], float(step)))
@@ -58,10 +66,7 @@ def test_views_of_latest_and_best(tmp_path, where):
   root = (str(tmp_path) if where == 'local' else
           f'ram://serving_test/{tmp_path.name}')
   model_dir = os.path.join(root, 'model')
-  module = Scale()
-  manager = manager_lib.SavedModelCheckpointManager(
-      tf.train.Checkpoint(module=module), model_dir, max_to_keep=5,
-      modules_to_export={'scale': module})
+  manager, module = trainer(model_dir)
   latest = serving.ServingView(os.path.join(root, 'serving', 'latest'), 2)
   best_view = serving.ServingView(os.path.join(root, 'serving', 'best'), 2)
   for step in (1, 2, 3):
@@ -95,10 +100,7 @@ def test_views_of_latest_and_best(tmp_path, where):
 
 def test_leased_version_kept_until_released(tmp_path):
   model_dir, serving_dir = str(tmp_path / 'model'), str(tmp_path / 'serving')
-  module = Scale()
-  manager = manager_lib.SavedModelCheckpointManager(
-      tf.train.Checkpoint(module=module), model_dir, max_to_keep=5,
-      modules_to_export={'scale': module})
+  manager, module = trainer(model_dir)
   view = serving.ServingView(serving_dir, max_versions=1)
   save_steps(manager, module, [1])
   view.publish_latest(model_dir)
@@ -128,10 +130,7 @@ def test_bad_arguments(tmp_path):
 
 def test_saved_model_cli_runs_a_version(tmp_path):
   model_dir, serving_dir = str(tmp_path / 'model'), str(tmp_path / 'serving')
-  module = Scale()
-  manager = manager_lib.SavedModelCheckpointManager(
-      tf.train.Checkpoint(module=module), model_dir, max_to_keep=5,
-      modules_to_export={'scale': module})
+  manager, module = trainer(model_dir)
   save_steps(manager, module, [7])
   serving.ServingView(serving_dir).publish_latest(model_dir)
   done = subprocess.run(
@@ -220,10 +219,7 @@ def test_cli_serve(tmp_path):
   from conftest import run_cli  # pylint: disable=g-import-not-at-top
   from ckpt_export import best  # pylint: disable=g-import-not-at-top
   model_dir = str(tmp_path / 'model')
-  module = Scale()
-  manager = manager_lib.SavedModelCheckpointManager(
-      tf.train.Checkpoint(module=module), model_dir, max_to_keep=5,
-      modules_to_export={'scale': module})
+  manager, module = trainer(model_dir)
   save_steps(manager, module, [1, 2, 3])
   best.BestExport(model_dir, metric='loss', higher_is_better=False).update(
       2, manager.savedmodels[1], {'loss': 0.1})
