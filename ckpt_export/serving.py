@@ -80,6 +80,12 @@ def lease_version(serving_dir: str, module: str, version: int,
                  ) -> Optional[leases.Lease]:
   """Leases a published version, so that no view deletes it until released.
 
+  Args:
+    serving_dir: The view's directory.
+    module: The module (TF Serving's model name).
+    version: The version.
+    lease_seconds: As `leases.acquire`'s.
+
   Returns:
     The lease (release it, or use it as a context manager), or None if the
     version is not published or being deleted.
@@ -179,25 +185,35 @@ class ServingView:
 
   def publish_latest(self, model_dir: str, checkpoint_name: str = 'ckpt'
                     ) -> Dict[str, str]:
-    """Publishes the latest export of a model directory (leased meanwhile)."""
+    """Publishes the latest export of a model directory (leased meanwhile).
+
+    Returns:
+      As `publish`; {} if there is no export, or the latest one is being
+      deleted.
+    """
+    tried = set()
     while True:
       path = readers.latest_savedmodel(model_dir, checkpoint_name)
-      if path is None:
+      if path is None or path in tried:
         return {}
+      tried.add(path)
       lease = leases.acquire(path, holder='serving view')
-      if lease is not None:  # Else deleted meanwhile, for a newer one.
+      if lease is not None:  # Else deleted meanwhile, maybe for a newer one.
         with lease:
           return self.publish(path)
 
   def publish_best(self, model_dir: str, directory_name: str = 'best_export'
                   ) -> Dict[str, str]:
-    """Publishes the best export that `BestExport` keeps (leased meanwhile)."""
+    """Publishes the best export that `BestExport` keeps (leased meanwhile).
+
+    Returns:
+      As `publish`; {} if there is no best export (or it is being replaced
+      by a better one, to be published by the next call).
+    """
     info = best.read_best(model_dir, directory_name)
-    if info is None:
+    lease = info and leases.acquire(info['path'], holder='serving view')
+    if lease is None:
       return {}
-    lease = leases.acquire(info['path'], holder='serving view')
-    if lease is None:  # Replaced by a better one meanwhile.
-      return self.publish_best(model_dir, directory_name)
     with lease:
       return self.publish(info['path'], info['step'])
 
