@@ -16,9 +16,10 @@ look. It exits non-zero if either process failed or the last export went
 unevaluated. Then it publishes the last export and the best one as
 TensorFlow Serving versions (`ckpt_export.ServingView`) under `--serving_dir`
 (default `<model_dir>/serving`): `latest/<module>/<step>/` and
-`best/<module>/<step>/`, each with a `models.config`. (A sidecar slower than the trainer may find an export already
-deleted by the trainer's `max_to_keep` before it got to it: the summary lists
-such steps as skipped. The export it is evaluating is never deleted under it.)
+`best/<module>/<step>/`, each with a `models.config`. (A sidecar slower than
+the trainer may find an export already deleted by the trainer's `max_to_keep`
+before it got to it: the summary lists such steps as skipped. The export it is
+evaluating is never deleted under it.)
 
 Usage:
 

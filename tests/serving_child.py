@@ -14,12 +14,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import tensorflow as tf  # pylint: disable=g-import-not-at-top
+# pylint: disable=g-import-not-at-top
+import tensorflow as tf
 
-from ckpt_export import manager as manager_lib  # pylint: disable=g-import-not-at-top
-from ckpt_export import serving  # pylint: disable=g-import-not-at-top
-from conftest import N_FEATURES  # pylint: disable=g-import-not-at-top
-from conftest import Scale  # pylint: disable=g-import-not-at-top
+from ckpt_export import manager as manager_lib
+from ckpt_export import serving
+from conftest import N_FEATURES
+from conftest import Scale
+# pylint: enable=g-import-not-at-top
 
 
 def main(model_dir: str, serving_dir: str, max_versions: str,

@@ -109,7 +109,8 @@ def test_eval_modes_read_without_writing(tmp_path):
   before = [n for n in entries(model_dir) if n != 'validation']
   runner, _ = run(model_dir, 'eval',
                   export_modules=model_garden.default_export_modules)
-  assert type(runner.checkpoint_manager) is tf.train.CheckpointManager  # pylint: disable=unidiomatic-typecheck
+  assert not isinstance(runner.checkpoint_manager,
+                        manager_lib.SavedModelCheckpointManager)
   assert int(runner.trainer.global_step.numpy()) == 6
   assert [n for n in entries(model_dir) if n != 'validation'] == before
 
@@ -225,7 +226,8 @@ def test_manager_exports_model_garden_modules(local_dir, function_keys,
       factor = 0.5 if output == 'half' else 2.0
       np.testing.assert_allclose(served, factor * expected, rtol=1e-6)
   # The signatures' functions keep their traces: the second export was fast.
-  assert [m.fast_exports for m in manager._exporter.modules] == [1]  # pylint: disable=protected-access
+  exporters = manager._exporter.modules  # pylint: disable=protected-access
+  assert [m.fast_exports for m in exporters] == [1]
 
 
 @pytest.mark.parametrize('function_keys, message', [

@@ -13,6 +13,10 @@ from ckpt_export import paths
 from ckpt_export import readers
 from ckpt_export import serving
 from conftest import REPO
+from official.core import exp_factory
+from official.core import task_factory
+from official.vision import registry_imports  # pylint: disable=unused-import
+from official.vision.serving import image_classification
 from test_model_garden import assert_exports_match_checkpoints
 from test_model_garden import checkpoint_outputs
 from test_model_garden import served_outputs
@@ -99,10 +103,6 @@ def vision_override(pattern: str) -> dict:
 
 @pytest.mark.slow
 def test_resnet_imagenet_exports_classify_as_their_checkpoint(tmp_path):
-  from official.core import exp_factory  # pylint: disable=g-import-not-at-top
-  from official.core import task_factory  # pylint: disable=g-import-not-at-top
-  from official.vision import registry_imports  # pylint: disable=g-import-not-at-top,unused-import
-  from official.vision.serving import image_classification  # pylint: disable=g-import-not-at-top
   override = vision_override(write_jpeg_records(str(tmp_path / 'data')))
   model_dir = str(tmp_path / 'model')
   run_example(['--experiment=resnet_imagenet', '--mode=train_and_eval',
