@@ -599,9 +599,9 @@ def _max_versions(text: str) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
   """Publishes MODEL_DIR's latest and/or best export into serving views."""
-  from ckpt_export import serving  # pylint: disable=g-import-not-at-top
   if not (args.latest_dir or args.best_dir):
     raise UsageError('serve needs --latest-dir or --best-dir (or both)')
+  from ckpt_export import serving  # pylint: disable=g-import-not-at-top
   _list_model_dir(args.model_dir)
   try:
     feeds = [(serving.ServingView(d, args.max_versions), publish)
