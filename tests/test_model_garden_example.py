@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -172,3 +173,40 @@ def test_mock_experiment_on_two_workers(tmp_path):
   assert_exports_match_checkpoints(model_dir, [2, 4])
   # Model Garden's runner would leave a mkdtemp() directory on worker 1.
   assert os.listdir(tmp_path / 'tmp1') == []
+
+
+@pytest.mark.slow
+def test_continuous_eval_of_exports_beside_the_trainer(tmp_path):
+  """`--mode=continuous_eval --evaluate_exports` while the trainer runs."""
+  model_dir = str(tmp_path / 'model')
+  override = json.dumps({'trainer': {
+      'train_steps': 8, 'steps_per_loop': 2, 'checkpoint_interval': 2,
+      'max_to_keep': 2, 'validation_steps': 1, 'continuous_eval_timeout': 120,
+      'optimizer_config': SGD}})
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
+  procs = [subprocess.Popen(
+      [sys.executable, '-c', RUN_WITH_MOCK, '--experiment=mock',
+       f'--mode={mode}', f'--model_dir={model_dir}',
+       f'--params_override={override}', *extra],
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+      cwd=REPO) for mode, extra in (('continuous_eval', ['--evaluate_exports']),
+                                    ('train', []))]
+  try:
+    errors = [proc.communicate(timeout=240)[1] for proc in procs]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  for proc, stderr in zip(procs, errors):
+    assert proc.returncode == 0, stderr[-3000:]
+  # orbit logs each evaluation with the global step, here the export's.
+  evaluated = [int(s) for s in re.findall(r'eval \| step: +(\d+) \| running',
+                                          errors[0])]
+  assert evaluated and evaluated[-1] == 8, errors[0][-3000:]
+  assert evaluated == sorted(set(evaluated))
+  assert set(evaluated) <= {2, 4, 6, 8}
+  print(f'\nexports evaluated: {evaluated}')
+  assert_exports_match_checkpoints(model_dir, [6, 8])
+  assert not tf.io.gfile.glob(os.path.join(model_dir, '.ckpt_export',
+                                           'leases', '*'))
