@@ -137,10 +137,9 @@ def wait_for_new_savedmodel(directory: str,
                             checkpoint_name: str = 'ckpt') -> Optional[str]:
   """Waits for a published export with a step above `last_savedmodel`'s.
 
-  Looks before it sleeps, and once more before giving up: it never returns
-  None while an export it should return exists. It never sleeps past the
-  deadline: it gives up, after that last look, as soon as another full sleep
-  would end after `timeout` (the reference's timing).
+  Looks before it sleeps, then every `seconds_to_sleep`, and once more at the
+  deadline: it never sleeps past `timeout`, and never returns None while an
+  export it should return exists at the deadline.
 
   Args:
     directory: The model directory.
@@ -175,10 +174,13 @@ def _wait_for_step(directory: str, after_step: int, seconds_to_sleep: float,
     if found is not None:
       logging.info('Found export %s', found[1])
       return found
-    if (stop_time is not None and
-        time.monotonic() + seconds_to_sleep > stop_time):
+    if stop_time is None:
+      time.sleep(seconds_to_sleep)
+      continue
+    remaining = stop_time - time.monotonic()
+    if remaining <= 0:
       return None
-    time.sleep(seconds_to_sleep)
+    time.sleep(min(seconds_to_sleep, remaining))
 
 
 def savedmodels_iterator(
