@@ -28,20 +28,11 @@ from ckpt_export import paths
 def flatten_scalars(output: Mapping[str, Any]) -> Dict[str, float]:
   """Returns the real scalars of a (nested) eval output, as 'a/b' names.
 
-  Nested dicts become names joined by '/', as orbit names their summaries;
-  values that are not real scalars (e.g. arrays of predictions) are left out.
+  The rule of `best.as_metrics` (nested dicts named as orbit names their
+  summaries, a Keras metric object an error), except that values that are not
+  real scalars (e.g. arrays of predictions) are left out.
   """
-  found = {}
-  for key, value in output.items():
-    if isinstance(value, Mapping):
-      for inner, number in flatten_scalars(value).items():
-        found[f'{key}/{inner}'] = number
-      continue
-    try:
-      found.update(best_lib.as_metrics({str(key): value}, 'the eval output'))
-    except (ValueError, TypeError):
-      logging.debug('Not a scalar metric: %s', key)
-  return found
+  return best_lib.as_metrics(output, 'the eval output', drop_non_scalars=True)
 
 
 class BestExportAction:
@@ -112,7 +103,7 @@ class BestExportAction:
     Raises:
       ValueError: If `output` has no scalar named like the best metric.
     """
-    metrics = flatten_scalars(output or {})
+    metrics = flatten_scalars(output)
     if self._best.metric not in metrics:
       raise ValueError(f'The eval output has no scalar {self._best.metric!r} '
                        f'to rank exports by; it has {sorted(metrics)}.')

@@ -78,7 +78,7 @@ def test_train_and_evaluate_keeps_the_best_step(model_dir, metric, higher,
   assert [ckpt_export.parse_export_step(p) for p in manager.savedmodels
          ] == [8, 10]
   assert entries(os.path.join(model_dir, 'best_export')) == [
-      'best.json', f'ckpt-{expected}_saved_modules']
+      '.ckpt_export', 'best.json', f'ckpt-{expected}_saved_modules']
 
 
 def test_a_step_without_export_is_skipped(local_dir, caplog):
