@@ -289,6 +289,11 @@ class BestExport:
     return self._metric
 
   @property
+  def checkpoint_name(self) -> str:
+    """The checkpoint name of the exports it keeps the best of."""
+    return self._checkpoint_name
+
+  @property
   def best(self) -> Optional[Tuple[int, Metrics]]:
     """(step, metrics) of the best export so far, or None."""
     if self._info is None:
