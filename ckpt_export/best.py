@@ -34,6 +34,7 @@ from ckpt_export import readers
 from ckpt_export import strict_json
 
 INFO_FILE = 'best.json'
+OFFERED_FILE = 'offered.json'  # The step last offered to `update`.
 
 Metrics = Dict[str, float]
 CompareFn = Callable[[Metrics, Metrics], bool]
@@ -265,6 +266,7 @@ class BestExport:
         lease_seconds)
     try:
       self._recover()
+      self._last_offered = self._read_offered()
     except BaseException:
       self._writer.release()
       raise
@@ -299,6 +301,31 @@ class BestExport:
     if self._info is None:
       return None
     return self._info['step'], dict(self._info['metrics'])
+
+  @property
+  def last_offered(self) -> int:
+    """The step last offered to `update` (in any run); -1 if none."""
+    return self._last_offered
+
+  def _read_offered(self) -> int:
+    path = os.path.join(self._directory, OFFERED_FILE)
+    try:
+      with tf.io.gfile.GFile(path) as f:
+        step = json.loads(f.read()).get('step')
+    except tf.errors.NotFoundError:
+      return -1
+    except (ValueError, AttributeError):
+      step = None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+      logging.warning('Ignoring %s: not a record of the step last offered.',
+                      path)
+      return -1
+    return step
+
+  def _note_offered(self, step: int) -> None:
+    commit.write_file_atomically(os.path.join(self._directory, OFFERED_FILE),
+                                 strict_json.dumps({'step': step}))
+    self._last_offered = step
 
   @property
   def best_export(self) -> Optional[str]:
@@ -365,6 +392,7 @@ class BestExport:
       raise ValueError(f'The metrics of step {step} have no {self._metric!r} '
                        f'to rank exports by; they have {sorted(metrics)}.')
     if not self.is_better(metrics):
+      self._note_offered(step)
       return False
     lease = None if holds_lease else leases.acquire(
         export_dir, holder='ckpt_export.BestExport')
@@ -389,6 +417,7 @@ class BestExport:
     # The copy is the best from here on, even if what follows fails.
     self._info = info
     self._publish(info)
+    self._note_offered(step)
     logging.info('New best export: step %d with %s=%g, at %s', step,
                  self._metric, metrics[self._metric], target)
     return True
@@ -447,7 +476,8 @@ class BestExport:
     """Removes crash leftovers and reloads the best copy and `best.json`."""
     names = commit.recover(self._directory, self._checkpoint_name,
                            readers.list_directory(self._directory))
-    commit.remove_stale_files(self._directory, INFO_FILE, names)
+    names = commit.remove_stale_files(self._directory, INFO_FILE, names)
+    commit.remove_stale_files(self._directory, OFFERED_FILE, names)
     copies = self._copies()
     if not copies:
       stored = self._read_info()

@@ -43,7 +43,7 @@ def _assert_best(model_dir: str, step: int, metrics: dict) -> None:
   copy = paths.export_path(best_dir, 'ckpt', step)
   # .ckpt_export holds the writer lease (see leases.acquire_writer).
   assert entries(best_dir) == ['.ckpt_export', 'best.json',
-                               f'ckpt-{step}_saved_modules']
+                               f'ckpt-{step}_saved_modules', 'offered.json']
   assert commit.is_published(copy)
   assert served_value(copy) == float(step)
   info = best_lib.read_best(model_dir)

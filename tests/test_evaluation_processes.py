@@ -91,7 +91,7 @@ def _check_recovered_best(model_dir: str, step: int) -> None:
     assert best.best[0] == step
   # .ckpt_export holds the writer lease.
   copies = [n for n in os.listdir(best.directory)
-            if n not in ('best.json', '.ckpt_export')]
+            if n not in ('best.json', '.ckpt_export', 'offered.json')]
   assert copies == [f'ckpt-{step}_saved_modules']
   assert _check_best(model_dir) == step
 
