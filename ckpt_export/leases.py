@@ -448,10 +448,11 @@ def _describe(record: Dict[str, Any]) -> str:
 
 
 def acquire_writer(directory: str, holder: str,
-                   lease_seconds: float = DEFAULT_LEASE_SECONDS) -> Lease:
+                   lease_seconds: float = DEFAULT_LEASE_SECONDS,
+                   name: str = _WRITER) -> Lease:
   """Takes the single-writer lease of a directory of records.
 
-  A lease file `<directory>/.ckpt_export/leases/writer.lease-<token>.json`,
+  A lease file `<directory>/.ckpt_export/leases/<name>.lease-<token>.json`,
   renewed and expiring as a reader's lease (so a writer that died stops
   blocking once its pid is gone, or its lease expired on another host). The
   writer writes its lease, then looks for other live writers' leases, and
@@ -462,6 +463,7 @@ def acquire_writer(directory: str, holder: str,
     directory: The directory the writer alone updates.
     holder: What the writer is, for the error another writer gets.
     lease_seconds: How long the lease outlives its last renewal.
+    name: What in `directory` the lease is for, if not all of it.
 
   Returns:
     The lease; release it when done writing.
@@ -472,18 +474,18 @@ def acquire_writer(directory: str, holder: str,
   lease_seconds = check_lease_seconds(lease_seconds)
   token = commit.begin_operation()
   now = time.time()
-  record = {'export': _WRITER, 'export_dir': directory, 'holder': holder,
+  record = {'export': name, 'export_dir': directory, 'holder': holder,
             'pid': os.getpid(), 'host': socket.gethostname(), 'token': token,
             'acquired': now, 'expires': now + lease_seconds,
             'lease_seconds': lease_seconds}
-  holding = _Holding(directory, _WRITER, record)
+  holding = _Holding(directory, name, record)
   try:
     tf.io.gfile.makedirs(_state_dir(directory, _LEASES))
     _write_json(holding.path, record)
   except BaseException:
     commit.end_operation(token)
     raise
-  others = [r for r in _live_holders(directory, _WRITER)
+  others = [r for r in _live_holders(directory, name)
             if r.get('token') != token]
   if others:
     holding.release()
