@@ -189,3 +189,14 @@ def test_best_and_action_must_agree_on_the_checkpoint_name(local_dir):
   with pytest.raises(ValueError, match="'ckpt' exports, not of the 'export'"):
     best_action.BestExportAction(best, local_dir, tf.Variable(1),
                                  checkpoint_name='export')
+
+
+def test_the_warning_names_the_interval_of_the_exports_offered(local_dir,
+                                                               caplog):
+  # Paired with ExportSavedModel, it used to blame checkpoint_interval.
+  best = best_lib.BestExport(local_dir, 'score', checkpoint_name='export')
+  action = best_action.BestExportAction(best, local_dir, tf.Variable(5),
+                                        checkpoint_name='export')
+  action({'score': 1.0})
+  assert "ExportSavedModel's export_interval" in caplog.text
+  assert best.best is None and not action.offer_pending()
