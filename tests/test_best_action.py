@@ -148,35 +148,32 @@ class FailingEvaluator(Evaluator):
 
 
 def test_a_kill_during_evaluation_loses_no_step(local_dir):
-  best = best_lib.BestExport(local_dir, 'nested/w')
-  model = Scale()
-  trainer, evaluator = Trainer(model), FailingEvaluator(model, fail_at=4)
-  manager = ckpt_export.SavedModelCheckpointManager(
-      tf.train.Checkpoint(model=model, step=trainer.global_step), local_dir,
-      max_to_keep=2, step_counter=trainer.global_step, checkpoint_interval=2,
-      modules_to_export={'scale': model})
-  action = best_action.BestExportAction(best, manager, trainer.global_step)
-  controller = orbit.Controller(
-      trainer=trainer, evaluator=evaluator, global_step=trainer.global_step,
-      steps_per_loop=2, checkpoint_manager=manager, eval_actions=[action])
+
+  def job(evaluator_class, *args):
+    best = best_lib.BestExport(local_dir, 'nested/w')
+    model = Scale()
+    trainer = Trainer(model)
+    manager = ckpt_export.SavedModelCheckpointManager(
+        tf.train.Checkpoint(model=model, step=trainer.global_step), local_dir,
+        max_to_keep=2, step_counter=trainer.global_step, checkpoint_interval=2,
+        modules_to_export={'scale': model})
+    action = best_action.BestExportAction(best, manager, trainer.global_step)
+    controller = orbit.Controller(
+        trainer=trainer, evaluator=evaluator_class(model, *args),
+        global_step=trainer.global_step, steps_per_loop=2,
+        checkpoint_manager=manager, eval_actions=[action])
+    return best, action, controller, trainer.global_step
+
+  best, _, controller, _ = job(FailingEvaluator, 4)
   with pytest.raises(SystemExit):
     controller.train_and_evaluate(train_steps=8, eval_interval=2)
   assert best.best[0] == 2 and best.last_offered == 2
   best.close()
 
-  # The restart: the Controller restores step 4, whose export exists.
-  best = best_lib.BestExport(local_dir, 'nested/w')
-  model = Scale()
-  trainer, evaluator = Trainer(model), Evaluator(model)
-  manager = ckpt_export.SavedModelCheckpointManager(
-      tf.train.Checkpoint(model=model, step=trainer.global_step), local_dir,
-      max_to_keep=2, step_counter=trainer.global_step, checkpoint_interval=2,
-      modules_to_export={'scale': model})
-  action = best_action.BestExportAction(best, manager, trainer.global_step)
-  controller = orbit.Controller(
-      trainer=trainer, evaluator=evaluator, global_step=trainer.global_step,
-      steps_per_loop=2, checkpoint_manager=manager, eval_actions=[action])
-  assert int(trainer.global_step.numpy()) == 4
+  # The restart: the Controller restores step 4, whose export exists; it used
+  # to evaluate only later steps.
+  best, action, controller, step = job(Evaluator)
+  assert int(step.numpy()) == 4
   assert action.unevaluated_step() == 4
   controller.evaluate(steps=1)
   assert best.best[0] == 4 and action.unevaluated_step() is None
