@@ -22,6 +22,7 @@ if typing.TYPE_CHECKING:
   from ckpt_export.leases import DEFAULT_LEASE_SECONDS
   from ckpt_export.leases import Lease
   from ckpt_export.leases import leased
+  from ckpt_export.leases import WriterBusyError
   from ckpt_export.manager import SavedModelCheckpointManager
   from ckpt_export.paths import make_saved_modules_directory_name
   from ckpt_export.paths import parse_export_step
@@ -53,6 +54,7 @@ _PUBLIC = {
     'parse_export_step': ('paths', 'parse_export_step'),
     'savedmodels_iterator': ('readers', 'savedmodels_iterator'),
     'wait_for_new_savedmodel': ('readers', 'wait_for_new_savedmodel'),
+    'WriterBusyError': ('leases', 'WriterBusyError'),
 }
 
 __all__ = sorted(_PUBLIC)

@@ -21,6 +21,7 @@ import json
 import math
 import numbers
 import os
+import sys
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from absl import logging
@@ -30,46 +31,135 @@ from ckpt_export import commit
 from ckpt_export import leases
 from ckpt_export import paths
 from ckpt_export import readers
+from ckpt_export import strict_json
 
 INFO_FILE = 'best.json'
+OFFERED_FILE = 'offered.json'  # The step last offered to `update`.
 
 Metrics = Dict[str, float]
 CompareFn = Callable[[Metrics, Metrics], bool]
 
 
-def as_metrics(metrics: Any, what: str) -> Metrics:
+def _describe(value: Any) -> str:
+  if tf.is_tensor(value) or hasattr(value, 'shape'):
+    return (f'a {getattr(value.dtype, "name", value.dtype)} value of shape '
+            f'{tuple(value.shape)}')
+  return repr(value)
+
+
+def _scalar(value: Any) -> Optional[float]:
+  """`value` as a float if it is a real scalar (Python, NumPy, tensor)."""
+  if tf.is_tensor(value) or hasattr(value, 'dtype'):
+    try:
+      value = tf.convert_to_tensor(value)
+    except (TypeError, ValueError):
+      return None
+    if value.shape.rank != 0 or not (value.dtype.is_floating or
+                                     value.dtype.is_integer):
+      return None
+    value = value.numpy().item()
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    return None
+  return float(value)
+
+
+def _flatten(metrics: Mapping[Any, Any], prefix: str, what: str,
+             drop_non_scalars: bool, result: Metrics) -> None:
+  for key, value in metrics.items():
+    if not isinstance(key, str) or not key:
+      raise ValueError(f'The metrics of {what} have a name that is not a '
+                       f'non-empty string: {key!r}.')
+    name = prefix + key
+    if isinstance(value, Mapping):
+      _flatten(value, name + '/', what, drop_non_scalars, result)
+      continue
+    if callable(getattr(value, 'result', None)) and not tf.is_tensor(value):
+      raise ValueError(
+          f'Metric {name!r} of {what} is a {type(value).__name__} object, not '
+          'a number: return its value, metric.result().')
+    number = _scalar(value)
+    if number is None:
+      if drop_non_scalars:
+        logging.debug('Not a scalar metric: %s', name)
+        continue
+      raise ValueError(f'Metric {name!r} of {what} must be a real scalar, got '
+                       f'{_describe(value)}.')
+    if name in result:
+      raise ValueError(f'The metrics of {what} name {name!r} twice (nested '
+                       'dicts are named outer/inner).')
+    result[name] = number
+
+
+def as_metrics(metrics: Any, what: str,
+               drop_non_scalars: bool = False) -> Metrics:
   """Checks that `metrics` maps names to real scalars; returns them as floats.
 
+  The one rule for metrics everywhere (`evaluate_exports`, `BestExport`,
+  `BestExportAction`): nested dicts are flattened, their names joined by '/'
+  as orbit names its summaries (`{'eval': {'acc': 1}}` is `eval/acc`); NaN
+  and infinities are kept (recorded, but never the best).
+
   Args:
-    metrics: A mapping of str to Python, NumPy or scalar tensor numbers.
+    metrics: A mapping of str to Python, NumPy or scalar tensor numbers, or
+      to such mappings.
     what: What the metrics are of, for error messages (e.g. 'step 5').
+    drop_non_scalars: Leave out values that are not real scalars (as arrays
+      of predictions in an orbit eval output) instead of raising.
 
   Returns:
-    A new dict of str to float.
+    A new flat dict of str to float.
 
   Raises:
-    ValueError: Naming `what` and the bad key or value.
+    ValueError: Naming `what` and the bad key or value; for a Keras metric
+      object (pass its `.result()`), always.
   """
   if not isinstance(metrics, Mapping) or not metrics:
     raise ValueError(f'The metrics of {what} must be a non-empty dict of '
                      f'metric names to numbers, got {metrics!r}.')
   result = {}
-  for key, value in metrics.items():
-    if not isinstance(key, str) or not key:
-      raise ValueError(f'The metrics of {what} have a name that is not a '
-                       f'non-empty string: {key!r}.')
-    if tf.is_tensor(value) or hasattr(value, 'dtype'):
-      value = tf.convert_to_tensor(value)
-      if value.shape.rank != 0 or not (value.dtype.is_floating or
-                                       value.dtype.is_integer):
-        raise ValueError(f'Metric {key!r} of {what} must be a real scalar, got '
-                         f'a {value.dtype.name} tensor of shape {value.shape}.')
-      value = value.numpy().item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-      raise ValueError(f'Metric {key!r} of {what} must be a real number, got '
-                       f'{value!r}.')
-    result[key] = float(value)
+  _flatten(metrics, '', what, drop_non_scalars, result)
+  if not result:
+    raise ValueError(f'The metrics of {what} have no real scalar: '
+                     f'{sorted(map(str, metrics))}.')
   return result
+
+
+def default_directory_name(checkpoint_name: str) -> str:
+  """`best_export`, or `<name>_best_export` for another checkpoint name.
+
+  Never a name `best_export` is a prefix of (TF's `ram://` file system lists
+  a directory's entries by prefix).
+  """
+  return ('best_export' if checkpoint_name == 'ckpt' else
+          f'{checkpoint_name}_best_export')
+
+
+def _parse_info(content: Any) -> Optional[Dict[str, Any]]:
+  """Validated best info (best.json or a copy's marker), metrics as floats.
+
+  Returns:
+    None if `content` is not of that shape.
+  """
+  if not isinstance(content, dict):
+    return None
+  step, metric = content.get('step'), content.get('metric')
+  metrics = content.get('metrics')
+  if (isinstance(step, bool) or not isinstance(step, int) or step < 0 or
+      not isinstance(metric, str) or not isinstance(metrics, dict) or
+      not isinstance(content.get('path'), str) or
+      content.get('higher_is_better') not in (None, True, False)):
+    return None
+  floats = {key: strict_json.as_float(value) for key, value in metrics.items()}
+  if None in floats.values() or metric not in floats:
+    return None
+  return dict(content, metrics=floats, value=floats[metric])
+
+
+def _checkpoint_name_of(info: Dict[str, Any]) -> str:
+  name = info.get('checkpoint_name')
+  if isinstance(name, str):
+    return name
+  return paths.basename(info['path'].rstrip('/')).rsplit('-', 1)[0]
 
 
 def read_best(model_dir: str, directory_name: str = 'best_export'
@@ -77,10 +167,12 @@ def read_best(model_dir: str, directory_name: str = 'best_export'
   """Returns the content of `best.json` (a reader's view), or None if absent.
 
   Its `path` is the published copy of the best export, whose modules are at
-  `<path>/<module>/`.
+  `<path>/<module>/`. Non-finite metrics, written as the strings "NaN",
+  "Infinity" and "-Infinity" (standard JSON), are returned as floats.
 
   Raises:
-    ValueError: Naming the file, if it is not JSON (edited by hand, say).
+    ValueError: Naming the file, if it is not JSON or not a best record
+      (edited by hand, say).
   """
   path = os.path.join(model_dir, directory_name, INFO_FILE)
   try:
@@ -89,17 +181,27 @@ def read_best(model_dir: str, directory_name: str = 'best_export'
   except tf.errors.NotFoundError:
     return None
   try:
-    return json.loads(content)
+    info = _parse_info(json.loads(content))
   except ValueError as e:
     raise ValueError(f'{path} is not valid JSON ({e}); a BestExport for this '
                      'directory rewrites it from its best copy.') from e
+  if info is None:
+    raise ValueError(f'{path} is JSON but not a best record of ckpt_export '
+                     '(step, metric, metrics, path); a BestExport for this '
+                     'directory rewrites it from its best copy.')
+  return info
 
 
 class BestExport:
   """Keeps a copy of the best export by a metric under the model directory.
 
-  One process updates a given best directory at a time (an evaluator, or the
-  `BestExportAction` of one orbit Controller); any number may read it.
+  One writer updates a given best directory at a time (an evaluator, or the
+  `BestExportAction` of one orbit Controller): each BestExport holds the
+  directory's writer lease (`leases.acquire_writer`) from its creation until
+  `close()` (or until it is garbage-collected), and another one on the same
+  directory, in any process, gets a `leases.WriterBusyError` naming it. A
+  writer that died stops blocking once its pid is gone (or, from another
+  host, once its lease expired). Any number may read it.
   """
 
   def __init__(self,
@@ -107,42 +209,77 @@ class BestExport:
                metric: str,
                higher_is_better: bool = True,
                compare_fn: Optional[CompareFn] = None,
-               directory_name: str = 'best_export',
-               checkpoint_name: str = 'ckpt'):
+               directory_name: Optional[str] = None,
+               checkpoint_name: str = 'ckpt',
+               lease_seconds: float = leases.DEFAULT_LEASE_SECONDS):
     """Reloads the best so far from disk, repairing what a crash left.
 
     Args:
       model_dir: The model directory (local path or URL).
       metric: The metric that ranks exports; every update must have it.
-      higher_is_better: Whether a higher `metric` is better.
+      higher_is_better: Whether a higher `metric` is better; a bool (a
+        string such as 'False' is an error).
       compare_fn: Overrides the comparison: called as
         `compare_fn(best_metrics, new_metrics)`, returns whether the new
         metrics are better.
-      directory_name: The subdirectory of `model_dir` holding the best export.
-      checkpoint_name: The name its copy is published under,
+      directory_name: The subdirectory of `model_dir` holding the best export;
+        by default `default_directory_name(checkpoint_name)`: `best_export`
+        for 'ckpt', `<checkpoint_name>_best_export` otherwise.
+      checkpoint_name: The checkpoint name of the exports it is offered, and
+        the name its copy is published under,
         `<checkpoint_name>-<step>_saved_modules`.
+      lease_seconds: How long the writer lease outlives this process's last
+        renewal of it (see `leases.acquire_writer`).
 
     Raises:
-      ValueError: For a bad argument, or a directory name the manager's
-        garbage collection could take for an export.
+      ValueError: For a bad argument, a directory name the manager's
+        garbage collection could take for an export, a directory holding
+        the best of another checkpoint name, or a stored best ranked by
+        another metric or direction (naming both: the old best is not
+        comparable; use another `directory_name` for a new best).
+      leases.WriterBusyError: If another writer holds the directory.
     """
     if not isinstance(metric, str) or not metric:
       raise ValueError(f'metric must be a non-empty string, got {metric!r}.')
+    if not isinstance(higher_is_better, bool):
+      raise ValueError('higher_is_better must be True or False, got '
+                       f'{higher_is_better!r}.')
     if compare_fn is not None and not callable(compare_fn):
       raise ValueError(f'compare_fn must be callable, got {compare_fn!r}.')
-    paths.validate_component('directory_name', directory_name)
     paths.validate_component('checkpoint_name', checkpoint_name)
+    if directory_name is None:
+      directory_name = default_directory_name(checkpoint_name)
+    paths.validate_component('directory_name', directory_name)
     if (directory_name.startswith('.') or
         paths.parse_export_step(directory_name) is not None):
       raise ValueError(f'directory_name {directory_name!r} must not start with '
                        "'.' nor be named like an export.")
     self._metric = metric
-    self._higher_is_better = bool(higher_is_better)
+    self._higher_is_better = higher_is_better
     self._compare_fn = compare_fn
     self._checkpoint_name = checkpoint_name
     self._directory = os.path.join(os.fspath(model_dir), directory_name)
     self._info: Optional[Dict[str, Any]] = None
-    self._recover()
+    self._writer = leases.acquire_writer(
+        self._directory, f'a BestExport of {checkpoint_name!r} exports by '
+        f'{metric!r} ({os.path.basename(sys.argv[0] or "python")})',
+        lease_seconds)
+    try:
+      self._recover()
+      self._last_offered = self._read_offered()
+    except BaseException:
+      self._writer.release()
+      raise
+
+  def close(self) -> None:
+    """Lets go of the directory's writer lease; no update may follow."""
+    self._writer.release()
+
+  def __enter__(self) -> 'BestExport':
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    self.close()
 
   @property
   def directory(self) -> str:
@@ -154,6 +291,11 @@ class BestExport:
     return self._metric
 
   @property
+  def checkpoint_name(self) -> str:
+    """The checkpoint name of the exports it keeps the best of."""
+    return self._checkpoint_name
+
+  @property
   def best(self) -> Optional[Tuple[int, Metrics]]:
     """(step, metrics) of the best export so far, or None."""
     if self._info is None:
@@ -161,20 +303,51 @@ class BestExport:
     return self._info['step'], dict(self._info['metrics'])
 
   @property
+  def last_offered(self) -> int:
+    """The step last offered to `update` (in any run); -1 if none."""
+    return self._last_offered
+
+  def _read_offered(self) -> int:
+    path = os.path.join(self._directory, OFFERED_FILE)
+    try:
+      with tf.io.gfile.GFile(path) as f:
+        step = json.loads(f.read()).get('step')
+    except tf.errors.NotFoundError:
+      return -1
+    except (ValueError, AttributeError):
+      step = None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+      logging.warning('Ignoring %s: not a record of the step last offered.',
+                      path)
+      return -1
+    return step
+
+  def _note_offered(self, step: int) -> None:
+    commit.write_file_atomically(os.path.join(self._directory, OFFERED_FILE),
+                                 strict_json.dumps({'step': step}))
+    self._last_offered = step
+
+  @property
   def best_export(self) -> Optional[str]:
     """The path of the published copy of the best export, or None."""
     return None if self._info is None else self._info['path']
 
   def is_better(self, metrics: Metrics) -> bool:
-    """Whether `metrics` beat the best so far (always, if there is none)."""
+    """Whether `metrics` beat the best so far (always, if there is none).
+
+    A non-finite metric (NaN, infinity) never does; any finite one beats a
+    non-finite best (which a BestExport no longer keeps).
+    """
     value = metrics[self._metric]
-    if math.isnan(value):
+    if not math.isfinite(value):
       return False
     if self._info is None:
       return True
     best = self._info['metrics']
     if self._compare_fn is not None:
       return bool(self._compare_fn(dict(best), dict(metrics)))
+    if not math.isfinite(best[self._metric]):
+      return True
     if self._higher_is_better:
       return value > best[self._metric]
     return value < best[self._metric]
@@ -191,7 +364,8 @@ class BestExport:
       step: The step of the export.
       export_dir: A published export,
         `<model_dir>/<name>-<step>_saved_modules`.
-      metrics: Its metrics; must contain `metric`. NaN never wins.
+      metrics: Its metrics (see `as_metrics`); must contain `metric`. A
+        non-finite value never wins.
       holds_lease: Whether the caller holds a lease on `export_dir` (as
         inside a `savedmodels_iterator` loop).
 
@@ -200,17 +374,25 @@ class BestExport:
 
     Raises:
       ValueError: For a bad step, metrics without `metric` or with non-numbers,
-        or an `export_dir` that is not a published export.
+        or an `export_dir` that is not a published export of this
+        BestExport's checkpoint name.
     """
     if (isinstance(step, bool) or not isinstance(step, numbers.Integral) or
         step < 0):
       raise ValueError(f'step must be a non-negative integer, got {step!r}.')
     step = int(step)
+    if paths.parse_export_step(os.fspath(export_dir),
+                               self._checkpoint_name) is None:
+      raise ValueError(
+          f'{export_dir!r} is not an export named {self._checkpoint_name!r}'
+          '-<step>_saved_modules, the checkpoint name this BestExport keeps '
+          'the best of; make one with checkpoint_name= for those exports.')
     metrics = as_metrics(metrics, f'step {step}')
     if self._metric not in metrics:
       raise ValueError(f'The metrics of step {step} have no {self._metric!r} '
                        f'to rank exports by; they have {sorted(metrics)}.')
     if not self.is_better(metrics):
+      self._note_offered(step)
       return False
     lease = None if holds_lease else leases.acquire(
         export_dir, holder='ckpt_export.BestExport')
@@ -222,6 +404,8 @@ class BestExport:
     target = paths.export_path(self._directory, self._checkpoint_name, step)
     info = {'step': step, 'metric': self._metric,
             'value': metrics[self._metric], 'metrics': metrics,
+            'higher_is_better': self._higher_is_better,
+            'checkpoint_name': self._checkpoint_name,
             'sequence': sequence, 'path': target,
             'source': os.fspath(export_dir)}
     try:
@@ -233,6 +417,7 @@ class BestExport:
     # The copy is the best from here on, even if what follows fails.
     self._info = info
     self._publish(info)
+    self._note_offered(step)
     logging.info('New best export: step %d with %s=%g, at %s', step,
                  self._metric, metrics[self._metric], target)
     return True
@@ -240,7 +425,8 @@ class BestExport:
   def _publish(self, info: Dict[str, Any]) -> None:
     """Points `best.json` at the copy in `info`, then removes the others."""
     commit.write_file_atomically(os.path.join(self._directory, INFO_FILE),
-                                 json.dumps(info, indent=1, sort_keys=True))
+                                 strict_json.dumps(info, indent=1,
+                                                   sort_keys=True))
     self._info = info
     for _, path in self._copies():
       if path != info['path']:
@@ -251,7 +437,7 @@ class BestExport:
     try:
       return read_best(*os.path.split(self._directory))
     except ValueError as e:
-      logging.warning('Rewriting %s: %s', INFO_FILE, e)
+      logging.warning('Rewriting %s: %s', INFO_FILE, str(e))
       return {}
 
   def _copies(self) -> List[Tuple[Dict[str, Any], str]]:
@@ -259,20 +445,50 @@ class BestExport:
     found = []
     for _, path in readers.export_candidates(self._directory,
                                              self._checkpoint_name):
-      info = commit.read_commit_info(path)
+      info = _parse_info(dict(commit.read_commit_info(path) or {}, path=path))
       if (info is not None and commit.is_published(path) and
           isinstance(info.get('sequence'), int)):
         found.append((info, path))
     return found
 
+  def _check_comparable(self, info: Dict[str, Any]) -> None:
+    """Raises a ValueError unless the stored best ranks as this one does."""
+    def ranking(metric: str, higher: Optional[bool]) -> str:
+      direction = {True: 'higher is better', False: 'lower is better',
+                   None: 'direction not recorded'}[higher]
+      return f'{metric!r} ({direction})'
+    stored = info.get('higher_is_better')
+    if info['metric'] == self._metric and (
+        self._compare_fn is not None or stored in (None,
+                                                   self._higher_is_better)):
+      return
+    message = (
+        f'{self._directory} holds the best export by '
+        f'{ranking(info["metric"], stored)}, step {info["step"]}; this '
+        'BestExport ranks by '
+        f'{ranking(self._metric, self._higher_is_better)}: the stored best is '
+        'not comparable. Pass another directory_name to start a new best, or '
+        'move that directory away.')
+    logging.error('%s', message)
+    raise ValueError(message)
+
   def _recover(self) -> None:
     """Removes crash leftovers and reloads the best copy and `best.json`."""
     names = commit.recover(self._directory, self._checkpoint_name,
                            readers.list_directory(self._directory))
-    commit.remove_stale_files(self._directory, INFO_FILE, names)
+    names = commit.remove_stale_files(self._directory, INFO_FILE, names)
+    commit.remove_stale_files(self._directory, OFFERED_FILE, names)
     copies = self._copies()
     if not copies:
-      if self._read_info() is not None:
+      stored = self._read_info()
+      if stored and _checkpoint_name_of(stored) != self._checkpoint_name:
+        raise ValueError(
+            f'{self._directory} holds the best of the '
+            f'{_checkpoint_name_of(stored)!r} exports, not of '
+            f'{self._checkpoint_name!r} ones; pass another directory_name '
+            f'(the default for them is '
+            f'{default_directory_name(self._checkpoint_name)!r}).')
+      if stored is not None:
         logging.warning('Removing %s: the export it names is gone.',
                         INFO_FILE)
         tf.io.gfile.remove(os.path.join(self._directory, INFO_FILE))
@@ -280,6 +496,7 @@ class BestExport:
     info, path = max(copies, key=lambda c: c[0]['sequence'])
     info = {key: info[key] for key in info if key != 'created'}
     info['path'] = path  # Where it is now, should the directory have moved.
+    self._check_comparable(info)
     if self._read_info() != info or len(copies) > 1:
       self._publish(info)
     else:

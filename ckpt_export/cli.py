@@ -25,12 +25,14 @@ also sets `takes_command=True` and finds the words in `args.command`.
 
 import argparse
 import contextlib
+import ctypes
 import json
 import os
 import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -383,8 +385,28 @@ class _WatchState:
     self._owner = {'model_dir': model_dir, 'checkpoint_name': checkpoint_name}
     self.last_step = -1
     self.failed: Dict[str, int] = {}
+    self.running: Optional[Dict[str, Any]] = None
+    self._lease = None
     if path is not None:
-      self._load()
+      self._load()  # Checks the file (and its directory) first.
+      self._lock()
+      self._load()  # What the last watch wrote before it ended.
+
+  def _lock(self) -> None:
+    """Takes the state file's writer lease: one watch per state file."""
+    from ckpt_export import leases  # pylint: disable=g-import-not-at-top
+    parent = os.path.dirname(self._path) or '.'
+    try:
+      self._lease = leases.acquire_writer(
+          parent, f'{PROG} watch --state-file {self._path}',
+          name=os.path.basename(self._path) + '.watch')
+    except leases.WriterBusyError as e:
+      raise UsageError(str(e)) from None
+
+  def close(self) -> None:
+    """Releases the state file's writer lease."""
+    if self._lease is not None:
+      self._lease.release()
 
   def _load(self) -> None:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -423,19 +445,109 @@ class _WatchState:
           f'{owner["model_dir"]} with --checkpoint-name '
           f'{owner["checkpoint_name"]}; use another state file')
     self.last_step, self.failed = last_step, failed
+    running = state.get('running')
+    self.running = running if isinstance(running, dict) else None
 
-  def finish(self, step: int, exit_code: int) -> None:
-    """Records `step` as handled, with its COMMAND's exit code if not 0."""
-    self.last_step = step
+  def start(self, step: int, pgid: int, model_dir: str) -> None:
+    """Records the process group of the COMMAND running on `step`."""
+    self.running = {'step': step, 'pgid': pgid, 'host': socket.gethostname(),
+                    'model_dir': model_dir}
+    self._write()
+
+  def finish(self, step: int, exit_code: int, advance: bool = True) -> None:
+    """Records `step` as handled, with its COMMAND's exit code if not 0.
+
+    Args:
+      step: The step.
+      exit_code: Its COMMAND's exit code.
+      advance: Whether `step` is the new last step (not for a retry).
+    """
+    if advance:
+      self.last_step = step
     if exit_code:
       self.failed[str(step)] = exit_code
+    else:
+      self.failed.pop(str(step), None)
+    self.running = None
+    self._write()
+
+  def _write(self) -> None:
     if self._path is None:
       return
     text = json.dumps(dict(self._owner, version=_STATE_VERSION,
-                           last_step=step, failed=self.failed),
+                           last_step=self.last_step, failed=self.failed,
+                           running=self.running),
                       indent=1, sort_keys=True) + '\n'
     from ckpt_export import commit  # pylint: disable=g-import-not-at-top
     commit.write_file_atomically(self._path, text)
+
+
+_PR_SET_PDEATHSIG = 1  # From <linux/prctl.h>.
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+  """A preexec_fn: the COMMAND gets SIGKILL when the watch dies (Linux)."""
+  try:
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # Looked up before fork.
+  except (OSError, AttributeError):
+    prctl = None
+
+  def preexec() -> None:
+    if prctl is not None:
+      prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # The watch died before prctl.
+      os.kill(os.getpid(), signal.SIGKILL)
+  return preexec
+
+
+def _kill_group(pgid: int) -> None:
+  try:
+    os.killpg(pgid, signal.SIGKILL)
+  except (ProcessLookupError, PermissionError):
+    pass
+
+
+def _kill_orphans(running: Dict[str, Any]) -> None:
+  """Kills what is left of a dead watch's COMMAND (its process group).
+
+  A parent-death signal kills the COMMAND itself when its watch is killed;
+  its own children may live on. They are killed if they are still in the
+  recorded process group, on this host, with this watch's MODEL_DIR in
+  their environment (so a reused group id is never killed).
+  """
+  pgid = running.get('pgid')
+  if (running.get('host') != socket.gethostname() or
+      not isinstance(pgid, int) or pgid <= 1 or not os.path.isdir('/proc')):
+    return
+  marker = f'CKPT_EXPORT_MODEL_DIR={running.get("model_dir")}'.encode()
+  for pid in filter(str.isdigit, os.listdir('/proc')):
+    try:
+      with open(f'/proc/{pid}/stat', 'rb') as f:
+        group = int(f.read().rsplit(b')', 1)[1].split()[2])
+      with open(f'/proc/{pid}/environ', 'rb') as f:
+        environ = f.read().split(b'\0')
+    except (OSError, ValueError, IndexError):
+      continue
+    if group == pgid and marker in environ:
+      print(f'{PROG}: killing process {pid}, left running on step '
+            f'{running.get("step")} by a watch that died', file=sys.stderr)
+      try:
+        os.kill(int(pid), signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+
+
+def _run_command(command: List[str], env: Dict[str, str], step: int,
+                 state: _WatchState) -> int:
+  """Runs COMMAND in its own process group, killed with the watch."""
+  child = subprocess.Popen(command, env=env, start_new_session=True,
+                           preexec_fn=_die_with(os.getpid()))
+  try:
+    state.start(step, child.pid, env['CKPT_EXPORT_MODEL_DIR'])
+    return child.wait()
+  finally:
+    _kill_group(child.pid)  # Its leftovers, or all of it if we are ending.
+    child.wait()
 
 
 def _substitute(word: str, export_dir: str, step: int) -> str:
@@ -462,6 +574,40 @@ def _sigterm_raises() -> Iterator[None]:
     signal.signal(signal.SIGTERM, previous)
 
 
+def _run_step(args: argparse.Namespace, export_dir: str, step: int,
+              state: _WatchState, advance: bool = True) -> int:
+  """Runs COMMAND on one export and records the outcome; returns its code."""
+  command = args.command[:1] + [
+      _substitute(word, export_dir, step) for word in args.command[1:]]
+  logging.info('Step %d: running %s', step, shlex.join(command))
+  env = dict(args.environ, CKPT_EXPORT_PATH=export_dir,
+             CKPT_EXPORT_STEP=str(step), CKPT_EXPORT_MODEL_DIR=args.model_dir)
+  code = _run_command(command, env, step, state)
+  if code:
+    print(f'{PROG}: step {step}: {command[0]} {_describe_exit(code)}',
+          file=sys.stderr)
+  if not (code and args.stop_on_failure):
+    state.finish(step, code, advance)
+  return code
+
+
+def _retry_failed(args: argparse.Namespace, state: _WatchState) -> None:
+  """Runs COMMAND again on each recorded failed step whose export remains."""
+  # pylint: disable=g-import-not-at-top
+  from ckpt_export import leases
+  # pylint: enable=g-import-not-at-top
+  for step in sorted(map(int, state.failed)):
+    export_dir = paths.export_path(args.model_dir, args.checkpoint_name, step)
+    lease = leases.acquire(export_dir, holder=f'{PROG} watch')
+    if lease is None:
+      print(f'{PROG}: step {step}: cannot retry, its export is gone; '
+            'dropping its failure', file=sys.stderr)
+      state.finish(step, 0, advance=False)
+      continue
+    with lease:
+      _run_step(args, export_dir, step, state, advance=False)
+
+
 def _watch(args: argparse.Namespace) -> int:
   """Runs COMMAND for each new export, in step order, never twice."""
   from ckpt_export import readers  # pylint: disable=g-import-not-at-top
@@ -471,36 +617,34 @@ def _watch(args: argparse.Namespace) -> int:
     raise UsageError(f'COMMAND {args.command[0]} not found')
   _list_model_dir(args.model_dir)
   state = _WatchState(args.state_file, args.model_dir, args.checkpoint_name)
-  if args.until_step is not None and state.last_step >= args.until_step:
-    print(f'{PROG}: step {state.last_step} was already handled; nothing to do',
-          file=sys.stderr)
-    return 0
-  failures = 0
-  exports = readers.savedmodels_iterator(
-      args.model_dir, timeout=args.timeout,
-      seconds_to_sleep=args.seconds_to_sleep,
-      checkpoint_name=args.checkpoint_name, latest_only=args.latest_only,
-      after_step=state.last_step)
-  with contextlib.closing(exports), _sigterm_raises():
-    for export_dir in exports:
-      step = paths.parse_export_step(export_dir, args.checkpoint_name)
-      command = args.command[:1] + [
-          _substitute(word, export_dir, step) for word in args.command[1:]]
-      logging.info('Step %d: running %s', step, shlex.join(command))
-      env = dict(args.environ, CKPT_EXPORT_PATH=export_dir,
-                 CKPT_EXPORT_STEP=str(step),
-                 CKPT_EXPORT_MODEL_DIR=args.model_dir)
-      code = subprocess.run(command, env=env, check=False).returncode
-      if code:
-        print(f'{PROG}: step {step}: {command[0]} {_describe_exit(code)}',
-              file=sys.stderr)
-        if args.stop_on_failure:
+  with contextlib.closing(state), _sigterm_raises():
+    if state.running is not None:
+      _kill_orphans(state.running)
+    if state.failed:
+      print(f'{PROG}: failed in earlier runs: step(s) '
+            f'{", ".join(sorted(state.failed, key=int))}'
+            f'{"; retrying" if args.retry_failed else " (--retry-failed)"}',
+            file=sys.stderr)
+      if args.retry_failed:
+        _retry_failed(args, state)
+    if args.until_step is not None and state.last_step >= args.until_step:
+      print(f'{PROG}: step {state.last_step} was already handled; nothing '
+            'to do', file=sys.stderr)
+      return 1 if state.failed else 0
+    exports = readers.savedmodels_iterator(
+        args.model_dir, timeout=args.timeout,
+        seconds_to_sleep=args.seconds_to_sleep,
+        checkpoint_name=args.checkpoint_name, latest_only=args.latest_only,
+        after_step=state.last_step)
+    with contextlib.closing(exports):
+      for export_dir in exports:
+        step = paths.parse_export_step(export_dir, args.checkpoint_name)
+        code = _run_step(args, export_dir, step, state)
+        if code and args.stop_on_failure:
           return code if code > 0 else 128 - code
-        failures += 1
-      state.finish(step, code)
-      if args.until_step is not None and step >= args.until_step:
-        break
-  return 1 if failures else 0
+        if args.until_step is not None and step >= args.until_step:
+          break
+  return 1 if state.failed else 0
 
 
 def _add_watch(subparsers: Any) -> None:
@@ -512,9 +656,14 @@ def _add_watch(subparsers: Any) -> None:
       'step are in the environment variables CKPT_EXPORT_PATH and '
       'CKPT_EXPORT_STEP (and MODEL_DIR in CKPT_EXPORT_MODEL_DIR), and replace '
       'the words {path} and {step} in ARGS. The export is leased while COMMAND '
-      'runs: the trainer does not delete it meanwhile. A failing COMMAND is '
-      'reported on stderr and the watch goes on (exit code 1 at the end), '
-      'unless --stop-on-failure.')
+      'runs: the trainer does not delete it meanwhile. COMMAND runs in its '
+      'own process group, killed when it ends and when the watch ends or is '
+      'killed (even by SIGKILL, through a parent-death signal). A failing '
+      'COMMAND is reported on stderr and the watch goes on, unless '
+      '--stop-on-failure; the failures recorded in --state-file are '
+      'reported at every start, and the exit code is 1 while one stands '
+      '(until --retry-failed succeeds on it). One watch per state file at a '
+      'time: a second one is refused, naming the first.')
   add_model_dir_arguments(parser)
   parser.add_argument('--timeout', type=_seconds, default=None,
                       help='end the watch (exit 0) after this many seconds '
@@ -536,6 +685,10 @@ def _add_watch(subparsers: Any) -> None:
                       'code; its step is not recorded as handled')
   parser.add_argument('--until-step', type=_step, default=None,
                       help='stop after handling a step at or above this one')
+  parser.add_argument('--retry-failed', action='store_true',
+                      help='first run COMMAND again on the steps recorded as '
+                      'failed in --state-file (a step whose export is gone '
+                      'is dropped, said so)')
   parser.set_defaults(run=_watch, takes_command=True)
 
 

@@ -38,6 +38,7 @@ from absl import logging
 import tensorflow as tf
 
 from ckpt_export import paths
+from ckpt_export import strict_json
 
 INCOMPLETE_MARKER = '.ckpt_export_incomplete'
 
@@ -265,7 +266,7 @@ def staged_export(export_dir: str, commit_info: Dict[str, Any]
     tf.io.gfile.makedirs(tmp)
     try:
       yield tmp
-      marker = json.dumps(dict(commit_info, created=time.time()))
+      marker = strict_json.dumps(dict(commit_info, created=time.time()))
       if has_atomic_rename(export_dir):
         _write_file(os.path.join(tmp, paths.COMMIT_MARKER), marker)
         _publish_by_rename(tmp, export_dir, token)

@@ -441,3 +441,66 @@ def leased(export_dir: str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
                             '(missing, incomplete or being deleted).')
   with lease:
     yield lease
+
+
+_WRITER = 'writer'
+
+
+class WriterBusyError(RuntimeError):
+  """Another live writer holds the writer lease of a directory."""
+
+
+def _describe(record: Dict[str, Any]) -> str:
+  acquired = record.get('acquired')
+  since = (time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(acquired))
+           if isinstance(acquired, (int, float)) else 'an unknown time')
+  return (f'{record.get("holder")} (pid {record.get("pid")} on '
+          f'{record.get("host")}, since {since})')
+
+
+def acquire_writer(directory: str, holder: str,
+                   lease_seconds: float = DEFAULT_LEASE_SECONDS,
+                   name: str = _WRITER) -> Lease:
+  """Takes the single-writer lease of a directory of records.
+
+  A lease file `<directory>/.ckpt_export/leases/<name>.lease-<token>.json`,
+  renewed and expiring as a reader's lease (so a writer that died stops
+  blocking once its pid is gone, or its lease expired on another host). The
+  writer writes its lease, then looks for other live writers' leases, and
+  withdraws if there is any: of two writers starting at once, at most one
+  gets the lease (both may fail, each naming the other).
+
+  Args:
+    directory: The directory the writer alone updates.
+    holder: What the writer is, for the error another writer gets.
+    lease_seconds: How long the lease outlives its last renewal.
+    name: What in `directory` the lease is for, if not all of it.
+
+  Returns:
+    The lease; release it when done writing.
+
+  Raises:
+    WriterBusyError: Naming the live writer that holds the directory.
+  """
+  lease_seconds = check_lease_seconds(lease_seconds)
+  token = commit.begin_operation()
+  now = time.time()
+  record = {'export': name, 'export_dir': directory, 'holder': holder,
+            'pid': os.getpid(), 'host': socket.gethostname(), 'token': token,
+            'acquired': now, 'expires': now + lease_seconds,
+            'lease_seconds': lease_seconds}
+  holding = _Holding(directory, name, record)
+  try:
+    tf.io.gfile.makedirs(_state_dir(directory, _LEASES))
+    _write_json(holding.path, record)
+  except BaseException:
+    commit.end_operation(token)
+    raise
+  others = [r for r in _live_holders(directory, name)
+            if r.get('token') != token]
+  if others:
+    holding.release()
+    raise WriterBusyError(
+        f'{directory} is being written by {_describe(others[0])}; one writer '
+        f'at a time. Stop it, or use another directory for {holder}.')
+  return Lease(holding)

@@ -44,7 +44,7 @@ def _check_count(name: str, value: Any) -> None:
 
 
 class ExportSavedModel:
-  """An orbit Action exporting modules every `export_interval` steps.
+  """An orbit Action exporting modules on multiples of `export_interval`.
 
   Each export is published atomically as
   `<directory>/<export_name>-<step>_saved_modules/`, `<step>` being
@@ -71,8 +71,11 @@ class ExportSavedModel:
         `<export dir>/<name>/` with its signatures (see `export.py`).
       directory: Where to write the exports (local path or URL).
       global_step: The integer step variable, e.g. `trainer.global_step`.
-      export_interval: Export when at least this many steps have passed since
-        this action's latest export; None exports at every call.
+      export_interval: Export at the first call at or after each multiple of
+        this many steps (the step reached a multiple since this action's
+        latest export), as orbit's summary_interval goes; at
+        the first call if this action has no export yet. None exports at
+        every call.
       max_to_keep: How many of this action's exports to keep; None keeps all.
       export_name: The prefix of the export names; must differ from the
         checkpoint name of a manager writing the same directory.
@@ -122,8 +125,9 @@ class ExportSavedModel:
       earlier = [s for s, _ in self._own_exports() if s <= step]
       self._last_step = earlier[-1] if earlier else None
       self._last_step_read = True
-    if (self._export_interval is not None and self._last_step is not None and
-        step < self._last_step + self._export_interval):
+    interval = self._export_interval
+    if (interval is not None and self._last_step is not None and
+        step // interval <= self._last_step // interval):
       return None
     return self.export()
 

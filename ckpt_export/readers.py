@@ -16,6 +16,10 @@ from ckpt_export import commit
 from ckpt_export import leases
 from ckpt_export import paths
 
+# Why `savedmodels_iterator` skipped an export (see its `on_skip`).
+SKIPPED_DELETED = 'deleted'
+SKIPPED_LATEST_ONLY = 'latest_only'
+
 
 def list_directory(directory: str) -> List[str]:
   """Returns the entry names of `directory`, or [] if it does not exist yet."""
@@ -137,10 +141,9 @@ def wait_for_new_savedmodel(directory: str,
                             checkpoint_name: str = 'ckpt') -> Optional[str]:
   """Waits for a published export with a step above `last_savedmodel`'s.
 
-  Looks before it sleeps, and once more before giving up: it never returns
-  None while an export it should return exists. It never sleeps past the
-  deadline: it gives up, after that last look, as soon as another full sleep
-  would end after `timeout` (the reference's timing).
+  Looks before it sleeps, then every `seconds_to_sleep`, and once more at the
+  deadline: it never sleeps past `timeout`, and never returns None while an
+  export it should return exists at the deadline.
 
   Args:
     directory: The model directory.
@@ -175,10 +178,13 @@ def _wait_for_step(directory: str, after_step: int, seconds_to_sleep: float,
     if found is not None:
       logging.info('Found export %s', found[1])
       return found
-    if (stop_time is not None and
-        time.monotonic() + seconds_to_sleep > stop_time):
+    if stop_time is None:
+      time.sleep(seconds_to_sleep)
+      continue
+    remaining = stop_time - time.monotonic()
+    if remaining <= 0:
       return None
-    time.sleep(seconds_to_sleep)
+    time.sleep(min(seconds_to_sleep, remaining))
 
 
 def savedmodels_iterator(
@@ -190,7 +196,8 @@ def savedmodels_iterator(
     checkpoint_name: str = 'ckpt',
     latest_only: bool = False,
     lease_seconds: Optional[float] = leases.DEFAULT_LEASE_SECONDS,
-    after_step: int = -1
+    after_step: int = -1,
+    on_skip: Optional[Callable[[int, str], None]] = None
 ) -> Iterator[str]:
   """Yields published exports in step order, waiting for new ones.
 
@@ -215,6 +222,8 @@ def savedmodels_iterator(
       `leases.acquire`), or None to take no lease.
     after_step: Only exports of higher steps are yielded: a restarted reader
       passes the last step it handled, and waits for no export before it.
+    on_skip: Called as `on_skip(step, reason)` for each export it skips,
+      `reason` being SKIPPED_LATEST_ONLY or SKIPPED_DELETED.
 
   Returns:
     An iterator of export paths, each step at most once, in increasing step
@@ -238,14 +247,15 @@ def savedmodels_iterator(
                      f'{after_step!r}.')
   return _iterate(directory, min_interval_secs, timeout, timeout_fn,
                   seconds_to_sleep, checkpoint_name, latest_only, lease_seconds,
-                  after_step)
+                  after_step, on_skip or (lambda step, reason: None))
 
 
 def _iterate(directory: str, min_interval_secs: float,
              timeout: Optional[float],
              timeout_fn: Optional[Callable[[], bool]],
              seconds_to_sleep: float, checkpoint_name: str, latest_only: bool,
-             lease_seconds: Optional[float], last_step: int) -> Iterator[str]:
+             lease_seconds: Optional[float], last_step: int,
+             on_skip: Callable[[int, str], None]) -> Iterator[str]:
   """The generator behind `savedmodels_iterator`."""
   while True:
     found = _wait_for_step(directory, last_step, seconds_to_sleep, timeout,
@@ -265,6 +275,8 @@ def _iterate(directory: str, min_interval_secs: float,
       logging.warning('Skipping the exports of steps %s in %s: %s.', skipped,
                       directory, 'only the latest is read' if latest_only else
                       'no longer published (being deleted)')
+      for s in skipped:
+        on_skip(s, SKIPPED_LATEST_ONLY if latest_only else SKIPPED_DELETED)
     last_step = step
     lease = None
     if lease_seconds is not None:
@@ -272,6 +284,7 @@ def _iterate(directory: str, min_interval_secs: float,
       if lease is None:
         logging.warning('Skipping the export of step %d: deleted before it '
                         'could be read (%s).', step, path)
+        on_skip(step, SKIPPED_DELETED)
         continue
     try:
       yield path

@@ -95,6 +95,8 @@ def main(argv: List[str]) -> None:
 
   print(f'\nEvaluated {len(evaluated)} step(s) in this run, '
         f'{len(recorded)} in all.')
+  for step, info in sorted(recorded.skipped.items()):
+    print(f'Step {step} not evaluated: {info["message"]}.')
   if best.best is None:
     sys.exit(f'ERROR: no export found in {model_dir}.')
   step, metrics = best.best

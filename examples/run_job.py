@@ -13,13 +13,14 @@ The trainer starts once the sidecar is ready. Their output is interleaved,
 prefixed with the process's name. Once both have finished it prints a summary:
 the steps exported and evaluated, the best step and its metric, and where to
 look. It exits non-zero if either process failed or the last export went
-unevaluated. Then it publishes the last export and the best one as
-TensorFlow Serving versions (`ckpt_export.ServingView`) under `--serving_dir`
-(default `<model_dir>/serving`): `latest/<module>/<step>/` and
-`best/<module>/<step>/`, each with a `models.config`. (A sidecar slower than
-the trainer may find an export already deleted by the trainer's `max_to_keep`
-before it got to it: the summary lists such steps as skipped. The export it is
-evaluating is never deleted under it.)
+unevaluated. Every step exported is either evaluated or, as the sidecar's
+record says, skipped with its reason: a sidecar slower than the trainer may
+find an export already deleted by the trainer's `max_to_keep` before it got
+to it, or give up on one whose evaluation failed. The export it is evaluating
+is never deleted under it. Then it publishes the last export and the best one
+as TensorFlow Serving versions (`ckpt_export.ServingView`) under
+`--serving_dir` (default `<model_dir>/serving`): `latest/<module>/<step>/` and
+`best/<module>/<step>/`, each with a `models.config`.
 
 Usage:
 
@@ -128,8 +129,9 @@ def main(argv: List[str]) -> None:
   exported = sorted({int(m.group(1)) for m in map(re.compile(
       r'saved checkpoint to .*-(\d+)\.$').search, trainer_lines) if m})
 
-  summary_dir = os.path.join(model_dir, evaluation.SUMMARY_SUBDIR)
-  evaluated = sorted(evaluation.read_metrics(summary_dir))
+  record = evaluation.read_metrics(
+      evaluation.default_summary_dir(model_dir))
+  evaluated = sorted(record)
   kept = [paths.parse_export_step(p)
           for p in readers.list_savedmodels(model_dir)]
   best = best_lib.read_best(model_dir)
@@ -137,10 +139,14 @@ def main(argv: List[str]) -> None:
   print(f'Model directory: {model_dir}')
   print(f'Steps exported: {_steps(exported)}')
   print(f'Steps evaluated: {_steps(evaluated)}')
-  skipped = sorted(set(exported) - set(evaluated))
-  if skipped:
-    print(f'Skipped (deleted by the trainer before the sidecar got to them): '
-          f'{_steps(skipped)}')
+  reasons = {}
+  for step, info in sorted(record.skipped.items()):
+    reasons.setdefault(info['message'], []).append(step)
+  for message, steps in reasons.items():
+    print(f'Not evaluated ({message}): {_steps(steps)}')
+  unaccounted = sorted(set(exported) - set(evaluated) - set(record.skipped))
+  if unaccounted:
+    print(f'Neither evaluated nor recorded as skipped: {_steps(unaccounted)}')
   print(f'Exports kept by the trainer (max_to_keep={_MAX_TO_KEEP.value}): '
         f'{_steps(kept)}')
   if best is not None:
@@ -163,6 +169,8 @@ def main(argv: List[str]) -> None:
             for name, code in codes.items() if code]
   if not exported or exported[-1] not in evaluated:
     failed.append('the last export was not evaluated')
+  if unaccounted:
+    failed.append('exports the sidecar did not account for')
   if failed or best is None:
     sys.exit('ERROR: ' + ('; '.join(failed) or 'no best export'))
 

@@ -78,7 +78,8 @@ def test_train_and_evaluate_keeps_the_best_step(model_dir, metric, higher,
   assert [ckpt_export.parse_export_step(p) for p in manager.savedmodels
          ] == [8, 10]
   assert entries(os.path.join(model_dir, 'best_export')) == [
-      'best.json', f'ckpt-{expected}_saved_modules']
+      '.ckpt_export', 'best.json', f'ckpt-{expected}_saved_modules',
+      'offered.json']
 
 
 def test_a_step_without_export_is_skipped(local_dir, caplog):
@@ -110,3 +111,89 @@ def test_bad_output_and_arguments(local_dir):
   with pytest.raises(ValueError, match='global step must be an integer'):
     best_action.BestExportAction(best, local_dir, lambda: 1.5)({'score': 1})
   assert best.best is None
+
+
+def test_the_final_step_is_a_candidate(local_dir, caplog):
+  # orbit saves the final step after its final evaluation: with exports at 2,
+  # 6 and 10, step 12's metrics wait until offer_pending().
+  best = best_lib.BestExport(local_dir, 'nested/w')
+  action = None
+
+  def make(manager, step):
+    nonlocal action
+    action = best_action.BestExportAction(best, manager, step)
+    return action
+
+  controller, _ = _controller(local_dir, Scale(), make, checkpoint_interval=4)
+  controller.train_and_evaluate(train_steps=12, eval_interval=2)
+  assert best.best[0] == 10
+  assert "checkpoint_interval a divisor" in caplog.text
+  assert action.offer_pending()
+  assert best.best == (12, {'score': -36.0, 'nested/w': 12.0})
+  assert served_value(best.best_export) == 12.0
+  assert not action.offer_pending()
+
+
+class FailingEvaluator(Evaluator):
+  """Dies (as a kill would) during the evaluation of step `fail_at`."""
+
+  def __init__(self, model, fail_at):
+    super().__init__(model)
+    self.fail_at = fail_at
+
+  def eval_end(self):
+    if int(self.model.w[0]) == self.fail_at:
+      raise SystemExit('killed during the evaluation')
+    return super().eval_end()
+
+
+def test_a_kill_during_evaluation_loses_no_step(local_dir):
+
+  def job(evaluator_class, *args):
+    best = best_lib.BestExport(local_dir, 'nested/w')
+    model = Scale()
+    trainer = Trainer(model)
+    manager = ckpt_export.SavedModelCheckpointManager(
+        tf.train.Checkpoint(model=model, step=trainer.global_step), local_dir,
+        max_to_keep=2, step_counter=trainer.global_step, checkpoint_interval=2,
+        modules_to_export={'scale': model})
+    action = best_action.BestExportAction(best, manager, trainer.global_step)
+    controller = orbit.Controller(
+        trainer=trainer, evaluator=evaluator_class(model, *args),
+        global_step=trainer.global_step, steps_per_loop=2,
+        checkpoint_manager=manager, eval_actions=[action])
+    return best, action, controller, trainer.global_step
+
+  best, _, controller, _ = job(FailingEvaluator, 4)
+  with pytest.raises(SystemExit):
+    controller.train_and_evaluate(train_steps=8, eval_interval=2)
+  assert best.best[0] == 2 and best.last_offered == 2
+  best.close()
+
+  # The restart: the Controller restores step 4, whose export exists; it used
+  # to evaluate only later steps.
+  best, action, controller, step = job(Evaluator)
+  assert int(step.numpy()) == 4
+  assert action.unevaluated_step() == 4
+  controller.evaluate(steps=1)
+  assert best.best[0] == 4 and action.unevaluated_step() is None
+  controller.train_and_evaluate(train_steps=8, eval_interval=2)
+  assert best.best[0] == 8
+
+
+def test_best_and_action_must_agree_on_the_checkpoint_name(local_dir):
+  best = best_lib.BestExport(local_dir, 'score')
+  with pytest.raises(ValueError, match="'ckpt' exports, not of the 'export'"):
+    best_action.BestExportAction(best, local_dir, tf.Variable(1),
+                                 checkpoint_name='export')
+
+
+def test_the_warning_names_the_interval_of_the_exports_offered(local_dir,
+                                                               caplog):
+  # Paired with ExportSavedModel, it used to blame checkpoint_interval.
+  best = best_lib.BestExport(local_dir, 'score', checkpoint_name='export')
+  action = best_action.BestExportAction(best, local_dir, tf.Variable(5),
+                                        checkpoint_name='export')
+  action({'score': 1.0})
+  assert "ExportSavedModel's export_interval" in caplog.text
+  assert best.best is None and not action.offer_pending()

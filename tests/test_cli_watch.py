@@ -147,7 +147,84 @@ def test_sigterm_stops_the_command_and_releases_the_export(finished_dir,
   with pytest.raises(ProcessLookupError):
     os.kill(command_pid, 0)
   assert not leases.is_leased(first)
-  assert not os.path.exists(state)  # Step 1 was not finished.
+  assert _state(state)['last_step'] == -1  # Step 1 was not finished.
+
+
+def test_failed_steps_are_reported_at_every_run_and_retried(finished_dir,
+                                                            tmp_path):
+  log, state = str(tmp_path / 'log'), str(tmp_path / 'state.json')
+  result = run_cli('watch', finished_dir, '--state-file', state, '--timeout',
+                   '0', '--', *_logging_command(log, fail_at=2))
+  assert result.returncode == 1
+  # A rerun with nothing new used to say nothing and exit 0.
+  result = run_cli('watch', finished_dir, '--state-file', state, '--timeout',
+                   '0', '--', *_logging_command(log))
+  assert result.returncode == 1
+  assert ('ckpt-export: failed in earlier runs: step(s) 2 (--retry-failed)'
+          in result.stderr.splitlines())
+  assert [int(entry[2]) for entry in _logged(log)] == [1, 2, 3]
+  result = run_cli('watch', finished_dir, '--state-file', state, '--timeout',
+                   '0', '--retry-failed', '--', *_logging_command(log))
+  assert result.returncode == 0, result.stderr
+  assert [int(entry[2]) for entry in _logged(log)] == [1, 2, 3, 2]
+  assert _state(state)['failed'] == {} and _state(state)['last_step'] == 3
+
+
+def _pid_gone(pid: int) -> bool:
+  """Whether `pid` ended (a zombie not yet reaped by init counts)."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] == 'Z'
+  except FileNotFoundError:
+    return True
+
+
+def _wait_for(condition, what: str, seconds: float = 60) -> None:
+  deadline = time.monotonic() + seconds
+  while not condition():
+    if time.monotonic() > deadline:
+      pytest.fail(f'Timed out waiting for {what}')
+    time.sleep(0.1)
+
+
+def test_a_killed_watch_takes_its_command_along(finished_dir, tmp_path):
+  """kill -9 of the watch alone: its COMMAND dies; a restart kills the rest."""
+  log, state = str(tmp_path / 'log'), str(tmp_path / 'state.json')
+  command = ('import os, subprocess, sys, time; '
+             'child = subprocess.Popen(["sleep", "600"]); '
+             'open(sys.argv[1], "w").write(f"{os.getpid()} {child.pid}"); '
+             'time.sleep(600)')
+  watch_args = [CKPT_EXPORT, 'watch', finished_dir, '--state-file', state]
+  watch = subprocess.Popen(
+      [*watch_args, '--', sys.executable, '-c', command, log], env=cli_env(),
+      stderr=subprocess.PIPE, text=True)
+  try:
+    _wait_for(lambda: _lines(log) or watch.poll() is not None, 'the command')
+    command_pid, grandchild = map(int, _lines(log)[0].split())
+    # A second watch on the same state file is refused while the first runs.
+    second = run_cli('watch', finished_dir, '--state-file', state, '--',
+                     'true')
+    assert second.returncode == 2
+    assert (f'is being written by ckpt-export watch --state-file {state} '
+            f'(pid {watch.pid}') in second.stderr
+    os.kill(watch.pid, signal.SIGKILL)  # The watch alone, not its group.
+    watch.wait(timeout=60)
+    # The command used to live on, orphaned, under a dead lease.
+    _wait_for(lambda: _pid_gone(command_pid), 'the command to die')
+    assert not _pid_gone(grandchild)  # The command's own child lives on...
+    result = run_cli('watch', finished_dir, '--state-file', state,
+                     '--until-step', '1', '--', sys.executable, '-c', 'pass')
+    assert result.returncode == 0, result.stderr
+    assert f'killing process {grandchild}, left running on step 1' in (
+        result.stderr)
+    _wait_for(lambda: _pid_gone(grandchild), 'the orphan to die')
+    assert _state(state)['last_step'] == 1
+  finally:
+    watch.kill()
+    watch.wait()
+    for pid in map(int, (_lines(log) or ['0 0'])[0].split()):
+      if pid and not _pid_gone(pid):
+        os.kill(pid, signal.SIGKILL)
 
 
 # Real processes: a trainer and a watch at once.

@@ -2,6 +2,7 @@
 
 import json
 import os
+import threading
 import time
 
 import numpy as np
@@ -78,9 +79,11 @@ def test_metrics_and_summaries_of_every_export(manager, scale, model_dir):
   assert _scalars(summary_dir) == {
       'value': {1: 1.0, 2: 2.0, 5: 5.0}, 'neg': {1: -1.0, 2: -2.0, 5: -5.0},
       'count': {1: 1.0, 2: 2.0, 5: 3.0}}
-  # Nothing but summaries and the record, and no stray temporary file.
+  # Nothing but summaries, the record and the (released) writer lease's
+  # directory, and no stray temporary file.
   assert [n for n in entries(summary_dir) if not n.startswith('events.')
-         ] == ['metrics.json']
+         ] == ['.ckpt_export', 'metrics.json']
+  assert entries(os.path.join(summary_dir, '.ckpt_export', 'leases')) == []
 
 
 def test_only_the_requested_modules_are_loaded(manager, scale, model_dir,
@@ -160,7 +163,9 @@ def test_keeps_the_best_export(manager, scale, model_dir):
   with pytest.raises(ValueError, match="no 'acc' for step 5.*'loss'"):
     _save(manager, scale, 5)
     evaluation.evaluate_exports(model_dir, eval_fn,
-                                best=best_lib.BestExport(model_dir, 'acc'),
+                                best=best_lib.BestExport(
+                                    model_dir, 'acc',
+                                    directory_name='best_by_acc'),
                                 **FAST)
   assert 5 not in evaluation.read_metrics(
       os.path.join(model_dir, 'eval_exports'))
@@ -220,3 +225,163 @@ def test_latest_only_evaluates_the_newest_export(manager, scale, model_dir):
                                        **FAST)
   assert [c[0] for c in eval_fn.calls] == [3, 5]
   assert list(result) == [3, 5]
+
+
+def test_every_export_is_evaluated_or_recorded_as_skipped(local_dir, scale):
+  # The issue's case, scaled down: a slow evaluator against max_to_keep=2; the
+  # trainer deletes exports while eval_fn is busy on an earlier one. Those
+  # used to vanish without a word.
+  manager = ckpt_export.SavedModelCheckpointManager(
+      tf.train.Checkpoint(scale=scale), local_dir, max_to_keep=2,
+      modules_to_export={'scale': scale})
+  last = 8
+  save_step(manager, scale, 1)
+
+  def train():
+    for step in range(2, last + 1):
+      time.sleep(0.3)
+      save_step(manager, scale, step)
+
+  trainer = threading.Thread(target=train)
+  trainer.start()
+
+  def slow_eval(modules, step):
+    time.sleep(1.0)
+    return {'value': served_value_of(modules)}
+
+  try:
+    record = evaluation.evaluate_exports(
+        local_dir, slow_eval, until_step=last, timeout=60,
+        seconds_to_sleep=0.05)
+  finally:
+    trainer.join(timeout=120)
+  assert not trainer.is_alive()
+  assert all(record[s] == {'value': float(s)} for s in record)
+  assert last in record
+  assert record.skipped, 'the trainer outpaced a 1 s evaluator'
+  assert set(record) | set(record.skipped) == set(range(1, last + 1))
+  assert not set(record) & set(record.skipped)
+  assert {i['reason'] for i in record.skipped.values()} == {'deleted'}
+  reread = evaluation.read_metrics(os.path.join(local_dir, 'eval_exports'))
+  assert (reread, reread.skipped) == (record, record.skipped)
+
+
+def test_latest_only_records_the_steps_it_passes_over(local_manager, scale,
+                                                      local_dir):
+  _save(local_manager, scale, 1, 2, 3)
+  record = evaluation.evaluate_exports(local_dir, Recorder(), latest_only=True,
+                                       **FAST)
+  assert sorted(record) == [3]
+  assert {s: i['reason'] for s, i in record.skipped.items()} == {
+      1: 'latest_only', 2: 'latest_only'}
+
+
+def test_a_step_failing_max_attempts_times_is_recorded_and_passed(
+    local_manager, scale, local_dir):
+  _save(local_manager, scale, 1, 2, 3)
+
+  def eval_fn(modules, step):
+    if step == 2:
+      raise RuntimeError('out of memory, say')
+    return {'value': served_value_of(modules)}
+
+  # Each failed attempt is counted in the record, across restarts.
+  with pytest.raises(RuntimeError, match='out of memory'):
+    evaluation.evaluate_exports(local_dir, eval_fn, max_attempts=2, **FAST)
+  summary_dir = os.path.join(local_dir, 'eval_exports')
+  assert evaluation.read_metrics(summary_dir).attempts == {
+      2: {'count': 1, 'error': 'RuntimeError: out of memory, say'}}
+  record = evaluation.evaluate_exports(local_dir, eval_fn, max_attempts=2,
+                                       **FAST)
+  assert sorted(record) == [1, 3]
+  assert record.failed == record.skipped == {2: {
+      'reason': 'failed', 'attempts': 2,
+      'error': 'RuntimeError: out of memory, say',
+      'message': 'failed 2 times: RuntimeError: out of memory, say'}}
+  assert record.attempts == {}
+  assert evaluation.read_metrics(summary_dir).failed == record.failed
+
+
+def test_records_are_per_checkpoint_name(local_manager, scale, local_dir):
+  _save(local_manager, scale, 1, 5)
+  evaluation.evaluate_exports(local_dir, Recorder(), **FAST)
+  action = ckpt_export.orbit_actions.ExportSavedModel(
+      {'scale': scale}, local_dir, global_step=tf.Variable(3, dtype=tf.int64))
+  action.export()
+  # It used to resume after the 'ckpt' steps and return their metrics.
+  record = evaluation.evaluate_exports(local_dir, Recorder(),
+                                       checkpoint_name='export', **FAST)
+  assert sorted(record) == [3] and record.checkpoint_name == 'export'
+  assert os.path.exists(os.path.join(local_dir, 'export_eval_exports',
+                                     'metrics.json'))
+  with pytest.raises(ValueError, match="records the 'ckpt' exports, not the "
+                     "'export' ones.*export_eval_exports"):
+    evaluation.evaluate_exports(
+        local_dir, Recorder(), checkpoint_name='export',
+        summary_dir=os.path.join(local_dir, 'eval_exports'), **FAST)
+  assert sorted(evaluation.read_metrics(
+      os.path.join(local_dir, 'eval_exports'))) == [1, 5]
+
+
+def test_one_evaluator_per_record(local_manager, scale, local_dir):
+  _save(local_manager, scale, 1)
+  started, go_on = threading.Event(), threading.Event()
+
+  def blocking_eval(modules, step):
+    started.set()
+    assert go_on.wait(60)
+    return {'value': served_value_of(modules)}
+
+  first = threading.Thread(target=evaluation.evaluate_exports, args=(
+      local_dir, blocking_eval), kwargs=FAST)
+  first.start()
+  try:
+    assert started.wait(60)
+    with pytest.raises(ckpt_export.leases.WriterBusyError,
+                       match=rf"eval_exports is being written by "
+                       rf"evaluate_exports of the 'ckpt' exports .*pid "
+                       rf'{os.getpid()}'):
+      evaluation.evaluate_exports(local_dir, Recorder(), **FAST)
+  finally:
+    go_on.set()
+    first.join(timeout=60)
+  assert sorted(evaluation.evaluate_exports(local_dir, Recorder(), **FAST)
+               ) == [1]
+
+
+def test_non_finite_metrics_are_standard_json_and_nested_dicts_flat(
+    local_manager, scale, local_dir):
+  _save(local_manager, scale, 1)
+  record = evaluation.evaluate_exports(
+      local_dir, lambda modules, step: {'loss': np.float32('nan'),
+                                        'eval': {'top': float('inf')}},
+      **FAST)
+  path = os.path.join(local_dir, 'eval_exports', 'metrics.json')
+  with open(path) as f:
+    content = json.loads(f.read(), parse_constant=lambda c: 1 / 0)
+  assert content['metrics'] == {'1': {'loss': 'NaN', 'eval/top': 'Infinity'}}
+  assert np.isnan(record[1]['loss']) and record[1]['eval/top'] == np.inf
+  reread = evaluation.read_metrics(os.path.dirname(path))
+  assert np.isnan(reread[1]['loss']) and reread[1]['eval/top'] == np.inf
+
+
+def test_a_keras_metric_is_named_with_its_step(local_manager, scale,
+                                               local_dir):
+  _save(local_manager, scale, 4)
+  metric = tf.keras.metrics.Mean()
+  with pytest.raises(ValueError, match=r"'acc' of step 4 \(from eval_fn\) is "
+                     r'a Mean object.*result\(\)'):
+    evaluation.evaluate_exports(local_dir, lambda m, s: {'acc': metric},
+                                **FAST)
+
+
+@pytest.mark.parametrize('content', ['[]', '{"metrics": {"x": {}}}',
+                                     '{"metrics": {"1": {"a": "b"}}}'])
+def test_a_record_of_the_wrong_shape_is_named(local_manager, scale, local_dir,
+                                              content):
+  summary_dir = os.path.join(local_dir, 'eval_exports')
+  os.makedirs(summary_dir)
+  with open(os.path.join(summary_dir, 'metrics.json'), 'w') as f:
+    f.write(content)
+  with pytest.raises(ValueError, match='metrics.json is not a metrics record'):
+    evaluation.evaluate_exports(local_dir, Recorder(), **FAST)

@@ -87,9 +87,11 @@ def _check_best(model_dir: str) -> Optional[int]:
 
 def _check_recovered_best(model_dir: str, step: int) -> None:
   """After recovery: exactly one copy, of `step`, and best.json naming it."""
-  best = best_lib.BestExport(model_dir, 'score')
-  assert best.best[0] == step
-  copies = [n for n in os.listdir(best.directory) if n != 'best.json']
+  with best_lib.BestExport(model_dir, 'score') as best:
+    assert best.best[0] == step
+  # .ckpt_export holds the writer lease.
+  copies = [n for n in os.listdir(best.directory)
+            if n not in ('best.json', '.ckpt_export', 'offered.json')]
   assert copies == [f'ckpt-{step}_saved_modules']
   assert _check_best(model_dir) == step
 
@@ -201,8 +203,8 @@ def test_best_export_updates_killed_at_random_instants(tmp_path):
     _check_best(model_dir)  # As a reader sees it, before any recovery.
     if last is None:
       continue
-    best = best_lib.BestExport(model_dir, 'score')
-    step, metrics = best.best
+    with best_lib.BestExport(model_dir, 'score') as best:
+      step, metrics = best.best
     # The last returned update, or one after it that got published.
     assert metrics['score'] >= last[1]
     assert metrics['score'] > last[1] or step == last[0]

@@ -179,13 +179,19 @@ def test_main_job_trains_and_evaluates_its_exports(tmp_path):
   # failure.
   assert evaluated == sorted(set(evaluated)) and evaluated[-1] == 40
   assert set(evaluated) <= set(exported)
-  assert ('Skipped' in summary) == (evaluated != exported)
+  assert ('Not evaluated (' in summary) == (evaluated != exported)
+  assert 'Neither evaluated nor recorded' not in summary
   assert_layout(model_dir, set(kept))
   best = ckpt_export.best.read_best(str(model_dir))
   assert best['step'] in evaluated
   metrics = ckpt_export.evaluation.read_metrics(
       str(model_dir / 'eval_exports'))
   assert sorted(metrics) == evaluated
+  # Every export is accounted for: evaluated, or skipped with its reason.
+  assert sorted(metrics.skipped) == sorted(set(exported) - set(evaluated))
+  for step, info in metrics.skipped.items():
+    assert re.search(rf'^Not evaluated \({re.escape(info["message"])}\): '
+                     rf'.*\b{step}\b', summary, re.M)
   assert best['metrics']['mse'] == min(m['mse'] for m in metrics.values())
   assert f'ckpt-export ls {model_dir}' in summary
   assert tf.saved_model.load(os.path.join(best['path'], 'regressor'))

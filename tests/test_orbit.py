@@ -149,8 +149,10 @@ def assert_exports_serve(directory: str, steps: List[int],
   assert export_steps(directory, name) == steps
   for step in steps:
     export_dir = paths.export_path(directory, name, step)
+    # float32 sums in another order than NumPy's: absolute error ~1e-7 on
+    # values near 0, where a relative tolerance alone fails.
     np.testing.assert_allclose(served(export_dir), X @ weights[step],
-                               rtol=1e-6)
+                               rtol=1e-6, atol=1e-6)
 
 
 def assert_no_leftovers(directory: str) -> None:
@@ -201,24 +203,44 @@ def test_export_action_keeps_its_own_schedule_beside_the_manager(local_dir):
   schedule = dict(export_interval=3, max_to_keep=2)
   job = Job(local_dir, export_action=schedule)
   job.controller.train(steps=12)
-  # Called at 2, 4, ..., 12: exports at 2, 6 (>= 2 + 3) and 10, keeps two.
-  assert_exports_serve(local_dir, [6, 10], job.weights, name='export')
+  # Called at 2, 4, ..., 12: exports at the first call (2), then at the
+  # first call at or after each multiple of 3 (4, 6, 10, 12); keeps two.
+  assert_exports_serve(local_dir, [10, 12], job.weights, name='export')
   assert job.action.exports == [paths.export_path(local_dir, 'export', s)
-                                for s in (6, 10)]
+                                for s in (10, 12)]
   # Neither deleted the other's exports.
   assert_exports_serve(local_dir, [6, 10, 12], job.weights)
   assert_no_leftovers(local_dir)
   for export_dir in job.action.exports:
     assert commit.read_commit_info(export_dir)['modules'] == [MODULE]
 
-  # A restarted job continues both sequences: the action exports at 14
-  # (>= 10 + 3), the manager saves at 16 (>= 12 + 4, and at completion).
+  # A restarted job continues both sequences: the action exports at 16 (the
+  # first call past 15), the manager saves at 16 (>= 12 + 4, and at
+  # completion).
   restarted = Job(local_dir, export_action=schedule)
   restarted.controller.train(steps=16)
   weights = {**job.weights, **restarted.weights}
-  assert_exports_serve(local_dir, [10, 14], weights, name='export')
+  assert_exports_serve(local_dir, [12, 16], weights, name='export')
   assert_exports_serve(local_dir, [10, 12, 16], weights)
   assert_no_leftovers(local_dir)
+
+
+def test_export_action_exports_on_multiples_of_its_interval(local_dir):
+  # It used to count from its first call: 3, 13, 23 with an interval of 10,
+  # never on an evaluation step that is a multiple of 10.
+  model, step = Linear(), tf.Variable(0, dtype=tf.int64)
+  action = orbit_actions.ExportSavedModel({MODULE: model}, local_dir, step,
+                                          export_interval=10, max_to_keep=None)
+  exported = []
+  for s in range(3, 43, 3):  # steps_per_loop=3
+    step.assign(s)
+    if action() is not None:
+      exported.append(s)
+  assert exported == [3, 12, 21, 30, 42]
+  step.assign(40)  # Restored from a checkpoint of step 40, say.
+  again = orbit_actions.ExportSavedModel({MODULE: model}, local_dir, step,
+                                         export_interval=10, max_to_keep=None)
+  assert again() is not None  # 40 reached a multiple since its export 30.
 
 
 def test_export_action_without_interval_exports_at_every_call(local_dir):

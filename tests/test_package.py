@@ -11,7 +11,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'ckpt_export'
 # higher ones).
 ALLOWED = {
     'paths': set(),
-    'commit': {'paths'},
+    'strict_json': set(),
+    'commit': {'paths', 'strict_json'},
     'distribution': {'commit'},
     'export': {'commit', 'paths'},
     'leases': {'commit', 'paths'},
@@ -19,8 +20,9 @@ ALLOWED = {
     'fast_export': {'commit', 'export'},
     'exporter': {'commit', 'export', 'fast_export', 'leases', 'paths',
                  'readers'},
-    'best': {'commit', 'leases', 'paths', 'readers'},
-    'evaluation': {'best', 'commit', 'paths', 'readers'},
+    'best': {'commit', 'leases', 'paths', 'readers', 'strict_json'},
+    'evaluation': {'best', 'commit', 'leases', 'paths', 'readers',
+                   'strict_json'},
     'best_action': {'best', 'commit', 'paths'},
     'manager': {'commit', 'distribution', 'export', 'fast_export', 'leases',
                 'paths', 'readers'},

@@ -1,5 +1,6 @@
 """Readers: listing, waiting and iterating, without a trainer."""
 
+import os
 import threading
 import time
 
@@ -230,3 +231,26 @@ def test_manager_iterator_takes_mode_and_lease(local_dir):
                                           lease_seconds=None)
   assert steps_of(list(iterator)) == [3]
   assert '.ckpt_export' not in tf.io.gfile.listdir(local_dir)
+
+
+@pytest.mark.parametrize('iterate', [False, True])
+def test_waiting_looks_once_more_at_the_deadline(local_dir, tmp_path, iterate):
+  # Looks at 0, 0.6 and 1.2 s, then at the 1.5 s deadline: an export that
+  # appears at 1.3 s is found, not missed because a full sleep would end late.
+  staged = _publish(str(tmp_path / 'elsewhere'), 1)
+  os.makedirs(local_dir, exist_ok=True)
+  final = paths.export_path(local_dir, 'ckpt', 1)
+  publisher = threading.Timer(1.3, os.rename, (staged, final))
+  publisher.start()
+  start = time.monotonic()
+  try:
+    if iterate:
+      found = list(ckpt_export.savedmodels_iterator(
+          local_dir, timeout=1.5, seconds_to_sleep=0.6, lease_seconds=None))
+    else:
+      found = [ckpt_export.wait_for_new_savedmodel(
+          local_dir, timeout=1.5, seconds_to_sleep=0.6)]
+  finally:
+    publisher.join()
+  assert found == [final]
+  assert time.monotonic() - start < 10
