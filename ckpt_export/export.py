@@ -14,6 +14,7 @@ from typing import Any, List, Mapping, Optional
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
+from ckpt_export import _tf_internals
 from ckpt_export import commit
 from ckpt_export import paths
 
@@ -33,8 +34,10 @@ def _could_have_signature(module: Any) -> bool:
   if _has_static(module, 'saved_model_signatures'):
     return True
   # Keras 3 and tf_keras models derive one from their inputs once built.
-  if (_has_static(module, '_default_save_signature') or
-      _has_static(module, '_get_save_spec')):
+  attributes = _tf_internals.keras_signature_attributes()
+  if attributes is None and _tf_internals.is_keras_model(module):
+    return True
+  if any(_has_static(module, name) for name in attributes or ()):
     return True
   candidates = list(vars(module).values()) + [
       inspect.getattr_static(module, n) for n in dir(type(module))]
@@ -64,7 +67,7 @@ def validate_modules(modules_to_export: Optional[Mapping[str, Any]]) -> None:
     if name in _RESERVED_NAMES:
       raise ValueError(f'Invalid module name {name!r}: ckpt_export reserves it '
                        'for its own marker files.')
-    if not isinstance(module, tf.__internal__.tracking.Trackable):
+    if not _tf_internals.is_trackable(module):
       raise ValueError(f'Module {name!r} is a {type(module).__name__}, which '
                        'tf.saved_model.save cannot save: pass a tf.Module or a '
                        'Keras model.')

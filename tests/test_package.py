@@ -10,19 +10,20 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'ckpt_export'
 # Each module may import only the ones listed (lower layers never import
 # higher ones).
 ALLOWED = {
+    '_tf_internals': set(),
     'paths': set(),
     'commit': {'paths'},
     'distribution': {'commit'},
-    'export': {'commit', 'paths'},
+    'export': {'_tf_internals', 'commit', 'paths'},
     'leases': {'commit', 'paths'},
     'readers': {'commit', 'leases', 'paths'},
-    'fast_export': {'commit', 'export'},
+    'fast_export': {'_tf_internals', 'commit', 'export'},
     'exporter': {'commit', 'export', 'fast_export', 'leases', 'paths',
                  'readers'},
     'best': {'commit', 'leases', 'paths', 'readers'},
     'evaluation': {'best', 'commit', 'paths', 'readers'},
     'best_action': {'best', 'commit', 'paths'},
-    'manager': {'commit', 'distribution', 'export', 'fast_export', 'leases',
+    'manager': {'_tf_internals', 'commit', 'distribution', 'export', 'fast_export', 'leases',
                 'paths', 'readers'},
     'orbit_actions': {'commit', 'export', 'leases', 'paths', 'readers'},
     '__init__': {'best', 'best_action', 'evaluation', 'leases', 'manager',
