@@ -11,7 +11,6 @@ warning naming the TensorFlow version:
 |---|---|---|
 | fast exports | `fingerprinting_utils.write_fingerprint`, the checkpoint key `_CHECKPOINTABLE_OBJECT_GRAPH` | every export a full `tf.saved_model.save` |
 | background exports (async saves) | `Checkpoint._async_checkpointer_impl._async_error`; write callbacks run before the manager records the checkpoint | exports written before the checkpoint, as in a synchronous save; TF still writes the checkpoint asynchronously |
-| module validation | `tf.__internal__.tracking.Trackable` | no type check: `tf.saved_model.save` names a bad object at the first save, before any checkpoint is written |
 | Keras signatures | Keras' `_default_save_signature` / `_get_save_spec` | Keras models pass validation; a model that gets no signature is refused at its first export, before any checkpoint |
 | crash leftovers | the name `checkpoint.tmp<32 hex>` of `atomic_write_string_to_file`'s temporary file; the work directory `<prefix>_temp/` of a checkpoint write | such files and directories are left, as with a plain `tf.train.CheckpointManager` |
 | the manager | `tf.train.CheckpointManager`'s `_directory`, `_checkpoint`, `_max_to_keep`, `_step_counter`, `_checkpoint_interval`, `_last_checkpoint_step`, `_maybe_delete`, `_latest_checkpoint` | the manager keeps its own copies; non-chief workers' `checkpoints` stop following the chief's |
@@ -146,14 +145,6 @@ def _check_background_export() -> None:
             'no checkpoint recorded after the error was forgotten')
 
 
-def _check_trackable() -> None:
-  trackable = tf.__internal__.tracking.Trackable
-  _expect(isinstance(trackable, type) and issubclass(tf.Module, trackable) and
-          isinstance(tf.Variable(1.0), trackable),
-          'tf.__internal__.tracking.Trackable is not the base of tf.Module '
-          'and tf.Variable')
-
-
 def _check_keras_signatures() -> None:
   """Loaded Keras packages' models have an attribute TF derives signatures of.
 
@@ -218,9 +209,6 @@ PROBLEMS: Dict[str, Tuple[Callable[[], None], str]] = {
     'background exports': (
         _check_background_export,
         'exports are written before the checkpoint, as in a synchronous save'),
-    'module type checks': (
-        _check_trackable,
-        'tf.saved_model.save names a bad module at the first save'),
     'Keras signature checks': (
         _check_keras_signatures,
         'a Keras model that gets no signature is refused at its first export'),
@@ -287,13 +275,6 @@ def forget_async_error(checkpoint: tf.train.Checkpoint,
   helper = getattr(checkpoint, '_async_checkpointer_impl', None)
   if helper is not None and getattr(helper, '_async_error', None) is error:
     helper._async_error = None  # pylint: disable=protected-access
-
-
-def is_trackable(obj: Any) -> bool:
-  """Whether `tf.saved_model.save` can save `obj` (True if TF cannot tell)."""
-  if problem('module type checks') is not None:
-    return True
-  return isinstance(obj, tf.__internal__.tracking.Trackable)
 
 
 def is_keras_model(obj: Any) -> bool:

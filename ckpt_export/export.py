@@ -29,6 +29,15 @@ def _has_static(obj: Any, name: str) -> bool:
   return True
 
 
+def _is_trackable(module: Any) -> bool:
+  """Whether `tf.saved_model.save` can save `module` (it has children)."""
+  try:
+    tf.train.TrackableView.children(module)
+  except (AttributeError, TypeError):
+    return False
+  return True
+
+
 def _could_have_signature(module: Any) -> bool:
   """Cheap check, without tracing, that a signature could be found later."""
   if _has_static(module, 'saved_model_signatures'):
@@ -67,7 +76,7 @@ def validate_modules(modules_to_export: Optional[Mapping[str, Any]]) -> None:
     if name in _RESERVED_NAMES:
       raise ValueError(f'Invalid module name {name!r}: ckpt_export reserves it '
                        'for its own marker files.')
-    if not _tf_internals.is_trackable(module):
+    if not _is_trackable(module):
       raise ValueError(f'Module {name!r} is a {type(module).__name__}, which '
                        'tf.saved_model.save cannot save: pass a tf.Module or a '
                        'Keras model.')
