@@ -109,13 +109,14 @@ def cli_env(**extra: str) -> dict:
   return env
 
 
-# What TensorFlow 2.21 writes to stderr while it loads, whatever
-# TF_CPP_MIN_LOG_LEVEL says (tensorflow/tensorflow#100442); earlier versions
-# honour the variable. Not ckpt-export's output: run_cli drops these lines.
+# What TensorFlow 2.21 writes to stderr while it loads and looks for a GPU,
+# whatever TF_CPP_MIN_LOG_LEVEL and CUDA_VISIBLE_DEVICES say
+# (tensorflow/tensorflow#100442); earlier versions honour them. Not
+# ckpt-export's output: run_cli drops these lines.
 TF_LOAD_NOISE = re.compile(
     r'^(WARNING: All log messages before absl::InitializeLog\(\) is called '
-    r'are written to STDERR|I\d{4} [\d:.]+ +\d+ cudart_stub\.cc:\d+\] .*)\n',
-    re.M)
+    r'are written to STDERR|[IE]\d{4} [\d:.]+ +\d+ '
+    r'(cudart_stub|cuda_platform)\.cc:\d+\] .*)\n', re.M)
 
 
 def run_cli(*args: str, prefix: Sequence[str] = (),
