@@ -143,6 +143,8 @@ def _check_background_export() -> None:
     manager.sync()
     _expect(tf.train.latest_checkpoint(scratch) is not None,
             'no checkpoint recorded after the error was forgotten')
+    # Ends the probe's own async thread (it would idle until exit).
+    getattr(helper, '_join_async_save_thread', lambda: None)()
 
 
 def _check_keras_signatures() -> None:

@@ -54,3 +54,10 @@ def test_modules_import_only_lower_layers():
         imported.add(node.module.split('.')[1])
     found[source.stem] = imported
   assert found == ALLOWED
+
+
+def test_modules_parse_as_the_oldest_python_allowed():
+  # pyproject.toml allows Python 3.9 (TensorFlow 2.18's oldest wheel); only
+  # 3.11 runs here, so at least the grammar of 3.9 is checked.
+  for source in PACKAGE.glob('*.py'):
+    ast.parse(source.read_text(), str(source), feature_version=(3, 9))
