@@ -7,20 +7,33 @@ temporary directory) rather than by its version number. If an assumption does
 not hold, that feature falls back to TensorFlow's public path, with one
 warning naming the TensorFlow version:
 
-| feature | private access | fallback |
-|---|---|---|
-| fast exports | `fingerprinting_utils.write_fingerprint`, the checkpoint key `_CHECKPOINTABLE_OBJECT_GRAPH` | every export a full `tf.saved_model.save` |
-| background exports (async saves) | `Checkpoint._async_checkpointer_impl._async_error`; write callbacks run before the manager records the checkpoint | exports written before the checkpoint, as in a synchronous save; TF still writes the checkpoint asynchronously |
-| Keras signatures | Keras' `_default_save_signature` / `_get_save_spec` | Keras models pass validation; a model that gets no signature is refused at its first export, before any checkpoint |
-| crash leftovers | the name `checkpoint.tmp<32 hex>` of `atomic_write_string_to_file`'s temporary file; the work directory `<prefix>_temp/` of a checkpoint write | such files and directories are left, as with a plain `tf.train.CheckpointManager` |
-| the manager | `tf.train.CheckpointManager`'s `_directory`, `_checkpoint`, `_max_to_keep`, `_step_counter`, `_checkpoint_interval`, `_last_checkpoint_step`, `_maybe_delete`, `_latest_checkpoint` | the manager keeps its own copies; non-chief workers' `checkpoints` stop following the chief's |
+- *Fast exports*: `fingerprinting_utils.write_fingerprint`, and the checkpoint
+  key `_CHECKPOINTABLE_OBJECT_GRAPH` of a SavedModel's object graph. Fallback:
+  every export is a full `tf.saved_model.save`.
+- *Background exports* (async checkpointing): the error TF's async thread
+  keeps in `Checkpoint._async_checkpointer_impl._async_error`, and write
+  callbacks put first running before `CheckpointManager` records the
+  checkpoint. Fallback: the export is written before the checkpoint, as in a
+  synchronous save (TF still writes the checkpoint asynchronously).
+- *Keras signature checks*: Keras' `_default_save_signature` and
+  `_get_save_spec`, which TF derives a model's signature from. Fallback: Keras
+  models pass validation; one that gets no signature is refused by its first
+  export, before any checkpoint is written.
+- *Removal of crash leftovers*: the name `checkpoint.tmp<32 hex digits>` of
+  `atomic_write_string_to_file`'s temporary file, and `<prefix>_temp/` of a
+  checkpoint write's work directory. Fallback: they are left, as a plain
+  `CheckpointManager` leaves them.
+- *Reads of CheckpointManager's state*: its `_directory`, `_checkpoint`,
+  `_max_to_keep`, `_step_counter`, `_checkpoint_interval`,
+  `_last_checkpoint_step`, `_maybe_delete` and `_latest_checkpoint`. Fallback:
+  the manager keeps its own copies; a non-chief worker's `checkpoints` no
+  longer follow the chief's.
 
 `PROBLEMS` maps each feature to its check; tests replace a check to see the
 fallback.
 """
 
 import collections
-import functools
 import inspect
 import os
 import re
@@ -180,7 +193,7 @@ def _check_checkpoint_temp_name() -> None:
 
 
 def _check_manager() -> None:
-  """`tf.train.CheckpointManager` keeps its settings and state where expected."""
+  """`CheckpointManager` keeps its settings and state where expected."""
   with tempfile.TemporaryDirectory(prefix='ckpt_export_probe_') as scratch:
     checkpoint = tf.train.Checkpoint(v=tf.Variable(1.0))
     step = tf.Variable(3, dtype=tf.int64)
@@ -190,18 +203,21 @@ def _check_manager() -> None:
     expected = dict(_directory=scratch, _checkpoint=checkpoint,
                     _max_to_keep=2, _step_counter=step, _checkpoint_interval=2,
                     _last_checkpoint_step=None, _latest_checkpoint=None)
+    # pylint: disable=protected-access
     for name, value in expected.items():
-      _expect(getattr(manager, name) is value or getattr(manager, name) == value,
+      found = getattr(manager, name)
+      _expect(found is value or found == value,
               f'CheckpointManager.{name} is not {value!r}')
-    _expect(isinstance(manager._maybe_delete, collections.OrderedDict),  # pylint: disable=protected-access
+    _expect(isinstance(manager._maybe_delete, collections.OrderedDict),
             'CheckpointManager._maybe_delete is not an OrderedDict')
     path = manager.save()
-    _expect(manager._last_checkpoint_step == 3, 'save() did not record its '  # pylint: disable=protected-access
+    _expect(manager._last_checkpoint_step == 3, 'save() did not record its '
             'step in CheckpointManager._last_checkpoint_step')
-    _expect(manager._latest_checkpoint == path and  # pylint: disable=protected-access
-            list(manager._maybe_delete) == [path],  # pylint: disable=protected-access
+    _expect(manager._latest_checkpoint == path and
+            list(manager._maybe_delete) == [path],
             'save() did not record its path in _latest_checkpoint and '
             '_maybe_delete')
+    # pylint: enable=protected-access
 
 
 # Feature -> (check, fallback). Tests replace a check to see the fallback.

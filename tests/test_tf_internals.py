@@ -13,7 +13,8 @@ import os
 import keras
 import pytest
 import tensorflow as tf
-import tf_keras  # pylint: disable=unused-import  # Loaded: its Model is checked.
+# Loaded, so that its Model is checked too.
+import tf_keras  # pylint: disable=unused-import
 
 import ckpt_export
 from ckpt_export import _tf_internals
