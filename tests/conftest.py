@@ -109,14 +109,17 @@ def cli_env(**extra: str) -> dict:
   return env
 
 
-# What TensorFlow 2.21 writes to stderr while it loads and looks for a GPU,
-# whatever TF_CPP_MIN_LOG_LEVEL and CUDA_VISIBLE_DEVICES say
-# (tensorflow/tensorflow#100442); earlier versions honour them. Not
-# ckpt-export's output: run_cli drops these lines.
+# What TensorFlow writes to stderr while it loads its CUDA plugins and looks
+# for a GPU, whatever TF_CPP_MIN_LOG_LEVEL=2 and CUDA_VISIBLE_DEVICES= (the
+# command's defaults) say: errors about registering cuFFT/cuDNN/cuBLAS twice
+# on 2.18, a missing CUDA driver on 2.21 (tensorflow/tensorflow#100442).
+# Not ckpt-export's output: run_cli drops these lines.
 TF_LOAD_NOISE = re.compile(
     r'^(WARNING: All log messages before absl::InitializeLog\(\) is called '
-    r'are written to STDERR|[IE]\d{4} [\d:.]+ +\d+ '
-    r'(cudart_stub|cuda_platform)\.cc:\d+\] .*)\n', re.M)
+    r'are written to STDERR|(\d{4}-\d\d-\d\d [\d:.]+: [IWE] |'
+    r'[IWE]\d{4} [\d:.]+ +\d+ )\S*?'
+    r'(cudart_stub|cuda_platform|cuda_fft|cuda_dnn|cuda_blas)\.cc:\d+\] .*)\n',
+    re.M)
 
 
 def run_cli(*args: str, prefix: Sequence[str] = (),
