@@ -414,4 +414,3 @@ def publish_before_recording(options: tf.train.CheckpointOptions,
   options.experimental_write_callbacks = [wait_for_export] + list(
       options.experimental_write_callbacks or [])
   return options
-
