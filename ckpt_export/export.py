@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
+from ckpt_export import _tf_internals
 from ckpt_export import commit
 from ckpt_export import paths
 
@@ -39,14 +40,25 @@ def _has_static(obj: Any, name: str) -> bool:
   return True
 
 
+def _is_trackable(module: Any) -> bool:
+  """Whether `tf.saved_model.save` can save `module` (it has children)."""
+  try:
+    tf.train.TrackableView.children(module)
+  except (AttributeError, TypeError):
+    return False
+  return True
+
+
 def _could_have_signature(module: Any) -> bool:
   """Cheap check, without tracing, that a signature could be found later."""
   if (_has_static(module, 'saved_model_signatures') or
       _has_static(module, 'get_inference_signatures')):
     return True
   # Keras 3 and tf_keras models derive one from their inputs once built.
-  if (_has_static(module, '_default_save_signature') or
-      _has_static(module, '_get_save_spec')):
+  attributes = _tf_internals.keras_signature_attributes()
+  if attributes is None and _tf_internals.is_keras_model(module):
+    return True
+  if any(_has_static(module, name) for name in attributes or ()):
     return True
   candidates = list(vars(module).values()) + [
       inspect.getattr_static(module, n) for n in dir(type(module))]
@@ -77,7 +89,7 @@ def validate_modules(modules_to_export: Optional[Mapping[str, Any]]) -> None:
     if name in _RESERVED_NAMES:
       raise ValueError(f'Invalid module name {name!r}: ckpt_export reserves it '
                        'for its own marker files.')
-    if not isinstance(module, tf.__internal__.tracking.Trackable):
+    if not _is_trackable(module):
       raise ValueError(f'Module {name!r} is a {type(module).__name__}, which '
                        'tf.saved_model.save cannot save: pass a tf.Module or a '
                        'Keras model.')

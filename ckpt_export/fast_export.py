@@ -43,14 +43,12 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
-# pylint: disable=g-direct-tensorflow-import
-from tensorflow.python.saved_model import fingerprinting_utils
-# pylint: enable=g-direct-tensorflow-import
 
+from ckpt_export import _tf_internals
 from ckpt_export import commit
 from ckpt_export import export
 
-_OBJECT_GRAPH_KEY = '_CHECKPOINTABLE_OBJECT_GRAPH'
+_OBJECT_GRAPH_KEY = _tf_internals.OBJECT_GRAPH_KEY
 _VARIABLE_VALUE = 'VARIABLE_VALUE'
 _VARIABLES_DIR = 'variables'
 _FINGERPRINT = 'fingerprint.pb'
@@ -174,7 +172,7 @@ class _Template:
         f.write(content)
     self.write_variables(module_dir, values)
     if self.has_fingerprint:
-      fingerprinting_utils.write_fingerprint(module_dir)
+      _tf_internals.write_fingerprint(module_dir)
 
 
 def _variables_prefix(module_dir: str) -> str:
@@ -283,6 +281,8 @@ class ModuleExporter:
 
   def _make_template(self, module_dir: str) -> Optional[_Template]:
     """The template of a fresh full export, or None if it cannot be used."""
+    if not _tf_internals.fast_exports_supported():
+      return None
     try:
       template = _Template(module_dir, self.module)
     except ValueError as e:
@@ -340,7 +340,8 @@ class Exporter:
     """
     self.wait()
     snapshots = [module.snapshot() for module in self.modules]
-    if background and all(values is not None for values in snapshots):
+    if (background and all(values is not None for values in snapshots) and
+        _tf_internals.background_exports_supported()):
       if self._executor is None:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix='ckpt_export')
@@ -413,16 +414,3 @@ def publish_before_recording(options: tf.train.CheckpointOptions,
   options.experimental_write_callbacks = [wait_for_export] + list(
       options.experimental_write_callbacks or [])
   return options
-
-
-def forget_async_error(checkpoint: tf.train.Checkpoint,
-                       error: BaseException) -> None:
-  """Keeps TF from raising again an export error that was already raised.
-
-  The callback of `publish_before_recording` raises a failed export's error in
-  TF's async thread, which stores it and raises it at the next write; once
-  `Exporter.wait` has raised it, the stored copy is dropped.
-  """
-  helper = getattr(checkpoint, '_async_checkpointer_impl', None)
-  if helper is not None and getattr(helper, '_async_error', None) is error:
-    helper._async_error = None  # pylint: disable=protected-access

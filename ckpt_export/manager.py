@@ -21,14 +21,13 @@ save into scratch directories they delete (`distribution.py`).
 import copy
 import numbers
 import os
-import re
-import time
 from typing import (Any, Callable, Iterable, Iterator, List, Mapping, Optional,
                     Set)
 
 from absl import logging
 import tensorflow as tf
 
+from ckpt_export import _tf_internals
 from ckpt_export import commit
 from ckpt_export import distribution
 from ckpt_export import export
@@ -36,10 +35,6 @@ from ckpt_export import fast_export
 from ckpt_export import leases
 from ckpt_export import paths
 from ckpt_export import readers
-
-# The temporary file TF writes the checkpoint state file `checkpoint` to
-# before renaming it over (`file_io.atomic_write_string_to_file`).
-_STATE_TEMP_RE = re.compile(r'checkpoint\.tmp[0-9a-f]{32}')
 
 
 def _as_step(value: Any) -> int:
@@ -102,6 +97,10 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
         step_counter=step_counter,
         checkpoint_interval=checkpoint_interval,
         init_fn=init_fn)
+    _tf_internals.adopt_manager_settings(
+        self, _directory=directory, _checkpoint=checkpoint,
+        _max_to_keep=max_to_keep, _step_counter=step_counter,
+        _checkpoint_interval=checkpoint_interval)
     self._checkpoint_name = checkpoint_name
     self._modules_to_export = modules_to_export
     self._exporter = fast_export.Exporter(modules_to_export or {})
@@ -181,6 +180,8 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
         raise RuntimeError(f'tf.train.CheckpointManager skipped step {step} '
                            'that was due: was the step counter changed '
                            'concurrently?')
+      _tf_internals.note_checkpoint(self, None, self._interval_step(),
+                                    by_base=True)
     except BaseException:
       self._exporter.wait(raise_errors=False)
       if self._modules_to_export and commit.is_ours(export_dir):
@@ -204,6 +205,12 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     if checkpoint_number is None:
       return int(self._checkpoint.save_counter.numpy()) + 1
     return checkpoint_number
+
+  def _interval_step(self) -> Optional[int]:
+    """The step counter's value if saves have an interval, else None."""
+    if self._checkpoint_interval is None:
+      return None
+    return _as_step(self._step_counter)
 
   def _is_chief(self) -> bool:
     """Whether this process writes the directory (see `distribution.py`).
@@ -251,14 +258,10 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     except BaseException:
       distribution.remove_scratch_directory(scratch)
       raise
-    if self._checkpoint_interval is not None:
-      self._last_checkpoint_step = _as_step(self._step_counter)
-    checkpoint_path = f'{self._prefix}-{step}'
-    self._maybe_delete.pop(checkpoint_path, None)
-    self._maybe_delete[checkpoint_path] = time.time()
-    while self._max_to_keep and len(self._maybe_delete) > self._max_to_keep:
-      self._maybe_delete.popitem(last=False)
-    self._latest_checkpoint = checkpoint_path
+    checkpoint_path = os.path.join(self._directory,
+                                   f'{self._checkpoint_name}-{step}')
+    _tf_internals.note_checkpoint(self, checkpoint_path, self._interval_step(),
+                                  by_base=False)
     self._last_saved_step = step
     self._savedmodels = self._managed_savedmodels()
     return checkpoint_path
@@ -321,9 +324,11 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
       return tf.io.gfile.remove if (
           orphan and step != self._last_saved_step) else None
     step = paths.parse_checkpoint_temp_step(name, self._checkpoint_name)
-    if step is not None and step != self._last_saved_step:
+    if (step is not None and step != self._last_saved_step and
+        _tf_internals.is_checkpoint_temp_name_known()):
       return tf.io.gfile.rmtree
-    if self._last_saved_step is None and _STATE_TEMP_RE.fullmatch(name):
+    if self._last_saved_step is None and _tf_internals.is_state_temp_file(
+        name):
       return tf.io.gfile.remove
     return None
 
@@ -352,6 +357,9 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     if self._is_chief():
       self._collect_garbage()
     checkpoint_path = super().restore_or_initialize()
+    if checkpoint_path is not None:
+      _tf_internals.note_checkpoint(self, None, self._interval_step(),
+                                    by_base=True)
     step = paths.parse_checkpoint_step(checkpoint_path or '',
                                        self._checkpoint_name)
     if (self._modules_to_export and step is not None and
@@ -386,7 +394,7 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     try:
       self._exporter.wait()
     except BaseException as e:
-      fast_export.forget_async_error(self._checkpoint, e)
+      _tf_internals.forget_async_error(self._checkpoint, e)
       raise
 
   def get_existing_savedmodels(self) -> List[str]:

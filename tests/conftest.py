@@ -1,6 +1,7 @@
 """Shared fixtures: small real modules, and model directories on each file system."""
 
 import os
+import re
 import subprocess
 import sys
 from typing import Sequence
@@ -37,6 +38,17 @@ def served_value(export_dir: str, module_name: str = 'scale') -> float:
   values = list(out.values())[0].numpy()
   assert (values == values.flat[0]).all(), values
   return float(values.flat[0])
+
+
+# Tests that need Model Garden (tf-models-official, which ships orbit too) skip
+# where it is not installed: CI's core legs run without it.
+MODEL_GARDEN_REFERENCE = 'official.core.savedmodel_checkpoint_manager'
+
+
+@pytest.fixture(scope='session')
+def reference():
+  """The reference implementation's module (skips without Model Garden)."""
+  return pytest.importorskip(MODEL_GARDEN_REFERENCE)
 
 
 @pytest.fixture
@@ -97,8 +109,26 @@ def cli_env(**extra: str) -> dict:
   return env
 
 
+# What TensorFlow writes to stderr while it loads its CUDA plugins and looks
+# for a GPU, whatever TF_CPP_MIN_LOG_LEVEL=2 and CUDA_VISIBLE_DEVICES= (the
+# command's defaults) say: errors about registering cuFFT/cuDNN/cuBLAS twice
+# on 2.18, a missing CUDA driver on 2.21 (tensorflow/tensorflow#100442).
+# Not ckpt-export's output: run_cli drops these lines.
+TF_LOAD_NOISE = re.compile(
+    r'^(WARNING: All log messages before absl::InitializeLog\(\) is called '
+    r'are written to STDERR|(\d{4}-\d\d-\d\d [\d:.]+: [IWE] |'
+    r'[IWE]\d{4} [\d:.]+ +\d+ )\S*?'
+    r'(cudart_stub|cuda_platform|cuda_fft|cuda_dnn|cuda_blas)\.cc:\d+\] .*)\n',
+    re.M)
+
+
 def run_cli(*args: str, prefix: Sequence[str] = (),
             **kwargs) -> subprocess.CompletedProcess:
-  """Runs `ckpt-export ARGS` (after `prefix`), capturing its output as text."""
-  return subprocess.run([*prefix, CKPT_EXPORT, *args], capture_output=True,
-                        text=True, env=cli_env(), check=False, **kwargs)
+  """Runs `ckpt-export ARGS` (after `prefix`), capturing its output as text.
+
+  TensorFlow's own start-up lines (`TF_LOAD_NOISE`) are dropped from stderr.
+  """
+  result = subprocess.run([*prefix, CKPT_EXPORT, *args], capture_output=True,
+                          text=True, env=cli_env(), check=False, **kwargs)
+  result.stderr = TF_LOAD_NOISE.sub('', result.stderr or '')
+  return result

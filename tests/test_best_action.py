@@ -3,7 +3,6 @@
 import os
 
 import numpy as np
-import orbit
 import pytest
 import tensorflow as tf
 
@@ -11,6 +10,8 @@ from conftest import N_FEATURES, Scale, entries, served_value
 import ckpt_export
 from ckpt_export import best as best_lib
 from ckpt_export import best_action
+
+orbit = pytest.importorskip('orbit')  # It ships in tf-models-official.
 
 TARGET = 6.0  # The evaluator's score is best when the weights equal this.
 

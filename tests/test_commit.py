@@ -7,7 +7,7 @@ from typing import Tuple
 import pytest
 import tensorflow as tf
 
-from conftest import entries, served_value
+from conftest import MODEL_GARDEN_REFERENCE, entries, served_value
 from ckpt_export import commit
 from ckpt_export import export
 from ckpt_export import paths
@@ -74,7 +74,7 @@ def test_work_directory_is_invisible_to_every_reader(model_dir, scale):
     assert readers.list_savedmodels(model_dir) == []
     assert paths.parse_export_step(tmp) is None
     # The reference's reader: its glob, suffix filter and step parser.
-    from official.core import savedmodel_checkpoint_manager as ref
+    ref = pytest.importorskip(MODEL_GARDEN_REFERENCE)
     globbed = tf.io.gfile.glob(os.path.join(model_dir, 'ckpt-*_saved_modules'))
     assert [g for g in globbed if g.endswith('saved_modules')] == []
     assert ref.SavedModelCheckpointManager.get_savedmodel_number_from_path(

@@ -115,6 +115,8 @@ def saved_steps_logged(example: str, stdout: str) -> List[int]:
 def first_run(request, tmp_path_factory):
   """An example's name, model directory and output of one run from scratch."""
   example = request.param
+  if example == 'train_with_orbit':
+    pytest.importorskip('orbit')
   model_dir = tmp_path_factory.mktemp(example) / 'model'
   return example, model_dir, run_example(example, model_dir, **FIRST[example])
 
@@ -162,6 +164,7 @@ def test_second_run_resumes_from_the_last_checkpoint(first_run, tmp_path):
 
 
 def test_main_job_trains_and_evaluates_its_exports(tmp_path):
+  pytest.importorskip('orbit')
   model_dir = tmp_path / 'job'
   out = run_example('run_job', model_dir, train_steps=40,
                     checkpoint_interval=10, max_to_keep=2).stdout

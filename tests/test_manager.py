@@ -8,7 +8,6 @@ import keras
 import pytest
 import tensorflow as tf
 import tf_keras
-from official.core import savedmodel_checkpoint_manager as reference
 
 import ckpt_export
 from ckpt_export import commit
@@ -33,7 +32,7 @@ def _checkpoint_steps(model_dir):
 # Drop-in parity.
 
 
-def test_public_names_match_the_reference():
+def test_public_names_match_the_reference(reference):
   assert issubclass(ckpt_export.SavedModelCheckpointManager,
                     tf.train.CheckpointManager)
   assert ckpt_export.SAVED_MODULES_PATH_SUFFIX == reference.SAVED_MODULES_PATH_SUFFIX
@@ -42,7 +41,7 @@ def test_public_names_match_the_reference():
             reference.make_saved_modules_directory_name(name))
 
 
-def test_constructor_and_methods_match_the_reference():
+def test_constructor_and_methods_match_the_reference(reference):
   ours = inspect.signature(ckpt_export.SavedModelCheckpointManager.__init__)
   theirs = inspect.signature(reference.SavedModelCheckpointManager.__init__)
   assert [(p.name, p.default) for p in ours.parameters.values()] == [
@@ -440,7 +439,7 @@ def test_garbage_collection_never_touches_what_is_not_ours(local_dir, scale):
   assert steps_of(manager.savedmodels) == [5]
 
 
-def test_reads_exports_the_reference_wrote(local_dir):
+def test_reads_exports_the_reference_wrote(local_dir, reference):
   module = Scale()
   module.w.assign(tf.fill([N_FEATURES], 7.0))
   ref = reference.SavedModelCheckpointManager(
@@ -457,7 +456,8 @@ def test_reads_exports_the_reference_wrote(local_dir):
   assert served_value(ours.latest_savedmodel) == 0.0
 
 
-def test_the_reference_reads_exports_ckpt_export_wrote(local_dir, scale):
+def test_the_reference_reads_exports_ckpt_export_wrote(local_dir, scale,
+                                                       reference):
   manager = _manager(local_dir, scale, max_to_keep=3)
   for step in (3, 4):
     save_step(manager, scale, step)

@@ -4,7 +4,6 @@ import os
 from typing import Dict, List, Optional
 
 import numpy as np
-import orbit
 import pytest
 import tensorflow as tf
 
@@ -15,6 +14,8 @@ from ckpt_export import orbit_actions
 from ckpt_export import paths
 from conftest import entries
 from conftest import N_FEATURES
+
+orbit = pytest.importorskip('orbit')  # It ships in tf-models-official.
 
 MODULE = 'linear'
 X = np.random.default_rng(0).normal(size=(64, N_FEATURES)).astype(np.float32)

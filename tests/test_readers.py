@@ -6,7 +6,6 @@ import time
 
 import pytest
 import tensorflow as tf
-from official.core import savedmodel_checkpoint_manager as reference
 
 import ckpt_export
 from ckpt_export import commit
@@ -51,7 +50,8 @@ def test_wait_looks_before_sleeping(model_dir):
     assert time.monotonic() - start < 30  # It did not sleep first.
 
 
-def test_reference_misses_an_existing_export_when_timeout_is_short(local_dir):
+def test_reference_misses_an_existing_export_when_timeout_is_short(local_dir,
+                                                                  reference):
   """The reference returns None without looking; ckpt_export finds it."""
   _publish(local_dir, 1)
   ref = reference.SavedModelCheckpointManager(

@@ -9,10 +9,12 @@ import os
 
 import pytest
 import tensorflow as tf
-from official.core import savedmodel_checkpoint_manager as reference
 
 import ckpt_export
+from conftest import MODEL_GARDEN_REFERENCE
 from conftest import N_FEATURES, Scale, entries, save_step, served_value, steps_of
+
+reference = pytest.importorskip(MODEL_GARDEN_REFERENCE)
 
 IMPLEMENTATIONS = {
     'reference': reference.SavedModelCheckpointManager,

@@ -1,0 +1,365 @@
+"""Every private TensorFlow and Keras access of ckpt_export, each checked once.
+
+TensorFlow can change its internals in any minor release. Each assumption this
+package makes about them is checked once per process, at the first use of the
+feature that needs it, by probing what TensorFlow does (tiny writes into a
+temporary directory) rather than by its version number. If an assumption does
+not hold, that feature falls back to TensorFlow's public path, with one
+warning naming the TensorFlow version:
+
+- *Fast exports*: `fingerprinting_utils.write_fingerprint`, and the checkpoint
+  key `_CHECKPOINTABLE_OBJECT_GRAPH` of a SavedModel's object graph. Fallback:
+  every export is a full `tf.saved_model.save`.
+- *Background exports* (async checkpointing): the error TF's async thread
+  keeps in `Checkpoint._async_checkpointer_impl._async_error`, and write
+  callbacks put first running before `CheckpointManager` records the
+  checkpoint. Fallback: the export is written before the checkpoint, as in a
+  synchronous save (TF still writes the checkpoint asynchronously).
+- *Keras signature checks*: Keras' `_default_save_signature` and
+  `_get_save_spec`, which TF derives a model's signature from. Fallback: Keras
+  models pass validation; one that gets no signature is refused by its first
+  export, before any checkpoint is written.
+- *Removal of crash leftovers*: the name `checkpoint.tmp<32 hex digits>` of
+  `atomic_write_string_to_file`'s temporary file, and `<prefix>_temp/` of a
+  checkpoint write's work directory. Fallback: they are left, as a plain
+  `CheckpointManager` leaves them.
+- *Reads of CheckpointManager's state*: its `_directory`, `_checkpoint`,
+  `_max_to_keep`, `_step_counter`, `_checkpoint_interval`,
+  `_last_checkpoint_step`, `_maybe_delete` and `_latest_checkpoint`. Fallback:
+  the manager keeps its own copies; a non-chief worker's `checkpoints` no
+  longer follow the chief's.
+
+`PROBLEMS` maps each feature to its check; tests replace a check to see the
+fallback.
+"""
+
+import collections
+import inspect
+import os
+import re
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from absl import logging
+import tensorflow as tf
+
+# The checkpoint key of a checkpoint's serialized object graph.
+OBJECT_GRAPH_KEY = '_CHECKPOINTABLE_OBJECT_GRAPH'
+# The temporary file `file_io.atomic_write_string_to_file` writes the
+# checkpoint state file `checkpoint` to before renaming it over.
+_STATE_TEMP_RE = re.compile(r'checkpoint\.tmp[0-9a-f]{32}')
+_STATE_TEMP_SOURCE = 'filename + ".tmp" + uuid.uuid4().hex'
+# How a checkpoint write names its work directory `<prefix>_temp/`
+# (`functional_saver`; `paths.parse_checkpoint_temp_step` parses it).
+_CHECKPOINT_TEMP_SOURCE = '"_temp/part"'
+# Attributes of Keras models TensorFlow derives serving signatures from.
+_KERAS_SIGNATURE_ATTRIBUTES = ('_default_save_signature', '_get_save_spec')
+_KERAS_PACKAGES = ('keras', 'tf_keras')
+
+_warned = set()
+
+
+def _warn_once(feature: str, problem: str, fallback: str) -> None:
+  if feature not in _warned:
+    _warned.add(feature)
+    logging.warning(
+        'ckpt_export: %s are off on TensorFlow %s (%s); %s. ckpt_export was '
+        'tested with the TensorFlow versions its pyproject.toml allows.',
+        feature, tf.__version__, problem, fallback)
+
+
+def _problem_of(check: Callable[[], None]) -> Optional[str]:
+  """Runs `check`; returns None if it passed, else what failed."""
+  try:
+    check()
+  except Exception as e:  # pylint: disable=broad-except
+    return f'{type(e).__name__}: {e}'
+  return None
+
+
+def _expect(condition: bool, what: str) -> None:
+  if not condition:
+    raise AssertionError(what)
+
+
+class _Module(tf.Module):
+
+  def __init__(self):
+    super().__init__()
+    self.v = tf.Variable([1.0, 2.0])
+
+  @tf.function(input_signature=[])
+  def serve(self):
+    return self.v + 0.0
+
+
+def _check_fast_export() -> None:
+  """`write_fingerprint` rewrites a SavedModel's fingerprint as TF's save does.
+
+  Also checks that the object graph is stored under `OBJECT_GRAPH_KEY` in a
+  SavedModel's variables.
+  """
+  # pylint: disable=g-import-not-at-top,g-direct-tensorflow-import
+  from tensorflow.python.saved_model import fingerprinting_utils
+  # pylint: enable=g-import-not-at-top,g-direct-tensorflow-import
+  with tempfile.TemporaryDirectory(prefix='ckpt_export_probe_') as scratch:
+    module = _Module()
+    tf.saved_model.save(module, scratch, signatures=module.serve)
+    keys = {name for name, _ in tf.train.list_variables(
+        os.path.join(scratch, 'variables', 'variables'))}
+    _expect(OBJECT_GRAPH_KEY in keys,
+            f'no {OBJECT_GRAPH_KEY} in a SavedModel variables: {keys}')
+    fingerprint = os.path.join(scratch, 'fingerprint.pb')
+    if not tf.io.gfile.exists(fingerprint):
+      return  # A TF that writes no fingerprint: fast exports write none.
+    saved = tf.saved_model.experimental.read_fingerprint(scratch)
+    tf.io.gfile.remove(fingerprint)
+    fingerprinting_utils.write_fingerprint(scratch)
+    rewritten = tf.saved_model.experimental.read_fingerprint(scratch)
+    for field in ('saved_model_checksum', 'graph_def_program_hash',
+                  'signature_def_hash', 'saved_object_graph_hash',
+                  'checkpoint_hash', 'version'):
+      _expect(getattr(saved, field) == getattr(rewritten, field),
+              f'write_fingerprint gives another {field}')
+
+
+def _check_background_export() -> None:
+  """An error raised by a write callback of an async save can be forgotten.
+
+  The callback put first runs before the manager records the checkpoint in its
+  state file; TF keeps its error in `_async_checkpointer_impl._async_error`,
+  which `forget_async_error` clears so that it is not raised again.
+  """
+  with tempfile.TemporaryDirectory(prefix='ckpt_export_probe_') as scratch:
+    checkpoint = tf.train.Checkpoint(v=tf.Variable(1.0))
+    manager = tf.train.CheckpointManager(checkpoint, scratch, max_to_keep=1)
+    error = RuntimeError('probe')
+    recorded = []
+
+    def callback(save_path: str) -> None:
+      del save_path
+      recorded.append(tf.train.latest_checkpoint(scratch))
+      raise error
+
+    manager.save(options=tf.train.CheckpointOptions(
+        enable_async=True, experimental_write_callbacks=[callback]))
+    checkpoint.sync()
+    _expect(recorded == [None], f'checkpoint recorded before its callback: '
+            f'{recorded}')
+    helper = getattr(checkpoint, '_async_checkpointer_impl')
+    _expect(getattr(helper, '_async_error') is error,
+            'the callback error is not in _async_error')
+    forget_async_error(checkpoint, error)
+    manager.save(options=tf.train.CheckpointOptions(enable_async=True))
+    manager.sync()
+    _expect(tf.train.latest_checkpoint(scratch) is not None,
+            'no checkpoint recorded after the error was forgotten')
+    # Ends the probe's own async thread (it would idle until exit).
+    getattr(helper, '_join_async_save_thread', lambda: None)()
+
+
+def _check_keras_signatures() -> None:
+  """Loaded Keras packages' models have an attribute TF derives signatures of.
+
+  Keras is not imported here: a package that is not loaded has no models.
+  """
+  for package in _KERAS_PACKAGES:
+    keras = sys.modules.get(package)
+    model = getattr(keras, 'Model', None)
+    if model is not None:
+      _expect(any(hasattr(model, name) for name in _KERAS_SIGNATURE_ATTRIBUTES),
+              f'{package}.Model has none of {_KERAS_SIGNATURE_ATTRIBUTES}')
+
+
+def _check_state_temp_name() -> None:
+  # pylint: disable=g-import-not-at-top,g-direct-tensorflow-import
+  from tensorflow.python.lib.io import file_io
+  # pylint: enable=g-import-not-at-top,g-direct-tensorflow-import
+  source = inspect.getsource(file_io.atomic_write_string_to_file)
+  _expect(_STATE_TEMP_SOURCE in source,
+          f'atomic_write_string_to_file does not name its temporary file '
+          f'{_STATE_TEMP_SOURCE}')
+
+
+def _check_checkpoint_temp_name() -> None:
+  # pylint: disable=g-import-not-at-top,g-direct-tensorflow-import
+  from tensorflow.python.checkpoint import functional_saver
+  # pylint: enable=g-import-not-at-top,g-direct-tensorflow-import
+  _expect(_CHECKPOINT_TEMP_SOURCE in inspect.getsource(functional_saver),
+          'functional_saver does not name its work directory '
+          f'{_CHECKPOINT_TEMP_SOURCE}')
+
+
+def _check_manager() -> None:
+  """`CheckpointManager` keeps its settings and state where expected."""
+  with tempfile.TemporaryDirectory(prefix='ckpt_export_probe_') as scratch:
+    checkpoint = tf.train.Checkpoint(v=tf.Variable(1.0))
+    step = tf.Variable(3, dtype=tf.int64)
+    manager = tf.train.CheckpointManager(
+        checkpoint, scratch, max_to_keep=2, checkpoint_name='probe',
+        step_counter=step, checkpoint_interval=2)
+    expected = dict(_directory=scratch, _checkpoint=checkpoint,
+                    _max_to_keep=2, _step_counter=step, _checkpoint_interval=2,
+                    _last_checkpoint_step=None, _latest_checkpoint=None)
+    # pylint: disable=protected-access
+    for name, value in expected.items():
+      found = getattr(manager, name)
+      _expect(found is value or found == value,
+              f'CheckpointManager.{name} is not {value!r}')
+    _expect(isinstance(manager._maybe_delete, collections.OrderedDict),
+            'CheckpointManager._maybe_delete is not an OrderedDict')
+    path = manager.save()
+    _expect(manager._last_checkpoint_step == 3, 'save() did not record its '
+            'step in CheckpointManager._last_checkpoint_step')
+    _expect(manager._latest_checkpoint == path and
+            list(manager._maybe_delete) == [path],
+            'save() did not record its path in _latest_checkpoint and '
+            '_maybe_delete')
+    # pylint: enable=protected-access
+
+
+# Feature -> (check, fallback). Tests replace a check to see the fallback.
+PROBLEMS: Dict[str, Tuple[Callable[[], None], str]] = {
+    'fast exports': (_check_fast_export,
+                     'every export is a full tf.saved_model.save'),
+    'background exports': (
+        _check_background_export,
+        'exports are written before the checkpoint, as in a synchronous save'),
+    'Keras signature checks': (
+        _check_keras_signatures,
+        'a Keras model that gets no signature is refused at its first export'),
+    'removal of checkpoint state temporaries': (
+        _check_state_temp_name, 'they are left, as CheckpointManager leaves '
+        'them'),
+    'removal of checkpoint work directories': (
+        _check_checkpoint_temp_name, 'they are left, as CheckpointManager '
+        'leaves them'),
+    "reads of CheckpointManager's state": (
+        _check_manager, 'the manager keeps its own copies, and non-chief '
+        "workers' checkpoints list stops following the chief's"),
+}
+
+_results = {}
+
+
+def problem(feature: str) -> Optional[str]:
+  """What breaks `feature` on this TensorFlow (warned once), or None.
+
+  Args:
+    feature: A key of `PROBLEMS`.
+
+  Returns:
+    None if the feature's assumptions hold, else a description.
+  """
+  if feature not in _results:
+    check, fallback = PROBLEMS[feature]
+    _results[feature] = _problem_of(check)
+    if _results[feature] is not None:
+      _warn_once(feature, _results[feature], fallback)
+  return _results[feature]
+
+
+def reset() -> None:
+  """Forgets the checks' results and warnings (for tests)."""
+  _results.clear()
+  _warned.clear()
+
+
+def fast_exports_supported() -> bool:
+  return problem('fast exports') is None
+
+
+def background_exports_supported() -> bool:
+  return problem('background exports') is None
+
+
+def write_fingerprint(export_dir: str) -> None:
+  """Writes `fingerprint.pb` of the SavedModel in `export_dir`."""
+  # pylint: disable=g-import-not-at-top,g-direct-tensorflow-import
+  from tensorflow.python.saved_model import fingerprinting_utils
+  # pylint: enable=g-import-not-at-top,g-direct-tensorflow-import
+  fingerprinting_utils.write_fingerprint(export_dir)
+
+
+def forget_async_error(checkpoint: tf.train.Checkpoint,
+                       error: BaseException) -> None:
+  """Keeps TF from raising again an error it stored from its async thread.
+
+  A write callback's error is stored by TF's async thread and raised at the
+  next write; once ckpt_export raised it, the stored copy is dropped.
+  """
+  helper = getattr(checkpoint, '_async_checkpointer_impl', None)
+  if helper is not None and getattr(helper, '_async_error', None) is error:
+    helper._async_error = None  # pylint: disable=protected-access
+
+
+def is_keras_model(obj: Any) -> bool:
+  return any(klass.__module__.split('.')[0] in _KERAS_PACKAGES
+             for klass in type(obj).__mro__)
+
+
+def keras_signature_attributes() -> Optional[Tuple[str, ...]]:
+  """Attributes of a Keras model TF derives a signature from; None: unknown."""
+  _results.pop('Keras signature checks', None)  # Keras may be loaded since.
+  if problem('Keras signature checks') is not None:
+    return None
+  return _KERAS_SIGNATURE_ATTRIBUTES
+
+
+def is_state_temp_file(name: str) -> bool:
+  """Whether `name` is a temporary file of TF's checkpoint state file."""
+  return (problem('removal of checkpoint state temporaries') is None and
+          bool(_STATE_TEMP_RE.fullmatch(name)))
+
+
+def is_checkpoint_temp_name_known() -> bool:
+  """Whether a checkpoint write's work directory is `<prefix>_temp`."""
+  return problem('removal of checkpoint work directories') is None
+
+
+def adopt_manager_settings(manager: tf.train.CheckpointManager,
+                           **settings: Any) -> None:
+  """Makes sure `manager` holds its settings where ckpt_export reads them.
+
+  Args:
+    manager: A freshly constructed `tf.train.CheckpointManager` subclass.
+    **settings: Its constructor's values: `_directory`, `_checkpoint`,
+      `_max_to_keep`, `_step_counter`, `_checkpoint_interval`.
+  """
+  if problem("reads of CheckpointManager's state") is None:
+    return
+  for name, value in settings.items():
+    setattr(manager, name, value)
+  if not hasattr(manager, '_last_checkpoint_step'):
+    manager._last_checkpoint_step = None  # pylint: disable=protected-access
+
+
+def note_checkpoint(manager: tf.train.CheckpointManager,
+                    checkpoint_path: Optional[str], step: Optional[int],
+                    by_base: bool) -> None:
+  """Records a checkpoint of `manager` where TF's own save would.
+
+  Args:
+    manager: The manager.
+    checkpoint_path: The checkpoint's path, or None if restored.
+    step: The step counter's value, or None without `checkpoint_interval`.
+    by_base: Whether TF's `CheckpointManager` itself saved or restored it
+      (and so recorded it, if its state is where expected).
+  """
+  native = problem("reads of CheckpointManager's state") is None
+  if by_base and native:
+    return
+  if step is not None:
+    manager._last_checkpoint_step = step  # pylint: disable=protected-access
+  if checkpoint_path is None or not native:
+    return
+  # pylint: disable=protected-access
+  pending = manager._maybe_delete
+  pending.pop(checkpoint_path, None)
+  pending[checkpoint_path] = time.time()
+  while manager._max_to_keep and len(pending) > manager._max_to_keep:
+    pending.popitem(last=False)
+  manager._latest_checkpoint = checkpoint_path
+  # pylint: enable=protected-access
