@@ -11,12 +11,13 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'ckpt_export'
 # higher ones).
 ALLOWED = {
     'paths': set(),
+    'bundle': set(),
     'commit': {'paths'},
     'distribution': {'commit'},
     'export': {'commit', 'paths'},
     'leases': {'commit', 'paths'},
     'readers': {'commit', 'leases', 'paths'},
-    'fast_export': {'commit', 'export'},
+    'fast_export': {'bundle', 'commit', 'export'},
     'exporter': {'commit', 'export', 'fast_export', 'leases', 'paths',
                  'readers'},
     'best': {'commit', 'leases', 'paths', 'readers'},
