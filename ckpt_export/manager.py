@@ -104,7 +104,8 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
         init_fn=init_fn)
     self._checkpoint_name = checkpoint_name
     self._modules_to_export = modules_to_export
-    self._exporter = fast_export.Exporter(modules_to_export or {})
+    self._exporter = fast_export.Exporter(modules_to_export or {},
+                                          checkpoint)
     # The step of this manager's latest save: its checkpoint may still be
     # in flight (async), so its export is kept regardless.
     self._last_saved_step = None
@@ -162,11 +163,12 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
             'export (no SavedModels in it); move it away, it is left as is.')
       commit_info = {'step': step, 'modules': list(self._modules_to_export)}
       if self._strategy is None:
-        background = bool(
+        asynchronous = bool(
             options and options.experimental_enable_async_checkpoint)
-        pending = self._exporter.export(export_dir, commit_info, background)
-        if pending is not None:
-          options = fast_export.publish_before_recording(options, pending)
+        self._exporter.export(export_dir, commit_info, after_checkpoint=True,
+                              keep_values=asynchronous)
+        options = self._exporter.checkpoint_options(options,
+                                                     self._directory)
       else:
         # The operations every worker runs (see `_save_as_worker`) must match.
         with commit.staged_export(export_dir, commit_info) as tmp:
