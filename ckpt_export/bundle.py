@@ -221,14 +221,18 @@ def read_table(data: bytes) -> List[Tuple[bytes, bytes]]:
 def read_index(data: bytes
               ) -> Tuple[tensor_bundle_pb2.BundleHeaderProto,
                          Dict[str, tensor_bundle_pb2.BundleEntryProto]]:
-  """The header and entries (by checkpoint key) of a bundle's index."""
+  """The header and entries (by checkpoint key) of a bundle's index.
+
+  Keys that are not UTF-8 (those of tensor slices) keep their bytes as
+  surrogate escapes, which `write_index` writes back.
+  """
   header = None
   entries = {}
   for key, value in read_table(data):
     if key == HEADER_KEY:
       header = tensor_bundle_pb2.BundleHeaderProto.FromString(value)
     else:
-      entries[key.decode('utf-8')] = (
+      entries[key.decode('utf-8', 'surrogateescape')] = (
           tensor_bundle_pb2.BundleEntryProto.FromString(value))
   if header is None:
     raise ValueError('not a tensor bundle index (no header)')
@@ -239,7 +243,8 @@ def write_index(header: tensor_bundle_pb2.BundleHeaderProto,
                 entries: Dict[str, tensor_bundle_pb2.BundleEntryProto]
                ) -> bytes:
   """A bundle index of `header` and `entries` (by checkpoint key)."""
-  items = sorted((key.encode('utf-8'), entry.SerializeToString())
+  items = sorted((key.encode('utf-8', 'surrogateescape'),
+                  entry.SerializeToString())
                  for key, entry in entries.items())
   return write_table(
       [(HEADER_KEY, header.SerializeToString())] + items)
