@@ -25,9 +25,14 @@ that is checked once per template. Modules holding state other than plain
 variables (lookup tables, custom savers) fail that check and always get full
 exports.
 
-Values are snapshot on the calling thread (`read_value()`, which on CPU shares
-the variable's buffer until the next update copies it: copy on write), so the
-variables can be written later, off the training thread, and still hold
+A manager's fast export is made once the step's checkpoint data is written
+(`Exporter.checkpoint_options`). On local disk it then shares that data: the
+checkpoint writes the exported variables into a shard of their own, which the
+export hard-links, beside a small shard with its object graph and an index of
+its own keys pointing at the checkpoint's entries (`bundle.py`). Whatever
+cannot be shared is written instead, from values snapshot on the calling
+thread in async mode (`read_value()`, which on CPU shares the variable's
+buffer until the next update copies it: copy on write), so that they are
 exactly the values of the step being saved.
 """
 

@@ -73,12 +73,14 @@ class StepModel(tf.Module):
 
 # Steps of a linked fast export (--kill_at): the object and function name,
 # and whether the kill comes before or after the call.
+# pylint: disable=protected-access
 KILL_POINTS = {
     'data_written': (fast_export.Exporter, '_export_checkpoint', 'before'),
     'hard_link': (os, 'link', 'after'),
-    'export_written': (fast_export._Template, 'write_linked', 'after'),  # pylint: disable=protected-access
+    'export_written': (fast_export._Template, 'write_linked', 'after'),
     'published': (commit, '_publish_by_rename', 'after'),
 }
+# pylint: enable=protected-access
 
 
 def _kill_at(point: str, call: int) -> None:

@@ -189,8 +189,9 @@ def test_an_export_is_published_after_its_checkpoint_data_and_before_record(
   def after_export(save_path: str) -> None:
     step = paths.parse_checkpoint_step(save_path)
     state = tf.train.get_checkpoint_state(local_dir)
+    export_dir = paths.export_path(local_dir, 'ckpt', step)
     seen.append((step, tf.io.gfile.exists(save_path + '.index'),
-                 commit.is_published(paths.export_path(local_dir, 'ckpt', step)),
+                 commit.is_published(export_dir),
                  state is not None and save_path in
                  state.all_model_checkpoint_paths))
 
@@ -274,9 +275,9 @@ def test_a_checkpoint_that_slices_or_mixes_the_variables_is_not_shared(
       1, 0)
   assert _served(export_dir) == 2
   module.set_step(3)
+  own_shard = exporter.checkpoint_options(None, local_dir)
   export_dir = _export_after(exporter, checkpoint, local_dir, 3,
-                             exporter.checkpoint_options(
-                                 None, local_dir).experimental_sharding_callback)
+                             own_shard.experimental_sharding_callback)
   assert module_exporter.linked_exports == 1
   assert _served(export_dir) == 3
 
