@@ -575,9 +575,12 @@ class Exporter:
 
       def callback(save_path: str) -> None:
         try:
+          if future.done():  # Abandoned by `wait()`, which raised for it.
+            raise RuntimeError(f'The export of {save_path} was abandoned.')
           export_fn(save_path)
         except BaseException as e:
-          future.set_exception(e)
+          if not future.done():
+            future.set_exception(e)
           _remove_checkpoint(save_path)
           raise
         future.set_result(None)
