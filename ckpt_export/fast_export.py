@@ -66,6 +66,17 @@ _FINGERPRINT = 'fingerprint.pb'
 
 # Names of the class attributes that are tf.functions, by class.
 _class_functions = weakref.WeakKeyDictionary()
+# Whether instances of a type are tf.functions (an ABC check, slow), by type.
+_is_function_type = weakref.WeakKeyDictionary()
+
+
+def _is_function(value: Any) -> bool:
+  kind = type(value)
+  result = _is_function_type.get(kind)
+  if result is None:
+    result = isinstance(value, tf.types.experimental.PolymorphicFunction)
+    _is_function_type[kind] = result
+  return result
 
 
 def _function_names_of_class(cls: type) -> Tuple[str, ...]:
@@ -81,7 +92,7 @@ def _function_names_of_class(cls: type) -> Tuple[str, ...]:
 def _functions_of(obj: Any) -> List[Tuple[str, Any]]:
   """The tf.functions reachable as attributes of `obj`, by name."""
   found = [(name, value) for name, value in getattr(obj, '__dict__', {}).items()
-           if isinstance(value, tf.types.experimental.PolymorphicFunction)]
+           if _is_function(value)]
   for name in _function_names_of_class(type(obj)):
     found.append((name, getattr(obj, name)))
   return found
@@ -182,15 +193,17 @@ class _Template:
           shape_and_slices=[''] * (len(self.keys) + 1),
           tensors=list(values) + [tf.constant(self.object_graph)])
 
-  def _write_files(self, module_dir: str) -> None:
-    for relative in self.dirs:
-      tf.io.gfile.makedirs(os.path.normpath(os.path.join(module_dir, relative)))
+  def _write_files(self, module_dir: str, local: bool) -> None:
+    """Writes the template's files (with `open` if `local`, else gfile)."""
+    opener = open if local else tf.io.gfile.GFile
+    for relative in self.dirs + [_VARIABLES_DIR]:
+      _makedirs(os.path.normpath(os.path.join(module_dir, relative)), local)
     for relative, content in self.files.items():
-      with tf.io.gfile.GFile(os.path.join(module_dir, relative), 'wb') as f:
+      with opener(os.path.join(module_dir, relative), 'wb') as f:
         f.write(content)
-    tf.io.gfile.makedirs(os.path.join(module_dir, _VARIABLES_DIR))
 
-  def _write_fingerprint(self, module_dir: str, index: bytes) -> None:
+  def _write_fingerprint(self, module_dir: str, index: bytes,
+                         local: bool) -> None:
     """Writes the template's fingerprint with the hash of the new `index`.
 
     The other hashes cover `saved_model.pb`, which is the template's; TF's
@@ -203,20 +216,21 @@ class _Template:
     fingerprint.checkpoint_hash = struct.unpack('<Q', tf.fingerprint(
         tf.constant([index]), 'farmhash64').numpy().tobytes())[0]
     fingerprint.uuid = str(uuid.uuid4().int)
-    with tf.io.gfile.GFile(os.path.join(module_dir, _FINGERPRINT), 'wb') as f:
+    opener = open if local else tf.io.gfile.GFile
+    with opener(os.path.join(module_dir, _FINGERPRINT), 'wb') as f:
       f.write(fingerprint.SerializeToString())
 
   def write(self, module_dir: str, values: Sequence[tf.Tensor]) -> None:
     """Writes a complete SavedModel of `values` into `module_dir`."""
-    self._write_files(module_dir)
+    self._write_files(module_dir, local=False)
     self.write_variables(module_dir, values)
     with tf.io.gfile.GFile(_variables_prefix(module_dir) + '.index',
                            'rb') as f:
-      self._write_fingerprint(module_dir, f.read())
+      self._write_fingerprint(module_dir, f.read(), local=False)
 
   def write_linked(self, module_dir: str, link: '_Link') -> None:
     """Writes a SavedModel whose variables are a checkpoint's (see `_Link`)."""
-    self._write_files(module_dir)
+    self._write_files(module_dir, local=True)
     prefix = _variables_prefix(module_dir)
     shards = 2 if link.shard_path else 1
     entries = {}
@@ -234,7 +248,14 @@ class _Template:
     index = bundle.write_index(header, entries)
     with open(prefix + '.index', 'wb') as f:
       f.write(index)
-    self._write_fingerprint(module_dir, index)
+    self._write_fingerprint(module_dir, index, local=True)
+
+
+def _makedirs(path: str, local: bool) -> None:
+  if local:
+    os.makedirs(path, exist_ok=True)
+  else:
+    tf.io.gfile.makedirs(path)
 
 
 def _variables_prefix(module_dir: str) -> str:
@@ -358,7 +379,11 @@ class ModuleExporter:
 
   def snapshot(self) -> Optional[List[tf.Tensor]]:
     """Values for a fast export, or None if the next export must be full."""
-    return self._template.snapshot() if self.can_export_fast() else None
+    return self.current_values() if self.can_export_fast() else None
+
+  def current_values(self) -> List[tf.Tensor]:
+    """The values of `variables` now, for a fast export (copy on write)."""
+    return self._template.snapshot()
 
   def write_full(self, export_dir: str) -> None:
     """Exports in full with `tf.saved_model.save`; makes it the template."""
@@ -377,7 +402,7 @@ class ModuleExporter:
                  values: Optional[Sequence[tf.Tensor]] = None) -> None:
     """Writes a SavedModel of `values` (from `snapshot()`, by default now)."""
     if values is None:
-      values = self._template.snapshot()
+      values = self.current_values()
     self._template.write(os.path.join(export_dir, self.name), values)
     self.fast_exports += 1
 
@@ -525,7 +550,8 @@ class Exporter:
     """
     self.wait()
     if after_checkpoint and all(m.can_export_fast() for m in self.modules):
-      values = [m.snapshot() if keep_values else None for m in self.modules]
+      values = [m.current_values() if keep_values else None
+                for m in self.modules]
       future = concurrent.futures.Future()
       future.set_running_or_notify_cancel()
       self._pending.append(future)
