@@ -46,8 +46,11 @@ from ckpt_export import exporter
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _REPEATS = flags.DEFINE_integer('repeats', 7, 'Timed saves per variant.')
-_PARAMS = flags.DEFINE_integer(
-    'params', 5_000_000, 'Approximate number of model parameters.')
+_PARAMS = flags.DEFINE_list(
+    'params', ['5000000'], 'Approximate numbers of model parameters: one save '
+    'benchmark per size, then a summary of all sizes side by side.')
+_VARIANTS = flags.DEFINE_list(
+    'variants', list('abcdefg'), 'The save variants to run, by key.')
 _POLLS = flags.DEFINE_integer(
     'polls', 15, 'Timed polls per reader and directory size.')
 _POLL_SIZES = flags.DEFINE_list(
@@ -105,6 +108,7 @@ class Sample(NamedTuple):
   rss_mb: float
   new_files_mb: float
   write_calls_mb: float
+  export_space_mb: float
   exported_at_return: bool
   exported_after_sync: bool
 
@@ -146,8 +150,25 @@ class Variant:
             size for path, size in _file_sizes(self.directory).items()
             if path not in before) / MB,
         write_calls_mb=(_PROCESS.io_counters().write_chars - written) / MB,
+        export_space_mb=_export_space(self.directory) / MB,
         exported_at_return=exported_at_return,
         exported_after_sync=_has_export(checkpoint))
+
+
+def _export_space(directory: str) -> int:
+  """The disk space only exports hold: files not shared with checkpoints."""
+  sizes = {}
+  shared = set()
+  for root, _, names in os.walk(directory):
+    in_export = any(ckpt_export.parse_export_step(part) is not None
+                    for part in os.path.relpath(root, directory).split(os.sep))
+    for name in names:
+      stat = os.stat(os.path.join(root, name))
+      if in_export:
+        sizes[stat.st_ino] = stat.st_blocks * 512
+      else:
+        shared.add(stat.st_ino)
+  return sum(size for inode, size in sizes.items() if inode not in shared)
 
 
 def _has_export(checkpoint: str) -> bool:
@@ -296,14 +317,29 @@ def _stats(values: Sequence[float]) -> str:
           f'{max(values):8.3f}')
 
 
-def bench_save(root: str, repeats: int, params: int) -> None:
-  """Times every save variant, and measures its memory and bytes written."""
+class Summary(NamedTuple):
+  """One variant's figures at one model size, for the closing table."""
+
+  variables_mb: float
+  label: str
+  save_s: List[float]
+  total_s: List[float]
+  plain_save_s: float
+  plain_total_s: float
+  written_mb: float
+  export_space_mb: float
+
+
+def bench_save(root: str, repeats: int, params: int,
+               keys: Sequence[str]) -> List[Summary]:
+  """Times the save variants, and measures their memory and bytes written."""
   model = MLP(_width_for(params))
   variables_mb = sum(v.numpy().nbytes for v in model.variables) / MB
   print(f'Model: tf_keras MLP, {model.count_params():,} parameters, '
         f'{variables_mb:.1f} MB of variables; max_to_keep={MAX_TO_KEEP}; '
         f'{repeats} timed saves per variant after one warm-up, round-robin.\n')
-  variants = _variants({MODULE_NAME: model}, _width_for(params))
+  variants = [v for v in _variants({MODULE_NAME: model}, _width_for(params))
+              if v.key in keys]
   for variant in variants:
     variant.directory = os.path.join(root, variant.key)
     variant.manager = variant.make_manager(tf.train.Checkpoint(model=model),
@@ -345,13 +381,14 @@ def bench_save(root: str, repeats: int, params: int) -> None:
   print(f'\nMemory and bytes per save, MB (exported variables: '
         f'{variables_mb:.1f} MB).')
   print(f'{"variant":34} {"peak dRSS median":>16} {"max":>7} | '
-        f'{"new files":>9} | {"write() calls":>13}')
+        f'{"new files":>9} | {"write() calls":>13} | {"export space":>12}')
   for v in variants:
     rss = v.values('rss_mb')
     print(f'({v.key}) {v.label:30} {statistics.median(rss):16.1f} '
           f'{max(rss):7.1f} | '
           f'{statistics.median(v.values("new_files_mb")):9.1f} | '
-          f'{statistics.median(v.values("write_calls_mb")):13.1f}')
+          f'{statistics.median(v.values("write_calls_mb")):13.1f} | '
+          f'{statistics.median(v.values("export_space_mb")):12.1f}')
 
   print('\nExports: saves whose own export was missing when save() returned / '
         'after sync(); what is left in the directory.')
@@ -366,7 +403,36 @@ def bench_save(root: str, repeats: int, params: int) -> None:
     elif isinstance(v.manager, ckpt_export.SavedModelCheckpointManager):
       module, = v.manager._exporter.modules  # pylint: disable=protected-access
       print(f'({v.key}) {v.label}: {module.full_exports} full exports '
-            f'(tf.saved_model.save), {module.fast_exports} fast ones.')
+            f'(tf.saved_model.save), {module.fast_exports} fast ones '
+            f'({module.linked_exports} sharing the checkpoint\'s data).')
+  plain = variants[0]
+  return [Summary(variables_mb, v.label, v.values('save_s'), totals(v),
+                  statistics.median(plain.values('save_s')),
+                  statistics.median(totals(plain)),
+                  statistics.median(v.values('write_calls_mb')),
+                  statistics.median(v.values('export_space_mb')))
+          for v in variants]
+
+
+def _spread(values: Sequence[float]) -> str:
+  return (f'{statistics.median(values):7.3f} '
+          f'[{min(values):.3f}-{max(values):.3f}]')
+
+
+def print_summary(summaries: Sequence[Summary]) -> None:
+  """All sizes side by side: medians [min-max], ratios to plain, bytes."""
+  print('\nSummary (seconds: median [min-max]; x plain: ratio of medians to '
+        '(a) at the same size; MB written per save by write() calls; space '
+        'held by exports on disk alone, MB).')
+  print(f'| variables MB | variant | save() | x plain | save+sync | x plain '
+        f'| MB written/save | export space MB |')
+  print('|---|---|---|---|---|---|---|---|')
+  for s in summaries:
+    print(f'| {s.variables_mb:.1f} | {s.label} | {_spread(s.save_s)} | '
+          f'{statistics.median(s.save_s) / s.plain_save_s:.2f} | '
+          f'{_spread(s.total_s)} | '
+          f'{statistics.median(s.total_s) / s.plain_total_s:.2f} | '
+          f'{s.written_mb:.1f} | {s.export_space_mb:.1f} |')
 
 
 @contextlib.contextmanager
@@ -452,11 +518,18 @@ def main(argv: Sequence[str]) -> None:
   print(f'CPUs: {os.cpu_count()} ({len(os.sched_getaffinity(0))} usable); '
         f'load average {", ".join(f"{x:.2f}" for x in os.getloadavg())}; '
         f'temp dir {tempfile.gettempdir()}\n')
+  if 'a' not in _VARIANTS.value:
+    raise app.UsageError('--variants must include a (plain), the baseline.')
   root = tempfile.mkdtemp(prefix='bench_save_')
   start = time.perf_counter()
   try:
     if not _SKIP_SAVE.value:
-      bench_save(root, _REPEATS.value, _PARAMS.value)
+      summaries = []
+      for params in _PARAMS.value:
+        summaries += bench_save(os.path.join(root, params), _REPEATS.value,
+                                int(params), _VARIANTS.value)
+        shutil.rmtree(os.path.join(root, params), ignore_errors=True)
+      print_summary(summaries)
     if not _SKIP_POLL.value:
       bench_poll(root, sorted({int(n) for n in _POLL_SIZES.value}),
                  _POLLS.value)

@@ -7,8 +7,9 @@ temporary directory) rather than by its version number. If an assumption does
 not hold, that feature falls back to TensorFlow's public path, with one
 warning naming the TensorFlow version:
 
-- *Fast exports*: `fingerprinting_utils.write_fingerprint`, and the checkpoint
-  key `_CHECKPOINTABLE_OBJECT_GRAPH` of a SavedModel's object graph. Fallback:
+- *Fast exports*: a SavedModel fingerprint's `checkpoint_hash` being the
+  farmhash64 of `variables.index`, and the checkpoint key
+  `_CHECKPOINTABLE_OBJECT_GRAPH` of a SavedModel's object graph. Fallback:
   every export is a full `tf.saved_model.save`.
 - *Background exports* (async checkpointing): the error TF's async thread
   keeps in `Checkpoint._async_checkpointer_impl._async_error`, and write
@@ -37,6 +38,7 @@ import collections
 import inspect
 import os
 import re
+import struct
 import sys
 import tempfile
 import time
@@ -96,33 +98,31 @@ class _Module(tf.Module):
 
 
 def _check_fast_export() -> None:
-  """`write_fingerprint` rewrites a SavedModel's fingerprint as TF's save does.
+  """A SavedModel's fingerprint and object graph are where fast exports expect.
 
-  Also checks that the object graph is stored under `OBJECT_GRAPH_KEY` in a
-  SavedModel's variables.
+  Fast exports reuse their template's `fingerprint.pb` with `checkpoint_hash`
+  renewed as the farmhash64 of `variables.index` (`tf.fingerprint`), and find
+  the object graph under `OBJECT_GRAPH_KEY` in a SavedModel's variables.
   """
-  # pylint: disable=g-import-not-at-top,g-direct-tensorflow-import
-  from tensorflow.python.saved_model import fingerprinting_utils
-  # pylint: enable=g-import-not-at-top,g-direct-tensorflow-import
   with tempfile.TemporaryDirectory(prefix='ckpt_export_probe_') as scratch:
     module = _Module()
     tf.saved_model.save(module, scratch, signatures=module.serve)
-    keys = {name for name, _ in tf.train.list_variables(
-        os.path.join(scratch, 'variables', 'variables'))}
+    prefix = os.path.join(scratch, 'variables', 'variables')
+    keys = {name for name, _ in tf.train.list_variables(prefix)}
     _expect(OBJECT_GRAPH_KEY in keys,
             f'no {OBJECT_GRAPH_KEY} in a SavedModel variables: {keys}')
-    fingerprint = os.path.join(scratch, 'fingerprint.pb')
-    if not tf.io.gfile.exists(fingerprint):
+    if not tf.io.gfile.exists(os.path.join(scratch, 'fingerprint.pb')):
       return  # A TF that writes no fingerprint: fast exports write none.
     saved = tf.saved_model.experimental.read_fingerprint(scratch)
-    tf.io.gfile.remove(fingerprint)
-    fingerprinting_utils.write_fingerprint(scratch)
-    rewritten = tf.saved_model.experimental.read_fingerprint(scratch)
-    for field in ('saved_model_checksum', 'graph_def_program_hash',
-                  'signature_def_hash', 'saved_object_graph_hash',
-                  'checkpoint_hash', 'version'):
-      _expect(getattr(saved, field) == getattr(rewritten, field),
-              f'write_fingerprint gives another {field}')
+    with tf.io.gfile.GFile(prefix + '.index', 'rb') as f:
+      _expect(saved.checkpoint_hash == index_hash(f.read()),
+              'checkpoint_hash is not the farmhash64 of variables.index')
+
+
+def index_hash(index: bytes) -> int:
+  """The `checkpoint_hash` of a SavedModel fingerprint for its `index` bytes."""
+  return struct.unpack('<Q', tf.fingerprint(
+      tf.constant([index]), 'farmhash64').numpy().tobytes())[0]
 
 
 def _check_background_export() -> None:
@@ -273,14 +273,6 @@ def fast_exports_supported() -> bool:
 
 def background_exports_supported() -> bool:
   return problem('background exports') is None
-
-
-def write_fingerprint(export_dir: str) -> None:
-  """Writes `fingerprint.pb` of the SavedModel in `export_dir`."""
-  # pylint: disable=g-import-not-at-top,g-direct-tensorflow-import
-  from tensorflow.python.saved_model import fingerprinting_utils
-  # pylint: enable=g-import-not-at-top,g-direct-tensorflow-import
-  fingerprinting_utils.write_fingerprint(export_dir)
 
 
 def forget_async_error(checkpoint: tf.train.Checkpoint,

@@ -25,26 +25,38 @@ that is checked once per template. Modules holding state other than plain
 variables (lookup tables, custom savers) fail that check and always get full
 exports.
 
-Values are snapshot on the calling thread (`read_value()`, which on CPU shares
-the variable's buffer until the next update copies it: copy on write), so the
-variables can be written later, off the training thread, and still hold
+A manager's fast export is made once the step's checkpoint data is written
+(`Exporter.checkpoint_options`). On local disk it then shares that data: the
+checkpoint writes the exported variables into a shard of their own, which the
+export hard-links, beside a small shard with its object graph and an index of
+its own keys pointing at the checkpoint's entries (`bundle.py`). Whatever
+cannot be shared is written instead, from values snapshot on the calling
+thread in async mode (`read_value()`, which on CPU shares the variable's
+buffer until the next update copies it: copy on write), so that they are
 exactly the values of the step being saved.
 """
 
 import collections
 import concurrent.futures
 import copy
+import dataclasses
+import functools
 import os
+import struct
 import tempfile
+import uuid
 import weakref
-from typing import Any, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.protobuf import fingerprint_pb2
+from tensorflow.core.protobuf import tensor_bundle_pb2
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from ckpt_export import _tf_internals
+from ckpt_export import bundle
 from ckpt_export import commit
 from ckpt_export import export
 
@@ -55,6 +67,17 @@ _FINGERPRINT = 'fingerprint.pb'
 
 # Names of the class attributes that are tf.functions, by class.
 _class_functions = weakref.WeakKeyDictionary()
+# Whether instances of a type are tf.functions (an ABC check, slow), by type.
+_is_function_type = weakref.WeakKeyDictionary()
+
+
+def _is_function(value: Any) -> bool:
+  kind = type(value)
+  result = _is_function_type.get(kind)
+  if result is None:
+    result = isinstance(value, tf.types.experimental.PolymorphicFunction)
+    _is_function_type[kind] = result
+  return result
 
 
 def _function_names_of_class(cls: type) -> Tuple[str, ...]:
@@ -70,7 +93,7 @@ def _function_names_of_class(cls: type) -> Tuple[str, ...]:
 def _functions_of(obj: Any) -> List[Tuple[str, Any]]:
   """The tf.functions reachable as attributes of `obj`, by name."""
   found = [(name, value) for name, value in getattr(obj, '__dict__', {}).items()
-           if isinstance(value, tf.types.experimental.PolymorphicFunction)]
+           if _is_function(value)]
   for name in _function_names_of_class(type(obj)):
     found.append((name, getattr(obj, name)))
   return found
@@ -130,7 +153,7 @@ class _Template:
   def __init__(self, module_dir: str, module: Any):
     self.dirs = []  # Relative paths, such as an empty assets/.
     self.files = {}  # Relative path -> bytes, but variables/ and fingerprint.
-    self.has_fingerprint = False
+    self.fingerprint = None  # The full export's, if it has one.
     for directory, _, names in tf.io.gfile.walk(module_dir):
       relative_dir = os.path.relpath(directory.rstrip('/'), module_dir)
       if relative_dir.split(os.sep)[0] == _VARIABLES_DIR:
@@ -138,15 +161,23 @@ class _Template:
       self.dirs.append(relative_dir)
       for name in names:
         relative = os.path.normpath(os.path.join(relative_dir, name))
-        if relative == _FINGERPRINT:
-          self.has_fingerprint = True
-          continue
         with tf.io.gfile.GFile(os.path.join(directory, name), 'rb') as f:
-          self.files[relative] = f.read()
-    reader = tf.compat.v1.train.NewCheckpointReader(
-        _variables_prefix(module_dir))
+          content = f.read()
+        if relative == _FINGERPRINT:
+          self.fingerprint = fingerprint_pb2.FingerprintDef.FromString(content)
+        else:
+          self.files[relative] = content
+    prefix = _variables_prefix(module_dir)
+    reader = tf.compat.v1.train.NewCheckpointReader(prefix)
     self.object_graph = reader.get_tensor(_OBJECT_GRAPH_KEY)
     self.keys, self.variables = _variables_by_key(module, self.object_graph)
+    with tf.io.gfile.GFile(prefix + '.index', 'rb') as f:
+      self.header, _ = bundle.read_index(f.read())
+    # The data shard of a linked export that holds the object graph.
+    self.graph_shard, crc = bundle.string_tensor_data([self.object_graph])
+    self.graph_entry = tensor_bundle_pb2.BundleEntryProto(
+        dtype=tf.string.as_datatype_enum, size=len(self.graph_shard),
+        crc32c=crc)
 
   def snapshot(self) -> List[tf.Tensor]:
     """The variables' current values, in key order (copy on write on CPU)."""
@@ -163,44 +194,87 @@ class _Template:
           shape_and_slices=[''] * (len(self.keys) + 1),
           tensors=list(values) + [tf.constant(self.object_graph)])
 
+  def _write_files(self, module_dir: str, local: bool) -> None:
+    """Writes the template's files (with `open` if `local`, else gfile)."""
+    opener = open if local else tf.io.gfile.GFile
+    for relative in self.dirs + [_VARIABLES_DIR]:
+      _makedirs(os.path.normpath(os.path.join(module_dir, relative)), local)
+    for relative, content in self.files.items():
+      with opener(os.path.join(module_dir, relative), 'wb') as f:
+        f.write(content)
+
+  def _write_fingerprint(self, module_dir: str, index: bytes,
+                         local: bool) -> None:
+    """Writes the template's fingerprint with the hash of the new `index`.
+
+    The other hashes cover `saved_model.pb`, which is the template's.
+    """
+    if self.fingerprint is None:
+      return
+    fingerprint = copy.copy(self.fingerprint)
+    fingerprint.checkpoint_hash = _tf_internals.index_hash(index)
+    fingerprint.uuid = str(uuid.uuid4().int)
+    opener = open if local else tf.io.gfile.GFile
+    with opener(os.path.join(module_dir, _FINGERPRINT), 'wb') as f:
+      f.write(fingerprint.SerializeToString())
+
   def write(self, module_dir: str, values: Sequence[tf.Tensor]) -> None:
     """Writes a complete SavedModel of `values` into `module_dir`."""
-    for relative in self.dirs:
-      tf.io.gfile.makedirs(os.path.normpath(os.path.join(module_dir, relative)))
-    for relative, content in self.files.items():
-      with tf.io.gfile.GFile(os.path.join(module_dir, relative), 'wb') as f:
-        f.write(content)
+    self._write_files(module_dir, local=False)
     self.write_variables(module_dir, values)
-    if self.has_fingerprint:
-      _tf_internals.write_fingerprint(module_dir)
+    with tf.io.gfile.GFile(_variables_prefix(module_dir) + '.index',
+                           'rb') as f:
+      self._write_fingerprint(module_dir, f.read(), local=False)
+
+  def write_linked(self, module_dir: str, link: '_Link') -> None:
+    """Writes a SavedModel whose variables are a checkpoint's (see `_Link`)."""
+    self._write_files(module_dir, local=True)
+    prefix = _variables_prefix(module_dir)
+    shards = 2 if link.shard_path else 1
+    entries = {}
+    for key, entry in link.entries.items():
+      entries[key] = copy.copy(entry)
+      entries[key].shard_id = 0
+    entries[_OBJECT_GRAPH_KEY] = copy.copy(self.graph_entry)
+    entries[_OBJECT_GRAPH_KEY].shard_id = shards - 1
+    if link.shard_path:
+      os.link(link.shard_path, f'{prefix}.data-00000-of-{shards:05d}')
+    with open(f'{prefix}.data-{shards - 1:05d}-of-{shards:05d}', 'wb') as f:
+      f.write(self.graph_shard)
+    header = copy.copy(self.header)
+    header.num_shards = shards
+    index = bundle.write_index(header, entries)
+    with open(prefix + '.index', 'wb') as f:
+      f.write(index)
+    self._write_fingerprint(module_dir, index, local=True)
+
+
+def _makedirs(path: str, local: bool) -> None:
+  if local:
+    os.makedirs(path, exist_ok=True)
+  else:
+    tf.io.gfile.makedirs(path)
 
 
 def _variables_prefix(module_dir: str) -> str:
   return os.path.join(module_dir, _VARIABLES_DIR, _VARIABLES_DIR)
 
 
-def _variables_by_key(module: Any, object_graph: bytes
-                     ) -> Tuple[List[str], List[tf.Variable]]:
-  """Maps the checkpoint keys of a full export to the module's variables.
+def _objects_by_node(root: Any, object_graph: bytes
+                    ) -> Tuple[trackable_object_graph_pb2.TrackableObjectGraph,
+                               Dict[int, Any]]:
+  """Maps the nodes of a serialized object graph of `root` to its objects.
 
-  The export's object graph is walked from its root along the children a
-  checkpoint sees (the SavedModel's own extra paths, such as Keras's
-  `variables/<i>`, lead to the same nodes).
-
-  Args:
-    module: The exported module.
-    object_graph: The serialized `TrackableObjectGraph` of its export.
-
-  Returns:
-    The keys, sorted, and the variable of each.
+  The graph is walked from its root along the children a checkpoint sees
+  (a SavedModel's own extra paths, such as Keras's `variables/<i>`, lead to
+  the same nodes).
 
   Raises:
-    ValueError: If some saved value is not a plain variable's, or its object
-      cannot be found on the module.
+    ValueError: If one node would be two objects.
   """
   graph = trackable_object_graph_pb2.TrackableObjectGraph.FromString(
       object_graph)
-  objects = {0: module}
+  objects = {0: root}
   queue = collections.deque([0])
   while queue:
     node_id = queue.popleft()
@@ -213,6 +287,25 @@ def _variables_by_key(module: Any, object_graph: bytes
         continue
       objects[reference.node_id] = child
       queue.append(reference.node_id)
+  return graph, objects
+
+
+def _variables_by_key(module: Any, object_graph: bytes
+                     ) -> Tuple[List[str], List[tf.Variable]]:
+  """Maps the checkpoint keys of a full export to the module's variables.
+
+  Args:
+    module: The exported module.
+    object_graph: The serialized `TrackableObjectGraph` of its export.
+
+  Returns:
+    The keys, sorted, and the variable of each.
+
+  Raises:
+    ValueError: If some saved value is not a plain variable's, or its object
+      cannot be found on the module.
+  """
+  graph, objects = _objects_by_node(module, object_graph)
   by_key = {}
   for node_id, node in enumerate(graph.nodes):
     if node.slot_variables:
@@ -225,6 +318,17 @@ def _variables_by_key(module: Any, object_graph: bytes
       by_key[attribute.checkpoint_key] = obj
   keys = sorted(by_key)
   return keys, [by_key[key] for key in keys]
+
+
+def _checkpoint_keys(checkpoint: Any, object_graph: bytes) -> Dict[int, str]:
+  """The checkpoint key of each plain variable of a checkpoint, by its id."""
+  graph, objects = _objects_by_node(checkpoint, object_graph)
+  keys = {}
+  for node_id, obj in objects.items():
+    for attribute in graph.nodes[node_id].attributes:
+      if attribute.name == _VARIABLE_VALUE and isinstance(obj, tf.Variable):
+        keys[id(obj)] = attribute.checkpoint_key
+  return keys
 
 
 def _same_variables(prefix_a: str, prefix_b: str) -> bool:
@@ -254,11 +358,29 @@ class ModuleExporter:
     self._unusable = None  # A structure whose template failed its check.
     self.full_exports = 0
     self.fast_exports = 0
+    self.linked_exports = 0  # Those of the fast exports that were linked.
+
+  @property
+  def keys(self) -> List[str]:
+    """The checkpoint keys of a fast export (those of the template)."""
+    return self._template.keys if self._template else []
+
+  @property
+  def variables(self) -> List[tf.Variable]:
+    """The variable of each of `keys`."""
+    return self._template.variables if self._template else []
+
+  def can_export_fast(self) -> bool:
+    """Whether the next export can be a fast one (the structure unchanged)."""
+    return (self._template is not None and
+            _Structure(self.module) == self._structure)
 
   def snapshot(self) -> Optional[List[tf.Tensor]]:
     """Values for a fast export, or None if the next export must be full."""
-    if self._template is None or _Structure(self.module) != self._structure:
-      return None
+    return self.current_values() if self.can_export_fast() else None
+
+  def current_values(self) -> List[tf.Tensor]:
+    """The values of `variables` now, for a fast export (copy on write)."""
     return self._template.snapshot()
 
   def write_full(self, export_dir: str) -> None:
@@ -274,10 +396,19 @@ class ModuleExporter:
       if self._template is None:
         self._unusable = self._structure
 
-  def write_fast(self, export_dir: str, values: Sequence[tf.Tensor]) -> None:
-    """Writes a SavedModel of `values` (from `snapshot()`) from the template."""
+  def write_fast(self, export_dir: str,
+                 values: Optional[Sequence[tf.Tensor]] = None) -> None:
+    """Writes a SavedModel of `values` (from `snapshot()`, by default now)."""
+    if values is None:
+      values = self.current_values()
     self._template.write(os.path.join(export_dir, self.name), values)
     self.fast_exports += 1
+
+  def write_linked(self, export_dir: str, link: '_Link') -> None:
+    """Writes a SavedModel whose variables are a checkpoint's data."""
+    self._template.write_linked(os.path.join(export_dir, self.name), link)
+    self.fast_exports += 1
+    self.linked_exports += 1
 
   def _make_template(self, module_dir: str) -> Optional[_Template]:
     """The template of a fresh full export, or None if it cannot be used."""
@@ -299,118 +430,339 @@ class ModuleExporter:
     return template
 
 
+@dataclasses.dataclass
+class _Link:
+  """How a module's export shares a checkpoint's data.
+
+  Attributes:
+    shard_path: The checkpoint's data shard holding the module's variables,
+      and nothing else; None if the module has no variables.
+    entries: The checkpoint's index entry of each of the export's keys.
+  """
+  shard_path: Optional[str]
+  entries: Dict[str, tensor_bundle_pb2.BundleEntryProto]
+
+
+class _ModuleShard(tf.train.experimental.ShardingCallback):
+  """Writes the exported variables into a checkpoint shard of their own.
+
+  Tensors whose key is one of `keys()` (whole, not slices) go to the first
+  shard; the others are sharded by the user's callback if there is one, else
+  all into a second shard. No tensor is sliced. The keys are asked for when
+  the checkpoint is written (in TF's thread for an async checkpoint), so that
+  they are those learned from the checkpoint before.
+  """
+
+  def __init__(self, keys: Callable[[], frozenset],
+               user_callback: Optional[tf.train.experimental.ShardingCallback]):
+    self.keys = keys
+    self.user_callback = user_callback
+
+  @property
+  def description(self) -> str:
+    user = self.user_callback.description if self.user_callback else 'one'
+    return f'ckpt_export: exported variables in a shard; the rest: {user}'
+
+  def __call__(self, shardable_tensors):
+    own, rest = {}, []
+    keys = self.keys()
+    for tensor in shardable_tensors:
+      whole = (isinstance(tensor.slice_spec, str) and
+               not tensor.slice_spec.strip())
+      if whole and tensor.checkpoint_key in keys:
+        own.setdefault(tensor.checkpoint_key, {})[''] = tensor.tensor
+      else:
+        rest.append(tensor)
+    shards = [own] if own else []
+    if self.user_callback is not None:
+      shards.extend(self.user_callback(rest))
+    elif rest:
+      shard = {}
+      for tensor in rest:
+        shard.setdefault(tensor.checkpoint_key, {})[tensor.slice_spec] = (
+            tensor.tensor)
+      shards.append(shard)
+    return shards
+
+
+def _can_link(path: str) -> bool:
+  """Whether files under `path` can be hard-linked (a local path)."""
+  return '://' not in path
+
+
 class Exporter:
   """Writes the exports of `modules_to_export`, one step after another.
 
   `export()` publishes a step's export through the commit protocol, on the
-  calling thread, or, when asked to and every module can be exported fast, in
-  a background thread from values snapshot on the calling thread. Background
-  exports run one at a time, in order; the first error among them is raised
-  once, by the next `export()` or `wait()`.
+  calling thread, or, when asked to and every module can be exported fast,
+  once the step's checkpoint data is written: `checkpoint_options()` adds the
+  write callback that does it. Such an export shares the checkpoint's data
+  where it can (see `_link`), else writes the values; in an async checkpoint
+  it runs in TF's checkpoint thread, and its error is raised once, by the next
+  `export()` or `wait()`.
+
+  Args:
+    modules_to_export: The modules, by name.
+    checkpoint: The `tf.train.Checkpoint` the manager saves, whose data
+      exports may share; None for exports that never do.
   """
 
-  def __init__(self, modules_to_export: Mapping[str, Any]):
+  def __init__(self, modules_to_export: Mapping[str, Any],
+               checkpoint: Optional[tf.train.Checkpoint] = None):
     self.modules = [ModuleExporter(name, module)
                     for name, module in modules_to_export.items()]
-    self._executor = None
+    self._checkpoint = checkpoint
     self._pending = []
+    # The export waiting for its checkpoint's data: (future, callback).
+    self._deferred = None
+    # Checkpoint keys of the checkpoint's variables (by id), and the size and
+    # checksum of the object graph they were read from.
+    self._checkpoint_keys = {}
+    self._graph_signature = None
+    self._fallback_reason = None
 
   @property
   def pending(self) -> bool:
-    """Whether background exports were started and not waited for."""
+    """Whether exports were started and not waited for."""
     return bool(self._pending)
 
   def export(self, export_dir: str, commit_info: Mapping[str, Any],
-             background: bool = False
+             after_checkpoint: bool = False, keep_values: bool = False
             ) -> Optional[concurrent.futures.Future]:
-    """Exports every module as `export_dir`, now or in the background.
+    """Exports every module as `export_dir`, now or after the checkpoint.
 
     Args:
       export_dir: The final export path.
       commit_info: Metadata for the commit marker.
-      background: Whether the export may be written and published in a
-        background thread (only if every module can be exported fast).
+      after_checkpoint: Whether the export may wait for the step's checkpoint
+        data (only if every module can be exported fast): it is then written
+        by the callback `checkpoint_options()` adds.
+      keep_values: Whether to take the variables' values now, for an export
+        after the checkpoint that cannot share its data (the values may
+        change meanwhile: an async checkpoint).
 
     Returns:
-      The background export's future (its result is None once published), or
-      None if the export is already published.
+      The future of the export after the checkpoint (its result is None once
+      published), or None if the export is already published.
 
     Raises:
-      Exception: An earlier background export's error, or this export's.
+      Exception: An earlier export's error, or this export's.
     """
     self.wait()
-    snapshots = [module.snapshot() for module in self.modules]
-    if (background and all(values is not None for values in snapshots) and
-        _tf_internals.background_exports_supported()):
-      if self._executor is None:
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix='ckpt_export')
-      future = self._executor.submit(self._write, export_dir, commit_info,
-                                     snapshots)
-      future.add_done_callback(_log_failure)
+    if (after_checkpoint and all(m.can_export_fast() for m in self.modules)
+        and _tf_internals.background_exports_supported()):
+      values = [m.current_values() if keep_values else None
+                for m in self.modules]
+      future = concurrent.futures.Future()
+      future.set_running_or_notify_cancel()
       self._pending.append(future)
+      self._deferred = future, functools.partial(
+          self._export_checkpoint, export_dir, commit_info, values)
       return future
-    self._write(export_dir, commit_info, snapshots)
-    return None
-
-  def wait(self, raise_errors: bool = True) -> None:
-    """Waits for the background exports; raises the first one's error."""
-    pending, self._pending = self._pending, []
-    errors = [e for e in (f.exception() for f in pending) if e is not None]
-    for error in errors[1:]:
-      logging.error('Another background export failed too: %r', error)
-    if errors:
-      if raise_errors:
-        raise errors[0]
-      logging.error('Background export failed: %r', errors[0])
-
-  def _write(self, export_dir: str, commit_info: Mapping[str, Any],
-             snapshots: Sequence[Optional[List[tf.Tensor]]]) -> None:
+    snapshots = [m.snapshot() for m in self.modules]
     with commit.staged_export(export_dir, dict(commit_info)) as tmp:
       for module, values in zip(self.modules, snapshots):
         if values is None:
           module.write_full(tmp)
         else:
           module.write_fast(tmp, values)
+    return None
 
+  def checkpoint_options(self, options: Optional[tf.train.CheckpointOptions],
+                         directory: str) -> tf.train.CheckpointOptions:
+    """Options for the checkpoint of the step `export()` was just called for.
 
-def _log_failure(future: concurrent.futures.Future) -> None:
-  """Logs a background export's error when it happens (it is raised later)."""
-  if future.exception() is not None:
-    logging.error('Background export failed (raised by the next save() or '
-                  'sync()): %r', future.exception())
+    Where exports can share the checkpoint's data, the exported variables go
+    into a shard of their own (`_ModuleShard`, composed with the caller's
+    sharding callback). A write callback, run after the checkpoint's data is
+    written and before `tf.train.CheckpointManager` records it (so that a
+    checkpoint is never recorded before its export is published), writes and
+    publishes a pending export; if that fails, it deletes the checkpoint's
+    files and raises, so that the checkpoint is never recorded. Otherwise it
+    only learns the checkpoint's keys.
 
+    Args:
+      options: The caller's options (not modified).
+      directory: The directory the checkpoint is written to.
 
-def publish_before_recording(options: tf.train.CheckpointOptions,
-                             export_future: concurrent.futures.Future
-                            ) -> tf.train.CheckpointOptions:
-  """Options for an async checkpoint that is recorded only after its export.
+    Returns:
+      A copy of `options` (default options if None) with the callbacks.
+    """
+    options = copy.copy(options) or tf.train.CheckpointOptions()
+    if self._checkpoint is None:
+      return options
+    if self.modules and _can_link(directory):
+      options.experimental_sharding_callback = _ModuleShard(
+          self._exported_keys, options.experimental_sharding_callback)
+    deferred, self._deferred = self._deferred, None
+    if deferred is None:
+      callback = self._learn_keys
+    else:
+      future, export_fn = deferred
 
-  `tf.train.CheckpointManager` records a checkpoint in its state file (and
-  deletes old ones) in a write callback, run in TF's async thread after the
-  checkpoint's files are written. The callback added here runs before it: it
-  waits for the export to be published, or, if the export failed, deletes the
-  checkpoint's files and raises, so that the checkpoint is never recorded.
+      def callback(save_path: str) -> None:
+        try:
+          if future.done():  # Abandoned by `wait()`, which raised for it.
+            raise RuntimeError(f'The export of {save_path} was abandoned.')
+          export_fn(save_path)
+        except BaseException as e:
+          if not future.done():
+            future.set_exception(e)
+          _remove_checkpoint(save_path)
+          raise
+        future.set_result(None)
 
-  Args:
-    options: The caller's options (not modified).
-    export_future: The export of the same step, from `Exporter.export`.
+    options.experimental_write_callbacks = [callback] + list(
+        options.experimental_write_callbacks or [])
+    return options
 
-  Returns:
-    A copy of `options` with the callback first.
-  """
+  def wait(self, raise_errors: bool = True) -> None:
+    """Ends the pending exports; raises the first one's error.
 
-  def wait_for_export(save_path: str) -> None:
+    Called once the checkpoint writes are over: an export whose checkpoint
+    data was never written (its write failed) ends with an error then.
+    """
+    pending, self._pending = self._pending, []
+    self._deferred = None
+    for future in pending:
+      if not future.done():
+        future.set_exception(RuntimeError(
+            'The checkpoint of this export was not written.'))
+    errors = [e for e in (f.exception() for f in pending) if e is not None]
+    for error in errors[1:]:
+      logging.error('Another export failed too: %r', error)
+    if errors:
+      if raise_errors:
+        raise errors[0]
+      logging.error('Export failed: %r', errors[0])
+
+  def _export_checkpoint(self, export_dir: str,
+                         commit_info: Mapping[str, Any],
+                         values: Sequence[Optional[List[tf.Tensor]]],
+                         save_path: str) -> None:
+    """Publishes the export of checkpoint `save_path`, written just now."""
+    links = self._link(save_path)
+    with commit.staged_export(export_dir, dict(commit_info)) as tmp:
+      for module, link, module_values in zip(self.modules, links, values):
+        if link is not None:
+          try:
+            module.write_linked(tmp, link)
+            continue
+          except OSError as e:
+            self._fall_back(f'linking {link.shard_path} failed: {e}')
+            tf.io.gfile.rmtree(os.path.join(tmp, module.name))
+        module.write_fast(tmp, module_values)
+
+  def _exported_keys(self) -> frozenset:
+    """The checkpoint keys of the exported variables, as last learned."""
+    return frozenset(self._checkpoint_keys.get(id(v))
+                     for m in self.modules for v in m.variables)
+
+  def _learn_keys(self, save_path: str) -> None:
+    """Reads the checkpoint keys of checkpoint `save_path`, for later saves."""
+    if not _can_link(save_path) or not self.modules:
+      return
     try:
-      export_future.result()
-    except BaseException:
-      directory, name = os.path.split(save_path)
-      for entry in tf.io.gfile.listdir(directory):
-        if entry == name + '.index' or entry.startswith(name + '.data-'):
-          tf.io.gfile.remove(os.path.join(directory, entry))
-      raise
+      self._read_index(save_path)
+    except (ValueError, tf.errors.OpError) as e:
+      self._fall_back(f'the checkpoint index cannot be read: {e}')
 
-  options = copy.copy(options)
-  options.experimental_write_callbacks = [wait_for_export] + list(
-      options.experimental_write_callbacks or [])
-  return options
+  def _read_index(self, save_path: str
+                 ) -> Tuple[tensor_bundle_pb2.BundleHeaderProto,
+                            Dict[str, tensor_bundle_pb2.BundleEntryProto]]:
+    """Checkpoint `save_path`'s index; updates the keys if its graph changed."""
+    with open(save_path + '.index', 'rb') as f:
+      header, entries = bundle.read_index(f.read())
+    graph = entries.get(_OBJECT_GRAPH_KEY)
+    signature = graph and (graph.size, graph.crc32c)
+    if signature != self._graph_signature:
+      self._checkpoint_keys = _checkpoint_keys(
+          self._checkpoint, tf.compat.v1.train.NewCheckpointReader(
+              save_path).get_tensor(_OBJECT_GRAPH_KEY))
+      self._graph_signature = signature
+    return header, entries
+
+  def _link(self, save_path: str) -> List[Optional[_Link]]:
+    """How each module's export can share checkpoint `save_path`'s data.
+
+    A module's export shares it (None otherwise) if each of its variables is
+    in the checkpoint, whole (not sliced), with its dtype and shape, and all
+    of them in one data shard that holds nothing else.
+
+    Args:
+      save_path: The checkpoint prefix.
+
+    Returns:
+      A `_Link` or None for each module.
+    """
+    links = [None] * len(self.modules)
+    if not _can_link(save_path):
+      return links
+    try:
+      header, entries = self._read_index(save_path)
+    except (ValueError, tf.errors.OpError, OSError) as e:
+      self._fall_back(f'the checkpoint index cannot be read: {e}')
+      return links
+    exported_keys = set()
+    shards = set()
+    for i, module in enumerate(self.modules):
+      found = {}
+      for key, variable in zip(module.keys, module.variables):
+        checkpoint_key = self._checkpoint_keys.get(id(variable))
+        entry = entries.get(checkpoint_key)
+        problem = _unlinkable(entry, variable)
+        if problem:
+          self._fall_back(f'{module.name!r} variable {variable.name} '
+                          f'{problem}')
+          break
+        found[key] = entry
+        exported_keys.add(checkpoint_key)
+      else:
+        shards.update(entry.shard_id for entry in found.values())
+        links[i] = _Link(None, found)
+    if len(shards) > 1:
+      self._fall_back(f'the exported variables are in shards {sorted(shards)}')
+      return [None] * len(self.modules)
+    for shard in shards:
+      others = [key for key, entry in entries.items()
+                if entry.shard_id == shard and key not in exported_keys]
+      if others:
+        self._fall_back(f'the shard of the exported variables also holds '
+                        f'{others[0]!r}')
+        return [None] * len(self.modules)
+      for link in links:
+        if link is not None and link.entries:
+          link.shard_path = (f'{save_path}.data-{shard:05d}-of-'
+                             f'{header.num_shards:05d}')
+    return links
+
+  def _fall_back(self, reason: str) -> None:
+    """Logs why an export writes its variables instead of sharing them."""
+    if reason != self._fallback_reason:
+      logging.warning('An export writes its variables instead of sharing '
+                      "its checkpoint's: %s.", reason)
+      self._fallback_reason = reason
+
+
+def _unlinkable(entry: Optional[tensor_bundle_pb2.BundleEntryProto],
+                variable: tf.Variable) -> Optional[str]:
+  """Why a checkpoint `entry` cannot be `variable`'s export, or None."""
+  if entry is None:
+    return 'is not in the checkpoint'
+  if entry.slices:
+    return 'is sliced in the checkpoint'
+  if entry.dtype != variable.dtype.as_datatype_enum:
+    return 'has another dtype in the checkpoint'
+  if ([dim.size for dim in entry.shape.dim] != variable.shape.as_list() or
+      entry.shape.unknown_rank):
+    return 'has another shape in the checkpoint'
+  return None
+
+
+def _remove_checkpoint(save_path: str) -> None:
+  """Deletes the files of checkpoint `save_path`."""
+  directory, name = os.path.split(save_path)
+  for entry in tf.io.gfile.listdir(directory):
+    if entry == name + '.index' or entry.startswith(name + '.data-'):
+      tf.io.gfile.remove(os.path.join(directory, entry))
+

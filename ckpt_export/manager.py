@@ -5,11 +5,11 @@ A drop-in replacement for Model Garden's
 same constructor, methods, properties and on-disk layout, without its defects.
 
 At each `save()` that writes a checkpoint, the modules are exported and the
-export is published (`commit.py`) before the checkpoint is written, so a
-checkpoint never exists without its export; with async checkpointing the
-export is written in the background and the checkpoint is recorded only once
-it is published. Exports after the first are fast (`fast_export.py`) while
-the modules' structure is unchanged. An export then lives exactly as
+export is published (`commit.py`) before the checkpoint is recorded, so a
+recorded checkpoint never lacks its export. Exports after the first are fast
+(`fast_export.py`) while the modules' structure is unchanged: made once the
+checkpoint's data is written (in TF's checkpoint thread with async
+checkpointing), sharing that data on local disk. An export then lives exactly as
 long as its checkpoint's files: garbage collection removes the exports (made
 by ckpt_export) whose checkpoint is gone, which also keeps the exports of
 checkpoints preserved by `keep_checkpoint_every_n_hours`.
@@ -103,7 +103,8 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
         _checkpoint_interval=checkpoint_interval)
     self._checkpoint_name = checkpoint_name
     self._modules_to_export = modules_to_export
-    self._exporter = fast_export.Exporter(modules_to_export or {})
+    self._exporter = fast_export.Exporter(modules_to_export or {},
+                                          checkpoint)
     # The step of this manager's latest save: its checkpoint may still be
     # in flight (async), so its export is kept regardless.
     self._last_saved_step = None
@@ -121,12 +122,13 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
           ) -> Optional[str]:
     """Exports the modules, then saves a checkpoint; see the base class.
 
-    The export of step N is published before checkpoint N is written, and
-    replaces an earlier export of step N if there is one. With
+    The export of step N is published before checkpoint N is recorded, and
+    replaces an earlier export of step N if there is one: a full export
+    before the checkpoint is written, a fast one (the modules' structure
+    unchanged) right after its data is, sharing it where possible. With
     `options=tf.train.CheckpointOptions(enable_async=True)` the checkpoint is
-    written in the background, and so is the export when the modules'
-    structure is unchanged (from values taken now); checkpoint N is then
-    recorded only once its export is published. `sync()` waits for both.
+    written in the background, and so is a fast export (from values taken
+    now where it cannot share the data). `sync()` waits for both.
     In a multi-worker job every worker calls it, and only the chief writes
     the directory; under a tf.distribute strategy every export is a full one.
 
@@ -161,11 +163,12 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
             'export (no SavedModels in it); move it away, it is left as is.')
       commit_info = {'step': step, 'modules': list(self._modules_to_export)}
       if self._strategy is None:
-        background = bool(
+        asynchronous = bool(
             options and options.experimental_enable_async_checkpoint)
-        pending = self._exporter.export(export_dir, commit_info, background)
-        if pending is not None:
-          options = fast_export.publish_before_recording(options, pending)
+        self._exporter.export(export_dir, commit_info, after_checkpoint=True,
+                              keep_values=asynchronous)
+        options = self._exporter.checkpoint_options(options,
+                                                     self._directory)
       else:
         # The operations every worker runs (see `_save_as_worker`) must match.
         with commit.staged_export(export_dir, commit_info) as tmp:

@@ -74,8 +74,13 @@ def local_dir(tmp_path) -> str:
 
 
 def entries(directory: str) -> list:
-  """The sorted entry names of a directory (without trailing '/')."""
-  return sorted(n.rstrip('/') for n in tf.io.gfile.listdir(directory))
+  """The sorted entry names of a directory (without trailing '/').
+
+  The data shards of a tensor bundle count as one entry, `<prefix>.data-*`:
+  a checkpoint has one or two (the exported variables in their own).
+  """
+  return sorted({re.sub(r'\.data-[0-9]{5}-of-[0-9]{5}\Z', '.data-*',
+                        n.rstrip('/')) for n in tf.io.gfile.listdir(directory)})
 
 
 def save_step(manager, module: Scale, step: int, **kwargs):

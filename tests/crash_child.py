@@ -5,7 +5,7 @@ Also the trainer that `test_cli_watch.py` runs beside `ckpt-export watch`.
 Usage:
   python tests/crash_child.py --model_dir D --total_steps T --save_every K \
       --max_to_keep M [--wait_for_go] [--enable_async] \
-      [--seconds_between_saves S] [--pace_file F]
+      [--seconds_between_saves S] [--pace_file F] [--kill_at STEP]
 
 After training step `s` every weight of the model equals `float(s)`, so any
 checkpoint or export reveals the step it was made at: the serving signature
@@ -26,6 +26,7 @@ Lines printed (flushed) for the parent:
 
 import argparse
 import os
+import signal
 import sys
 import time
 from typing import Dict
@@ -36,6 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 import ckpt_export  # pylint: disable=g-import-not-at-top
+from ckpt_export import commit  # pylint: disable=g-import-not-at-top
+from ckpt_export import fast_export  # pylint: disable=g-import-not-at-top
 
 MODULE_NAME = 'model'
 WIDTH = 4
@@ -68,6 +71,36 @@ class StepModel(tf.Module):
     return step
 
 
+# Steps of a linked fast export (--kill_at): the object and function name,
+# and whether the kill comes before or after the call.
+# pylint: disable=protected-access
+KILL_POINTS = {
+    'data_written': (fast_export.Exporter, '_export_checkpoint', 'before'),
+    'hard_link': (os, 'link', 'after'),
+    'export_written': (fast_export._Template, 'write_linked', 'after'),
+    'published': (commit, '_publish_by_rename', 'after'),
+}
+# pylint: enable=protected-access
+
+
+def _kill_at(point: str, call: int) -> None:
+  """SIGKILLs this process at the `call`-th call of a `KILL_POINTS` step."""
+  owner, name, when = KILL_POINTS[point]
+  function = getattr(owner, name)
+  calls = [0]
+
+  def wrapper(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == call and when == 'before':
+      os.kill(os.getpid(), signal.SIGKILL)
+    result = function(*args, **kwargs)
+    if calls[0] == call and when == 'after':
+      os.kill(os.getpid(), signal.SIGKILL)
+    return result
+
+  setattr(owner, name, wrapper)
+
+
 def _say(line: str) -> None:
   print(line, flush=True)
 
@@ -93,11 +126,16 @@ def main() -> None:
   parser.add_argument('--enable_async', action='store_true',
                       help='Save with CheckpointOptions(enable_async=True).')
   parser.add_argument('--seconds_between_saves', type=float, default=0.0)
+  parser.add_argument('--kill_at', choices=sorted(KILL_POINTS),
+                      help='SIGKILL this process at the second time it '
+                      'reaches this step of a linked fast export.')
   parser.add_argument('--pace_file',
                       help='Before each save but the first, wait until this '
                       'file has the line "start <previous saved step>".')
   args = parser.parse_args()
   options = tf.train.CheckpointOptions(enable_async=args.enable_async)
+  if args.kill_at:
+    _kill_at(args.kill_at, 2)
 
   model = StepModel()
   _say('READY')

@@ -18,6 +18,7 @@ import collections
 import os
 import pathlib
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -109,8 +110,13 @@ class _Child:
 
 
 def _files(root: str) -> Set[str]:
-  """The paths of the files under `root`, relative to it."""
-  return {os.path.relpath(os.path.join(d, f), root)
+  """The paths of the files under `root`, relative to it.
+
+  A tensor bundle's data shards count as one file, `<prefix>.data-*`: a full
+  export has one, a linked one two.
+  """
+  return {re.sub(r'\.data-[0-9]{5}-of-[0-9]{5}\Z', '.data-*',
+                 os.path.relpath(os.path.join(d, f), root))
           for d, _, files in os.walk(root) for f in files}
 
 
@@ -281,5 +287,42 @@ def test_kill_during_save_leaves_no_partial_export(
         reader.get_tensor('model/w/.ATTRIBUTES/VARIABLE_VALUE'),
         np.full([crash_child.WIDTH], step, np.float32))
   # Neither ckpt_export's work directories nor TF's checkpoint ones remain.
+  assert not [n for n in names if any(m in n for m in WORK_DIR_MARKS) or
+              n.endswith('_temp')], names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('enable_async', [False, True], ids=['sync', 'async'])
+@pytest.mark.parametrize('kill_at', sorted(crash_child.KILL_POINTS))
+def test_kill_at_each_step_of_a_linked_export(
+    tmp_path: pathlib.Path, kill_at: str, enable_async: bool) -> None:
+  """A kill at each step of a linked export: readers and the next run are fine.
+
+  The child is killed the second time it reaches the step, so that linked
+  exports of earlier steps exist beside the interrupted one.
+  """
+  model_dir = str(tmp_path / 'model_dir')
+  killed = subprocess.run(
+      _child_command(model_dir, ENDLESS_STEPS, enable_async) +
+      ['--kill_at', kill_at], capture_output=True, text=True,
+      env=_child_env(), timeout=120, check=False)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
+  layouts = set()
+  names, exports, restored_at = _check_after_kill(model_dir, layouts)
+  print(f'{kill_at}: {names} exports {exports} latest ckpt {restored_at}')
+  assert exports and restored_at > 0, names
+
+  total_steps = restored_at + FINAL_SAVES * SAVE_EVERY
+  final = subprocess.run(_child_command(model_dir, total_steps, enable_async),
+                         capture_output=True, text=True, env=_child_env(),
+                         timeout=120, check=False)
+  assert final.returncode == 0, final.stderr[-4000:]
+  assert final.stdout.splitlines()[-1] == f'DONE {total_steps}'
+  names = sorted(os.listdir(model_dir))
+  export_steps = {_check_export(p, layouts)
+                  for p in ckpt_export.list_savedmodels(model_dir)}
+  expected = {total_steps - k * SAVE_EVERY for k in range(MAX_TO_KEEP)}
+  assert export_steps == _index_steps(names) == set(
+      _state_steps(model_dir)) == expected, names
   assert not [n for n in names if any(m in n for m in WORK_DIR_MARKS) or
               n.endswith('_temp')], names

@@ -94,7 +94,7 @@ def _run_workers(model_dir: str, total_steps: int, use_async: bool,
 def _expected_entries(steps: Sequence[int]) -> List[str]:
   names = ['checkpoint']
   for step in steps:
-    names += [f'ckpt-{step}.data-00000-of-00001', f'ckpt-{step}.index',
+    names += [f'ckpt-{step}.data-*', f'ckpt-{step}.index',
               paths.export_basename('ckpt', step)]
   return sorted(names)
 

@@ -22,8 +22,8 @@ from ckpt_export import paths
 from conftest import N_FEATURES, Scale, served_value, steps_of
 
 ASYNC = tf.train.CheckpointOptions(enable_async=True)
-SAVED_MODEL_CLI = os.path.join(os.path.dirname(sys.executable),
-                               'saved_model_cli')
+SAVED_MODEL_CLI = [sys.executable, '-m',
+                   'tensorflow.python.tools.saved_model_cli']
 
 
 class KerasRegressor(tf_keras.Model):
@@ -153,7 +153,7 @@ def test_saved_model_cli_shows_a_fast_export(local_dir, scale):
     manager.save(checkpoint_number=step)
   assert _counts(manager) == (1, 1)
   out = subprocess.run(
-      [SAVED_MODEL_CLI, 'show', '--all', '--dir',
+      [*SAVED_MODEL_CLI, 'show', '--all', '--dir',
        os.path.join(manager.latest_savedmodel, 'm')],
       capture_output=True, text=True, check=True,
       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))

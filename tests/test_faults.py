@@ -70,7 +70,7 @@ def _fill(fs: pathlib.Path, leave_bytes: int) -> pathlib.Path:
 def _expected_entries(steps) -> list:
   names = ['checkpoint']
   for step in steps:
-    names += [f'ckpt-{step}.data-00000-of-00001', f'ckpt-{step}.index',
+    names += [f'ckpt-{step}.data-*', f'ckpt-{step}.index',
               paths.export_basename('ckpt', step)]
   return sorted(names)
 

@@ -76,8 +76,8 @@ def test_max_to_keep_leaves_exactly_the_kept_directories(model_dir, scale):
     save_step(manager, scale, step)
   assert entries(model_dir) == [
       'checkpoint',
-      'ckpt-4.data-00000-of-00001', 'ckpt-4.index', 'ckpt-4_saved_modules',
-      'ckpt-5.data-00000-of-00001', 'ckpt-5.index', 'ckpt-5_saved_modules']
+      'ckpt-4.data-*', 'ckpt-4.index', 'ckpt-4_saved_modules',
+      'ckpt-5.data-*', 'ckpt-5.index', 'ckpt-5_saved_modules']
   assert entries(manager.latest_savedmodel) == sorted(
       ['scale', paths.COMMIT_MARKER])
   assert manager.latest_savedmodel == ckpt_export.make_saved_modules_directory_name(
@@ -186,7 +186,7 @@ def test_without_modules_only_checkpoints_are_written(model_dir, scale):
   manager = ckpt_export.SavedModelCheckpointManager(
       tf.train.Checkpoint(module=scale), model_dir, 2)
   manager.save()
-  assert entries(model_dir) == ['checkpoint', 'ckpt-1.data-00000-of-00001',
+  assert entries(model_dir) == ['checkpoint', 'ckpt-1.data-*',
                                 'ckpt-1.index']
   assert manager.savedmodels == [] and manager.latest_savedmodel is None
 
@@ -347,8 +347,8 @@ def test_restart_after_a_kill_mid_deletion_leaves_no_leftovers(local_dir,
   assert restarted.restore_or_initialize() == os.path.join(local_dir,
                                                            'ckpt-3')
   assert entries(local_dir) == [
-      'checkpoint', 'ckpt-2.data-00000-of-00001', 'ckpt-2.index',
-      'ckpt-2_saved_modules', 'ckpt-3.data-00000-of-00001', 'ckpt-3.index',
+      'checkpoint', 'ckpt-2.data-*', 'ckpt-2.index',
+      'ckpt-2_saved_modules', 'ckpt-3.data-*', 'ckpt-3.index',
       'ckpt-3_saved_modules']
   assert steps_of(restarted.savedmodels) == [2, 3]
 
