@@ -198,7 +198,9 @@ class _Template:
     """Writes the template's files (with `open` if `local`, else gfile)."""
     opener = open if local else tf.io.gfile.GFile
     for relative in self.dirs + [_VARIABLES_DIR]:
-      _makedirs(os.path.normpath(os.path.join(module_dir, relative)), local)
+      # No normpath: it would turn `ram://x` into `ram:/x`, a local path.
+      _makedirs(module_dir if relative == '.' else
+                os.path.join(module_dir, relative), local)
     for relative, content in self.files.items():
       with opener(os.path.join(module_dir, relative), 'wb') as f:
         f.write(content)
