@@ -29,7 +29,7 @@ ALLOWED = {
     'manager': {'_tf_internals', 'commit', 'distribution', 'export',
                 'fast_export', 'leases', 'paths', 'readers'},
     'orbit_actions': {'commit', 'export', 'leases', 'paths', 'readers'},
-    'model_garden': {'manager', 'paths', 'readers'},
+    'model_garden': {'manager', 'paths', 'readers', 'serving'},
     'serving': {'best', 'commit', 'leases', 'paths', 'readers'},
     '__init__': {'best', 'best_action', 'evaluation', 'leases', 'manager',
                  'paths', 'readers', 'serving'},
