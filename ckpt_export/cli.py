@@ -5,8 +5,11 @@
     ckpt-export watch MODEL_DIR [options] -- COMMAND [ARGS...]
     ckpt-export export MODEL_DIR --build-fn package.module:function
 
-Exit codes: 0 success, 1 a broken export or a failed COMMAND, 2 bad arguments
-or an unusable MODEL_DIR (one line on stderr).
+Exit codes: 0 success; 1 a broken export, a failed COMMAND or an unexpected
+error; 2 bad arguments, or a MODEL_DIR that cannot be accessed (missing,
+unreadable, or a lease directory this process may not write: see
+`--no-lease`). Every error is one line on stderr, never a traceback. `watch
+--stop-on-failure` exits with the failed COMMAND's own code.
 
 TensorFlow is imported only once a subcommand runs, after its C++ logging is
 turned down to errors (`TF_CPP_MIN_LOG_LEVEL=2`) and GPUs are hidden
@@ -24,12 +27,14 @@ also sets `takes_command=True` and finds the words in `args.command`.
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import re
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -89,13 +94,32 @@ def _checkpoint_name(text: str) -> str:
 
 
 def add_model_dir_arguments(parser: argparse.ArgumentParser) -> None:
-  """Adds MODEL_DIR and --checkpoint-name, which every subcommand takes."""
+  """Adds MODEL_DIR, --checkpoint-name and -v, which every subcommand takes."""
   parser.add_argument('model_dir', metavar='MODEL_DIR',
                       help='the model directory (local path or URL)')
   parser.add_argument('--checkpoint-name', type=_checkpoint_name,
                       default='ckpt',
                       help='the checkpoint name of the exports (default: '
                       '%(default)s)')
+  parser.add_argument('-v', '--verbose', action='store_true',
+                      default=argparse.SUPPRESS,
+                      help='log what is done (absl INFO logging)')
+
+
+def _add_no_lease_argument(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument(
+      '--no-lease', action='store_true',
+      help='read without leases, for a MODEL_DIR this process may not write '
+      '(a read-only bucket). Risk: the trainer\'s garbage collection may '
+      'delete an export while it is read, which then fails to load')
+
+
+def _lease(export_dir: str, args: argparse.Namespace) -> Any:
+  """A lease on `export_dir` (None if gone), or a null context (--no-lease)."""
+  from ckpt_export import leases  # pylint: disable=g-import-not-at-top
+  if args.no_lease:
+    return contextlib.nullcontext()
+  return leases.acquire(export_dir, holder=f'{PROG} {args.subcommand}')
 
 
 # Shared by the subcommands.
@@ -138,8 +162,14 @@ def _list_model_dir(model_dir: str) -> List[str]:
         f'cannot read MODEL_DIR {model_dir}: {_reason(e, model_dir)}') from None
 
 
+def _printable(text: str) -> str:
+  """`text` with control characters escaped, so a table stays one line a row."""
+  return re.sub('[\x00-\x1f\x7f]', lambda m: repr(m.group())[1:-1], text)
+
+
 def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
   """Prints left-aligned columns separated by two spaces."""
+  rows = [[_printable(cell) for cell in row] for row in rows]
   widths = [max(len(row[i]) for row in [header, *rows])
             for i in range(len(header))]
   for row in [header, *rows]:
@@ -172,8 +202,22 @@ def _human_age(seconds: float) -> str:
 
 
 def _tree_size(path: str) -> int:
-  """Bytes of the files under `path` (or of the file), 0 if it is gone."""
+  """Bytes of the files under `path` (or of the file), 0 if it is gone.
+
+  On local disk links are not followed (a link to a parent would never end).
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if '://' not in path:
+    try:
+      st = os.lstat(path)
+    except OSError:
+      return 0
+    size = 0 if stat.S_ISDIR(st.st_mode) else st.st_size
+    for root, _, files in os.walk(path):
+      for name in files:
+        with contextlib.suppress(OSError):
+          size += os.lstat(os.path.join(root, name)).st_size
+    return size
   try:
     if not tf.io.gfile.isdir(path):
       return tf.io.gfile.stat(path).length
@@ -338,12 +382,17 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
   rows = []
   for step, path in exports:
-    lease = leases.acquire(path, holder=f'{PROG} verify')
+    lease = _lease(path, args)
     if lease is None:
       rows.append([str(step), '-', 'gone', 'deleted before it could be read'])
       continue
     with lease:
       rows.extend([str(step), *row] for row in _verify_export(path))
+      if isinstance(lease, leases.Lease):
+        try:
+          lease.check()
+        except leases.LeaseLapsedError as e:
+          rows.append([str(step), '-', 'BROKEN', _one_line(e)])
   _print_table(['STEP', 'MODULE', 'STATUS', 'DETAIL'], rows)
   broken = sorted({int(row[0]) for row in rows if row[2] == 'BROKEN'})
   if broken:
@@ -358,10 +407,12 @@ def _add_verify(subparsers: Any) -> None:
       'verify', help='load every published export and check its signatures',
       description='Loads each module of every published export in MODEL_DIR '
       'with tf.saved_model.load and checks that it has a serving signature, '
-      'holding a lease on the export meanwhile. Prints a table; exits 1 if '
-      'any export is broken.')
+      'holding a lease on the export meanwhile (unless --no-lease). Prints a '
+      'table; exits 1 if any export is broken, 2 if MODEL_DIR cannot be '
+      'accessed.')
   add_model_dir_arguments(parser)
-  parser.set_defaults(run=_verify)
+  _add_no_lease_argument(parser)
+  parser.set_defaults(run=_verify, subcommand='verify')
 
 
 # watch
@@ -410,12 +461,18 @@ class _WatchState:
       state = json.loads(text)
       last_step, failed = state['last_step'], state['failed']
       owner = {key: state[key] for key in self._owner}
-      if (state['version'] != _STATE_VERSION or not isinstance(last_step, int)
-          or not isinstance(failed, dict)):
-        raise ValueError('unexpected values')
+      if state['version'] != _STATE_VERSION:
+        raise ValueError(f'version {state["version"]!r}')
+      if (isinstance(last_step, bool) or not isinstance(last_step, int) or
+          last_step < -1):
+        raise ValueError(f'last_step {last_step!r} is not a step')
+      if not (isinstance(failed, dict) and all(
+          isinstance(v, int) and not isinstance(v, bool)
+          for v in failed.values())):
+        raise ValueError(f'failed {failed!r} is not a map of exit codes')
     except (ValueError, KeyError, TypeError) as e:
       raise UsageError(f'--state-file {self._path} is not a ckpt-export watch '
-                       f'state file ({e})') from None
+                       f'state file ({_one_line(e)}); fix or remove it') from None
     if owner != self._owner:
       raise UsageError(
           f'--state-file {self._path} records the watch of MODEL_DIR '
@@ -474,12 +531,15 @@ def _watch(args: argparse.Namespace) -> int:
     print(f'{PROG}: step {state.last_step} was already handled; nothing to do',
           file=sys.stderr)
     return 0
+  from ckpt_export import leases  # pylint: disable=g-import-not-at-top
   failures = 0
   exports = readers.savedmodels_iterator(
       args.model_dir, timeout=args.timeout,
       seconds_to_sleep=args.seconds_to_sleep,
       checkpoint_name=args.checkpoint_name, latest_only=args.latest_only,
-      after_step=state.last_step)
+      after_step=state.last_step,
+      lease_seconds=None if args.no_lease else float(
+          leases.DEFAULT_LEASE_SECONDS))
   with contextlib.closing(exports), _sigterm_raises():
     for export_dir in exports:
       step = paths.parse_export_step(export_dir, args.checkpoint_name)
@@ -489,7 +549,10 @@ def _watch(args: argparse.Namespace) -> int:
       env = dict(args.environ, CKPT_EXPORT_PATH=export_dir,
                  CKPT_EXPORT_STEP=str(step),
                  CKPT_EXPORT_MODEL_DIR=args.model_dir)
-      code = subprocess.run(command, env=env, check=False).returncode
+      try:
+        code = subprocess.run(command, env=env, check=False).returncode
+      except OSError as e:
+        raise _cannot_run(command[0], e) from None
       if code:
         print(f'{PROG}: step {step}: {command[0]} {_describe_exit(code)}',
               file=sys.stderr)
@@ -502,6 +565,13 @@ def _watch(args: argparse.Namespace) -> int:
   return 1 if failures else 0
 
 
+def _cannot_run(command: str, error: OSError) -> UsageError:
+  """The error for a COMMAND that cannot be started (not its failure)."""
+  hint = ' (a script needs a #! line)' if error.errno == errno.ENOEXEC else ''
+  return UsageError(f'cannot run COMMAND {command}: '
+                    f'{error.strerror or error}{hint}')
+
+
 def _add_watch(subparsers: Any) -> None:
   parser = subparsers.add_parser(
       'watch', help='run a command for each new export',
@@ -511,7 +581,7 @@ def _add_watch(subparsers: Any) -> None:
       'step are in the environment variables CKPT_EXPORT_PATH and '
       'CKPT_EXPORT_STEP (and MODEL_DIR in CKPT_EXPORT_MODEL_DIR), and replace '
       'the words {path} and {step} in ARGS. The export is leased while COMMAND '
-      'runs: the trainer does not delete it meanwhile. A failing COMMAND is '
+      'runs (unless --no-lease): the trainer does not delete it meanwhile. A failing COMMAND is '
       'reported on stderr and the watch goes on (exit code 1 at the end), '
       'unless --stop-on-failure.')
   add_model_dir_arguments(parser)
@@ -535,6 +605,7 @@ def _add_watch(subparsers: Any) -> None:
                       'code; its step is not recorded as handled')
   parser.add_argument('--until-step', type=_step, default=None,
                       help='stop after handling a step at or above this one')
+  _add_no_lease_argument(parser)
   parser.set_defaults(run=_watch, takes_command=True)
 
 
@@ -628,9 +699,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 128 + signal.SIGINT
   except Exception as e:  # pylint: disable=broad-except
     tf = sys.modules.get('tensorflow')
-    if tf is None or not isinstance(e, tf.errors.OpError):
-      raise
-    print(f'{PROG}: error: {_one_line(e.message)}', file=sys.stderr)
+    if tf is not None and isinstance(e, tf.errors.PermissionDeniedError):
+      # Cannot access MODEL_DIR (or write leases there): exit code 2.
+      print(f'{PROG}: error: {_one_line(e.message)}', file=sys.stderr)
+      return 2
+    if tf is not None and isinstance(e, tf.errors.OpError):
+      message = e.message
+    else:
+      message = f'{type(e).__name__}: {e}'
+    print(f'{PROG}: error: {_one_line(message)}', file=sys.stderr)
     return 1
 
 

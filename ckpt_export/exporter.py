@@ -127,7 +127,7 @@ def run_exporter(model_dir: str,
   model_dir = os.fspath(model_dir)
   paths.validate_component('checkpoint_name', checkpoint_name)
   readers.check_seconds('timeout', timeout, allow_none=True)
-  readers.check_seconds('seconds_to_sleep', seconds_to_sleep, allow_none=False)
+  readers.check_seconds_to_sleep(seconds_to_sleep)
   checkpoint, modules = _build(build_fn)
   exporter = fast_export.Exporter(modules)
   exported, skipped = [], set()
