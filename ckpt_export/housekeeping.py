@@ -66,7 +66,12 @@ def collect(directory: str, checkpoint_name: str, keep: KeepFn,
   names -= _remove_leftovers(directory, names, leftover)
   names -= _reference_leftovers(directory, checkpoint_name, names)
   if leases.STATE_DIR in names:
-    names.difference_update(paths.basename(p) for p in leases.sweep(directory))
+    try:
+      names.difference_update(
+          paths.basename(p) for p in leases.sweep(directory))
+    except commit.HOUSEKEEPING_ERRORS as e:
+      commit.warn_failure(os.path.join(directory, leases.STATE_DIR),
+                          'sweep the leases in', e)
   exports = [(step, path) for step, path in readers.export_candidates(
       directory, checkpoint_name, names)
              if commit.is_ours(path) or commit.is_reference_export(path)]

@@ -124,10 +124,27 @@ def _request_path(model_dir: str, name: str) -> str:
   return os.path.join(model_dir, name, DELETE_REQUEST)
 
 
+def _requested(model_dir: str, name: str) -> bool:
+  """Whether the export holds a deletion request that ckpt_export wrote.
+
+  Anything else under the request's name (other content, a link) is foreign:
+  it neither defers leases nor gets the export deleted.
+  """
+  path = _request_path(model_dir, name)
+  if commit.is_link(path):
+    return False
+  record = _read_json(path)
+  return (isinstance(record, dict) and
+          not isinstance(record.get('requested'), bool) and
+          isinstance(record.get('requested'), numbers.Real) and
+          math.isfinite(record['requested']))
+
+
 def _listdir(directory: str) -> List[str]:
+  """The entries of a lease directory; none if it is missing or a file."""
   try:
     return [n.rstrip('/') for n in tf.io.gfile.listdir(directory)]
-  except tf.errors.NotFoundError:
+  except (tf.errors.NotFoundError, tf.errors.FailedPreconditionError):
     return []
 
 
@@ -262,13 +279,12 @@ def remove_export_unless_leased(export_dir: str) -> bool:
     return True
   created = commit.created_time(export_dir)
   request = _request_path(model_dir, name)
-  if not tf.io.gfile.exists(request):
-    try:
-      _write_json(request, {'requested': time.time()})
+  if not _requested(model_dir, name):
+    try:  # Replaces (never writes through) whatever foreign entry is there.
+      commit.write_file_atomically(request,
+                                   json.dumps({'requested': time.time()}))
     except tf.errors.NotFoundError:  # A reader's release deleted it meanwhile.
       return True
-    except tf.errors.AlreadyExistsError:  # Requested meanwhile.
-      pass
   live = _live_holders(model_dir, name)
   if live:
     logging.info('Deferring the deletion of %s: leased by %s.', export_dir,
@@ -292,8 +308,7 @@ def _carry_out_request(model_dir: str, name: str) -> bool:
   # The identity first: a newer export replacing this one after this line has
   # no request, and one replacing it later is not `created` then.
   created = commit.created_time(export_dir)
-  if (not tf.io.gfile.exists(_request_path(model_dir, name)) or
-      _live_holders(model_dir, name)):
+  if not _requested(model_dir, name) or _live_holders(model_dir, name):
     return False
   return _delete(model_dir, name, created)
 
@@ -388,11 +403,11 @@ class _Holding:
       seconds = self.record['lease_seconds']
       self.lapsed = LeaseLapsedError(
           f'The lease on the export of step {paths.parse_export_step(self.name)}'
-          f' ({os.path.join(self.model_dir, self.name)}) lapsed: this reader '
-          f'was stopped for {now - self.written:.1f} s without renewing it, '
-          f'longer than lease_seconds={seconds:g}, so garbage collection may '
-          'have deleted the export. Read the next export, or pass a longer '
-          'lease_seconds.')
+          f' ({os.path.join(self.model_dir, self.name)}) lapsed: it was not '
+          f'renewed for {now - self.written:.1f} s (this reader was stopped, '
+          'or could not write its lease), longer than '
+          f'lease_seconds={seconds:g}, so garbage collection may have deleted '
+          'the export. Read the next export, or pass a longer lease_seconds.')
       logging.warning('%s', self.lapsed)
     return self.lapsed
 
@@ -551,8 +566,7 @@ def acquire(export_dir: str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
     raise
   # Only now look: a deleter that did not see the lease has written its
   # request before looking for leases.
-  if (commit.is_published(export_dir) and
-      not tf.io.gfile.exists(_request_path(model_dir, name))):
+  if commit.is_published(export_dir) and not _requested(model_dir, name):
     return Lease(holding)
   holding.release()
   return None
