@@ -26,7 +26,7 @@ import ckpt_export
 from ckpt_export import commit
 from ckpt_export import leases
 from ckpt_export import paths
-from conftest import REPO, Scale, save_step, served_value
+from conftest import REPO, Scale, save_step, served_value, snapshot
 
 CLI = os.path.join(os.path.dirname(sys.executable), 'ckpt-export')
 
@@ -46,17 +46,6 @@ def _victim(tmp_path) -> str:
   (victim / paths.COMMIT_MARKER).write_text(json.dumps(
       {'created': 1.0, 'step': 1, 'modules': ['sub']}))
   return str(victim)
-
-
-def _snapshot(root: str) -> dict:
-  found = {}
-  for directory, dirs, files in os.walk(root):
-    for name in dirs:
-      found[os.path.relpath(os.path.join(directory, name), root)] = None
-    for name in files:
-      path = os.path.join(directory, name)
-      found[os.path.relpath(path, root)] = pathlib.Path(path).read_bytes()
-  return found
 
 
 def _dead_token() -> str:
@@ -83,7 +72,7 @@ def _one_line_error(result) -> str:
 def test_a_symlink_is_never_deleted_through(tmp_path, name):
   model_dir = str(tmp_path / 'model')
   victim = _victim(tmp_path)
-  before = _snapshot(victim)
+  before = snapshot(victim)
   module = Scale()
   manager = _manager(model_dir, module)
   save_step(manager, module, 1)
@@ -94,7 +83,7 @@ def test_a_symlink_is_never_deleted_through(tmp_path, name):
   for step in (2, 3, 4):
     save_step(manager, module, step)
   manager.sync()
-  assert _snapshot(victim) == before
+  assert snapshot(victim) == before
   assert os.path.islink(link)  # A foreign link stays.
   restored = _manager(model_dir, Scale())
   assert restored.restore_or_initialize().endswith('ckpt-4')
@@ -127,7 +116,7 @@ def test_an_alias_of_a_live_export_does_not_empty_it(tmp_path):
 def test_a_link_inside_an_export_is_removed_as_a_link(tmp_path):
   model_dir = str(tmp_path / 'model')
   victim = _victim(tmp_path)
-  before = _snapshot(victim)
+  before = snapshot(victim)
   module = Scale()
   manager = _manager(model_dir, module, max_to_keep=1)
   save_step(manager, module, 1)
@@ -137,7 +126,7 @@ def test_a_link_inside_an_export_is_removed_as_a_link(tmp_path):
              os.path.join(export_dir, paths.DELETE_REQUEST))
   save_step(manager, module, 2)
   assert not os.path.exists(export_dir)
-  assert _snapshot(victim) == before
+  assert snapshot(victim) == before
 
 
 def _lease_dir(model_dir):

@@ -36,7 +36,7 @@ import ckpt_export
 from ckpt_export import cli
 from ckpt_export import commit
 from ckpt_export import paths
-from conftest import Scale, served_value
+from conftest import Scale, served_value, snapshot
 
 EXAMPLES = int(os.environ.get('CKPT_EXPORT_PROPERTY_EXAMPLES', '6'))
 SEED = os.environ.get('CKPT_EXPORT_PROPERTY_SEED')
@@ -83,17 +83,6 @@ _plant = st.tuples(
     st.sampled_from(['file', 'dir', 'blocker', 'link_victim',
                      'link_victim_file', 'link_export']),
     st.binary(max_size=64) | _json.map(lambda v: json.dumps(v).encode()))
-
-
-def _snapshot(root: str) -> dict:
-  found = {}
-  for directory, dirs, files in os.walk(root):
-    for name in dirs:
-      found[os.path.relpath(os.path.join(directory, name), root)] = None
-    for name in files:
-      path = os.path.join(directory, name)
-      found[os.path.relpath(path, root)] = pathlib.Path(path).read_bytes()
-  return found
 
 
 def _plant_one(model_dir: str, victim: str, plant) -> None:
@@ -177,7 +166,7 @@ def test_hostile_state_never_hurts_the_job(plants):
 def _check(root: str, plants) -> None:
   model_dir = os.path.join(root, 'model')
   victim = _make_victim(root)
-  before = _snapshot(victim)
+  before = snapshot(victim)
   module = Scale()
   manager = ckpt_export.SavedModelCheckpointManager(
       tf.train.Checkpoint(module=module), model_dir, max_to_keep=2,
@@ -197,7 +186,7 @@ def _check(root: str, plants) -> None:
       except Exception as e:  # pylint: disable=broad-except
         assert _own_write_error(e, step), repr(e)
     manager.sync()
-  assert _snapshot(victim) == before
+  assert snapshot(victim) == before
   for checkpoint in manager.checkpoints:
     step = paths.parse_checkpoint_step(checkpoint)
     export_dir = paths.export_path(model_dir, 'ckpt', step)
@@ -214,4 +203,4 @@ def _check(root: str, plants) -> None:
                ['export', model_dir, '--build-fn', 'exporter_build:build',
                 '--timeout', '0']):
     assert _run_cli(*argv) in (0, 1, 2), argv
-  assert _snapshot(victim) == before
+  assert snapshot(victim) == before
