@@ -690,8 +690,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.set_verbosity(logging.INFO)
   try:
     return args.run(args)
-  except UsageError as e:
-    print(f'{PROG}: error: {e}', file=sys.stderr)
+  except (UsageError, ValueError) as e:  # ValueError: a bad value, named.
+    print(f'{PROG}: error: {_one_line(e)}', file=sys.stderr)
     return 2
   except _Terminated:
     return 128 + signal.SIGTERM

@@ -395,3 +395,19 @@ def test_a_reader_stopped_past_its_lease_is_told(tmp_path):
   assert 'lease_seconds=1' in out and 'not renewed for' in out, out
   leased = os.path.join(model_dir, paths.STATE_DIR, 'leases')
   assert not [n for n in os.listdir(leased) if 'ckpt-1_' in n]
+
+
+def test_ls_keeps_one_line_per_step_whatever_the_names(tmp_path):
+  model_dir = str(tmp_path / 'model')
+  module = Scale()
+  save_step(_manager(model_dir, module), module, 1)
+  foreign = paths.export_path(model_dir, 'ckpt', 2)
+  os.makedirs(os.path.join(foreign, 'two\nlines\x1b[31m'))
+  result = _cli('ls', '-v', model_dir)
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert [line.split()[0] for line in lines] == ['STEP', '1', '2'], lines
+  assert 'two\\nlines\\x1b[31m' in lines[2]
+  result = _cli('watch', model_dir, '--seconds-to-sleep', '1e-9', '--', 'true')
+  assert result.returncode == 2
+  assert 'seconds_to_sleep' in _one_line_error(result)
