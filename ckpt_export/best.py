@@ -28,6 +28,7 @@ from absl import logging
 import tensorflow as tf
 
 from ckpt_export import commit
+from ckpt_export import housekeeping
 from ckpt_export import leases
 from ckpt_export import paths
 from ckpt_export import readers
@@ -428,9 +429,8 @@ class BestExport:
                                  strict_json.dumps(info, indent=1,
                                                    sort_keys=True))
     self._info = info
-    for _, path in self._copies():
-      if path != info['path']:
-        commit.remove_export(path)
+    housekeeping.collect(self._directory, self._checkpoint_name,
+                         lambda names, steps: {info['step']})
 
   def _read_info(self) -> Optional[Dict[str, Any]]:
     """`best.json`'s content; {} (rewritten by `_recover`) if not JSON."""

@@ -6,8 +6,11 @@
     ckpt-export export MODEL_DIR --build-fn package.module:function
     ckpt-export serve MODEL_DIR --latest-dir DIR [--best-dir DIR]
 
-Exit codes: 0 success, 1 a broken export or a failed COMMAND, 2 bad arguments
-or an unusable MODEL_DIR (one line on stderr).
+Exit codes: 0 success; 1 a broken export, a failed COMMAND or an unexpected
+error; 2 bad arguments, or a MODEL_DIR that cannot be accessed (missing,
+unreadable, or a lease directory this process may not write: see
+`--no-lease`). Every error is one line on stderr, never a traceback. `watch
+--stop-on-failure` exits with the failed COMMAND's own code.
 
 TensorFlow is imported only once a subcommand runs, after its C++ logging is
 turned down to errors (`TF_CPP_MIN_LOG_LEVEL=2`) and GPUs are hidden
@@ -26,6 +29,7 @@ also sets `takes_command=True` and finds the words in `args.command`.
 import argparse
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import re
@@ -33,6 +37,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -92,13 +97,32 @@ def _checkpoint_name(text: str) -> str:
 
 
 def add_model_dir_arguments(parser: argparse.ArgumentParser) -> None:
-  """Adds MODEL_DIR and --checkpoint-name, which every subcommand takes."""
+  """Adds MODEL_DIR, --checkpoint-name and -v, which every subcommand takes."""
   parser.add_argument('model_dir', metavar='MODEL_DIR',
                       help='the model directory (local path or URL)')
   parser.add_argument('--checkpoint-name', type=_checkpoint_name,
                       default='ckpt',
                       help='the checkpoint name of the exports (default: '
                       '%(default)s)')
+  parser.add_argument('-v', '--verbose', action='store_true',
+                      default=argparse.SUPPRESS,
+                      help='log what is done (absl INFO logging)')
+
+
+def _add_no_lease_argument(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument(
+      '--no-lease', action='store_true',
+      help='read without leases, for a MODEL_DIR this process may not write '
+      '(a read-only bucket). Risk: the trainer\'s garbage collection may '
+      'delete an export while it is read, which then fails to load')
+
+
+def _lease(export_dir: str, args: argparse.Namespace) -> Any:
+  """A lease on `export_dir` (None if gone), or a null context (--no-lease)."""
+  from ckpt_export import leases  # pylint: disable=g-import-not-at-top
+  if args.no_lease:
+    return contextlib.nullcontext()
+  return leases.acquire(export_dir, holder=f'{PROG} {args.subcommand}')
 
 
 # Shared by the subcommands.
@@ -141,8 +165,14 @@ def _list_model_dir(model_dir: str) -> List[str]:
         f'cannot read MODEL_DIR {model_dir}: {_reason(e, model_dir)}') from None
 
 
+def _printable(text: str) -> str:
+  """`text` with control characters escaped, so a table stays one line a row."""
+  return re.sub('[\x00-\x1f\x7f]', lambda m: repr(m.group())[1:-1], text)
+
+
 def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
   """Prints left-aligned columns separated by two spaces."""
+  rows = [[_printable(cell) for cell in row] for row in rows]
   widths = [max(len(row[i]) for row in [header, *rows])
             for i in range(len(header))]
   for row in [header, *rows]:
@@ -175,8 +205,22 @@ def _human_age(seconds: float) -> str:
 
 
 def _tree_size(path: str) -> int:
-  """Bytes of the files under `path` (or of the file), 0 if it is gone."""
+  """Bytes of the files under `path` (or of the file), 0 if it is gone.
+
+  On local disk links are not followed (a link to a parent would never end).
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if '://' not in path:
+    try:
+      st = os.lstat(path)
+    except OSError:
+      return 0
+    size = 0 if stat.S_ISDIR(st.st_mode) else st.st_size
+    for root, _, files in os.walk(path):
+      for name in files:
+        with contextlib.suppress(OSError):
+          size += os.lstat(os.path.join(root, name)).st_size
+    return size
   try:
     if not tf.io.gfile.isdir(path):
       return tf.io.gfile.stat(path).length
@@ -341,12 +385,17 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
   rows = []
   for step, path in exports:
-    lease = leases.acquire(path, holder=f'{PROG} verify')
+    lease = _lease(path, args)
     if lease is None:
       rows.append([str(step), '-', 'gone', 'deleted before it could be read'])
       continue
     with lease:
       rows.extend([str(step), *row] for row in _verify_export(path))
+      if isinstance(lease, leases.Lease):
+        try:
+          lease.check()
+        except leases.LeaseLapsedError as e:
+          rows.append([str(step), '-', 'BROKEN', _one_line(e)])
   _print_table(['STEP', 'MODULE', 'STATUS', 'DETAIL'], rows)
   broken = sorted({int(row[0]) for row in rows if row[2] == 'BROKEN'})
   if broken:
@@ -361,10 +410,12 @@ def _add_verify(subparsers: Any) -> None:
       'verify', help='load every published export and check its signatures',
       description='Loads each module of every published export in MODEL_DIR '
       'with tf.saved_model.load and checks that it has a serving signature, '
-      'holding a lease on the export meanwhile. Prints a table; exits 1 if '
-      'any export is broken.')
+      'holding a lease on the export meanwhile (unless --no-lease). Prints a '
+      'table; exits 1 if any export is broken, 2 if MODEL_DIR cannot be '
+      'accessed.')
   add_model_dir_arguments(parser)
-  parser.set_defaults(run=_verify)
+  _add_no_lease_argument(parser)
+  parser.set_defaults(run=_verify, subcommand='verify')
 
 
 # watch
@@ -433,12 +484,18 @@ class _WatchState:
       state = json.loads(text)
       last_step, failed = state['last_step'], state['failed']
       owner = {key: state[key] for key in self._owner}
-      if (state['version'] != _STATE_VERSION or not isinstance(last_step, int)
-          or not isinstance(failed, dict)):
-        raise ValueError('unexpected values')
+      if state['version'] != _STATE_VERSION:
+        raise ValueError(f'version {state["version"]!r}')
+      if (isinstance(last_step, bool) or not isinstance(last_step, int) or
+          last_step < -1):
+        raise ValueError(f'last_step {last_step!r} is not a step')
+      if not (isinstance(failed, dict) and all(
+          isinstance(v, int) and not isinstance(v, bool)
+          for v in failed.values())):
+        raise ValueError(f'failed {failed!r} is not a map of exit codes')
     except (ValueError, KeyError, TypeError) as e:
       raise UsageError(f'--state-file {self._path} is not a ckpt-export watch '
-                       f'state file ({e})') from None
+                       f'state file ({_one_line(e)}); fix or remove it') from None
     if owner != self._owner:
       raise UsageError(
           f'--state-file {self._path} records the watch of MODEL_DIR '
@@ -540,8 +597,11 @@ def _kill_orphans(running: Dict[str, Any]) -> None:
 def _run_command(command: List[str], env: Dict[str, str], step: int,
                  state: _WatchState) -> int:
   """Runs COMMAND in its own process group, killed with the watch."""
-  child = subprocess.Popen(command, env=env, start_new_session=True,
-                           preexec_fn=_die_with(os.getpid()))
+  try:
+    child = subprocess.Popen(command, env=env, start_new_session=True,
+                             preexec_fn=_die_with(os.getpid()))
+  except OSError as e:
+    raise _cannot_run(command[0], e) from None
   try:
     state.start(step, child.pid, env['CKPT_EXPORT_MODEL_DIR'])
     return child.wait()
@@ -610,7 +670,10 @@ def _retry_failed(args: argparse.Namespace, state: _WatchState) -> None:
 
 def _watch(args: argparse.Namespace) -> int:
   """Runs COMMAND for each new export, in step order, never twice."""
-  from ckpt_export import readers  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from ckpt_export import leases
+  from ckpt_export import readers
+  # pylint: enable=g-import-not-at-top
   if not args.command:
     raise UsageError("watch needs a COMMAND after '--'")
   if shutil.which(args.command[0]) is None:
@@ -635,7 +698,9 @@ def _watch(args: argparse.Namespace) -> int:
         args.model_dir, timeout=args.timeout,
         seconds_to_sleep=args.seconds_to_sleep,
         checkpoint_name=args.checkpoint_name, latest_only=args.latest_only,
-        after_step=state.last_step)
+        after_step=state.last_step,
+        lease_seconds=None if args.no_lease else float(
+            leases.DEFAULT_LEASE_SECONDS))
     with contextlib.closing(exports):
       for export_dir in exports:
         step = paths.parse_export_step(export_dir, args.checkpoint_name)
@@ -647,6 +712,13 @@ def _watch(args: argparse.Namespace) -> int:
   return 1 if state.failed else 0
 
 
+def _cannot_run(command: str, error: OSError) -> UsageError:
+  """The error for a COMMAND that cannot be started (not its failure)."""
+  hint = ' (a script needs a #! line)' if error.errno == errno.ENOEXEC else ''
+  return UsageError(f'cannot run COMMAND {command}: '
+                    f'{error.strerror or error}{hint}')
+
+
 def _add_watch(subparsers: Any) -> None:
   parser = subparsers.add_parser(
       'watch', help='run a command for each new export',
@@ -656,7 +728,7 @@ def _add_watch(subparsers: Any) -> None:
       'step are in the environment variables CKPT_EXPORT_PATH and '
       'CKPT_EXPORT_STEP (and MODEL_DIR in CKPT_EXPORT_MODEL_DIR), and replace '
       'the words {path} and {step} in ARGS. The export is leased while COMMAND '
-      'runs: the trainer does not delete it meanwhile. COMMAND runs in its '
+      'runs (unless --no-lease): the trainer does not delete it meanwhile. COMMAND runs in its '
       'own process group, killed when it ends and when the watch ends or is '
       'killed (even by SIGKILL, through a parent-death signal). A failing '
       'COMMAND is reported on stderr and the watch goes on, unless '
@@ -689,6 +761,7 @@ def _add_watch(subparsers: Any) -> None:
                       help='first run COMMAND again on the steps recorded as '
                       'failed in --state-file (a step whose export is gone '
                       'is dropped, said so)')
+  _add_no_lease_argument(parser)
   parser.set_defaults(run=_watch, takes_command=True)
 
 
@@ -846,8 +919,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.set_verbosity(logging.INFO)
   try:
     return args.run(args)
-  except UsageError as e:
-    print(f'{PROG}: error: {e}', file=sys.stderr)
+  except (UsageError, ValueError) as e:  # ValueError: a bad value, named.
+    print(f'{PROG}: error: {_one_line(e)}', file=sys.stderr)
     return 2
   except _Terminated:
     return 128 + signal.SIGTERM
@@ -855,9 +928,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 128 + signal.SIGINT
   except Exception as e:  # pylint: disable=broad-except
     tf = sys.modules.get('tensorflow')
-    if tf is None or not isinstance(e, tf.errors.OpError):
-      raise
-    print(f'{PROG}: error: {_one_line(e.message)}', file=sys.stderr)
+    if tf is not None and isinstance(e, tf.errors.PermissionDeniedError):
+      # Cannot access MODEL_DIR (or write leases there): exit code 2.
+      print(f'{PROG}: error: {_one_line(e.message)}', file=sys.stderr)
+      return 2
+    if tf is not None and isinstance(e, tf.errors.OpError):
+      message = e.message
+    else:
+      message = f'{type(e).__name__}: {e}'
+    print(f'{PROG}: error: {_one_line(message)}', file=sys.stderr)
     return 1
 
 

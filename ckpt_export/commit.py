@@ -22,17 +22,28 @@ families:
 Work directory tokens name their writer (time, pid, host): leftovers of a
 writer that is dead (or older than `STALE_SECONDS`) are removed by `recover`;
 those of a live writer are never touched.
+
+Nothing here deletes, writes or renames through a symbolic link: on local disk
+(the only place links exist) a link is someone else's entry, never taken for an
+export or a work directory, and trees are removed without following the links
+in them (`remove_tree`). Metadata that is not of the expected shape is foreign
+too (`read_commit_info`).
 """
 
 import contextlib
+import errno
 import json
+import math
+import numbers
 import os
 import re
 import secrets
+import shutil
 import socket
+import stat
 import threading
 import time
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Set
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set
 
 from absl import logging
 import tensorflow as tf
@@ -40,7 +51,7 @@ import tensorflow as tf
 from ckpt_export import paths
 from ckpt_export import strict_json
 
-INCOMPLETE_MARKER = '.ckpt_export_incomplete'
+INCOMPLETE_MARKER = paths.INCOMPLETE_MARKER
 
 # A work directory of another host (whose pid cannot be checked), or of a pid
 # on this host that may have been reused, counts as abandoned after this long.
@@ -58,6 +69,17 @@ _WORK_RE = re.compile(r'\.(?P<export>.+)\.(?P<kind>tmp|old|del)-(?P<token>' +
 # Tokens of the operations in flight in this process.
 _lock = threading.Lock()
 _live_tokens = set()
+# What `warn_once` has warned about.
+_warned = set()
+
+
+def warn_once(key: str, message: str, *args: Any) -> None:
+  """Logs a warning the first time `key` (a path, usually) comes up."""
+  with _lock:
+    if key in _warned:
+      return
+    _warned.add(key)
+  logging.warning(message, *args)
 
 
 def has_atomic_rename(path: str) -> bool:
@@ -66,44 +88,160 @@ def has_atomic_rename(path: str) -> bool:
   return not sep or scheme == 'file'
 
 
+def local_path(path: str) -> Optional[str]:
+  """The operating system's path of a local `path` or `file://` URL, or None."""
+  path = os.fspath(path)
+  if path.startswith('file://'):
+    return path[len('file://'):]
+  return None if '://' in path else path
+
+
+def _lstat(path: str) -> Optional[os.stat_result]:
+  """`os.lstat` of a local path; None if absent or not local."""
+  local = local_path(path)
+  if local is None:
+    return None
+  try:
+    return os.lstat(local)
+  except (FileNotFoundError, NotADirectoryError):
+    return None
+
+
+def is_link(path: str) -> bool:
+  """Whether `path` is a symbolic link (only local paths have them)."""
+  st = _lstat(path)
+  return st is not None and stat.S_ISLNK(st.st_mode)
+
+
+def refuse_link(path: str) -> None:
+  """Raises ValueError if `path` is a symbolic link, which is never ours."""
+  if is_link(path):
+    raise ValueError(
+        f'{path} is a symbolic link: ckpt_export never deletes, writes or '
+        'renames through one (it is not an export or a file of ours). Remove '
+        'the link if it is in the way.')
+
+
+def _os_error(e: OSError, path: str) -> tf.errors.OpError:
+  """A TensorFlow error for an `OSError`, as `tf.io.gfile` would raise."""
+  kind = {errno.ENOENT: tf.errors.NotFoundError,
+          errno.EACCES: tf.errors.PermissionDeniedError,
+          errno.EPERM: tf.errors.PermissionDeniedError,
+          errno.EEXIST: tf.errors.AlreadyExistsError}.get(
+              e.errno, tf.errors.FailedPreconditionError)
+  return kind(None, None, f'{e.filename or path}; {e.strerror or e}')
+
+
+def remove_tree(path: str) -> None:
+  """Removes a directory tree (or a file) without following any link.
+
+  `tf.io.gfile.rmtree` follows links to directories on local disk, emptying
+  what they point to; here a link inside the tree is removed as a link, and a
+  link at `path` itself is refused. Object stores have no links: there this is
+  `tf.io.gfile.rmtree`.
+
+  Raises:
+    ValueError: If `path` is a symbolic link.
+    tf.errors.OpError: As `tf.io.gfile.rmtree` (NotFoundError if absent).
+  """
+  local = local_path(path)
+  if local is None:
+    tf.io.gfile.rmtree(path)
+    return
+  refuse_link(path)
+  try:
+    if os.path.isdir(local):
+      shutil.rmtree(local)
+    else:
+      os.unlink(local)
+  except OSError as e:
+    raise _os_error(e, path) from e
+
+
+def remove_file(path: str) -> None:
+  """Removes one file; a symbolic link is refused (ValueError)."""
+  refuse_link(path)
+  tf.io.gfile.remove(path)
+
+
 def is_published(export_dir: str) -> bool:
   """Whether `export_dir` is a complete, published export a reader may load."""
   if has_atomic_rename(export_dir):
-    return tf.io.gfile.isdir(export_dir)
+    st = _lstat(export_dir)
+    return st is not None and stat.S_ISDIR(st.st_mode)
   return tf.io.gfile.exists(os.path.join(export_dir, paths.COMMIT_MARKER))
 
 
 def is_ours(export_dir: str) -> bool:
-  """Whether `export_dir` was written by ckpt_export (has its commit marker)."""
-  return tf.io.gfile.exists(os.path.join(export_dir, paths.COMMIT_MARKER))
+  """Whether ckpt_export wrote `export_dir` (a valid commit marker, no link)."""
+  return read_commit_info(export_dir) is not None
 
 
 def is_replaceable(export_dir: str) -> bool:
   """Whether a new export may replace what is at `export_dir`.
 
   True if nothing is there, or an export: ours, or one the reference wrote (a
-  directory of SavedModel directories). A user's file or directory that merely
-  has an export's name is never replaced.
+  directory of SavedModel directories). A user's file, directory or symbolic
+  link that merely has an export's name is never replaced.
   """
+  if is_link(export_dir):
+    return False
   if not tf.io.gfile.exists(export_dir):
     return True
-  if is_ours(export_dir):
-    return True
-  if not tf.io.gfile.isdir(export_dir):
+  return is_ours(export_dir) or is_reference_export(export_dir)
+
+
+def is_reference_export(export_dir: str) -> bool:
+  """Whether `export_dir` is a directory of SavedModel directories only.
+
+  That is what the reference implementation writes (no commit marker). Links
+  are never one.
+  """
+  if is_link(export_dir) or not tf.io.gfile.isdir(export_dir):
     return False
-  children = tf.io.gfile.listdir(export_dir)
+  children = [c.rstrip('/') for c in tf.io.gfile.listdir(export_dir)]
   return bool(children) and all(
-      tf.io.gfile.exists(os.path.join(export_dir, c.rstrip('/'),
-                                      'saved_model.pb')) for c in children)
+      not is_link(os.path.join(export_dir, c)) and
+      tf.io.gfile.exists(os.path.join(export_dir, c, 'saved_model.pb'))
+      for c in children)
+
+
+def _finite(value: Any) -> bool:
+  return (not isinstance(value, bool) and isinstance(value, numbers.Real) and
+          math.isfinite(value))
+
+
+def valid_commit_info(info: Any) -> bool:
+  """Whether `info` has the shape of a commit marker's content.
+
+  A JSON object with a finite `created` time, and when present a
+  non-negative integer `step` and a list of module names.
+  """
+  if not isinstance(info, dict) or not _finite(info.get('created')):
+    return False
+  step = info.get('step', 0)
+  modules = info.get('modules', [])
+  return (not isinstance(step, bool) and isinstance(step, int) and step >= 0
+          and isinstance(modules, list) and
+          all(isinstance(m, str) for m in modules))
 
 
 def read_commit_info(export_dir: str) -> Optional[Dict[str, Any]]:
-  """Returns the metadata in an export's commit marker, or None if absent."""
-  try:
-    with tf.io.gfile.GFile(os.path.join(export_dir, paths.COMMIT_MARKER)) as f:
-      return json.loads(f.read())
-  except (tf.errors.NotFoundError, ValueError):
+  """Returns the metadata in an export's commit marker.
+
+  None if there is none, or it is not ours: a marker that is not a valid
+  `valid_commit_info` (foreign content, never trusted), or an export or marker
+  that is a symbolic link.
+  """
+  marker = os.path.join(export_dir, paths.COMMIT_MARKER)
+  if is_link(export_dir) or is_link(marker):
     return None
+  try:
+    with tf.io.gfile.GFile(marker) as f:
+      info = json.loads(f.read())
+  except (tf.errors.OpError, ValueError):
+    return None
+  return info if valid_commit_info(info) else None
 
 
 def created_time(export_dir: str) -> Optional[float]:
@@ -115,9 +253,29 @@ def created_time(export_dir: str) -> Optional[float]:
   return (read_commit_info(export_dir) or {}).get('created')
 
 
-def _write_file(path: str, content: str) -> None:
-  with tf.io.gfile.GFile(path, 'w') as f:
-    f.write(content)
+def write_new_file(path: str, content: str) -> None:
+  """Writes a file; on local disk only if nothing (not even a link) is there.
+
+  Files are only ever written under fresh names, so an existing entry is
+  someone else's, and writing would go through it if it is a link.
+
+  Raises:
+    tf.errors.AlreadyExistsError: If something is at a local `path`.
+    tf.errors.OpError: For any other failure.
+  """
+  local = local_path(path)
+  if local is None:
+    with tf.io.gfile.GFile(path, 'w') as f:
+      f.write(content)
+    return
+  try:
+    fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                 0o666)
+    with os.fdopen(fd, 'w') as f:
+      f.write(content)
+  except OSError as e:
+    raise _os_error(e, path) from e
+
 
 
 def _new_token() -> str:
@@ -138,13 +296,19 @@ def work_dir_export(name: str) -> Optional[str]:
 
 
 def _pid_running(pid: int) -> bool:
+  """Whether `pid` runs on this host; a zombie (killed, not reaped) does not."""
   try:
     os.kill(pid, 0)
   except (ProcessLookupError, OverflowError):
     return False
   except PermissionError:  # It runs, as another user.
+    pass
+  try:
+    with open(f'/proc/{pid}/stat', 'rb') as f:
+      state = f.read().rpartition(b')')[2].split()[:1]
+  except OSError:  # No /proc here, or it just exited.
     return True
-  return True
+  return state != [b'Z']
 
 
 def token_alive(token: str,
@@ -215,7 +379,7 @@ def _walk_files(root: str) -> List[str]:
 def _mark_incomplete(export_dir: str, kind: str, token: str) -> str:
   """Writes the incomplete marker, naming its writer; returns its path."""
   incomplete = os.path.join(export_dir, INCOMPLETE_MARKER)
-  _write_file(incomplete, paths.basename(_work_dir(export_dir, kind, token)))
+  write_new_file(incomplete, paths.basename(_work_dir(export_dir, kind, token)))
   return incomplete
 
 
@@ -268,7 +432,7 @@ def staged_export(export_dir: str, commit_info: Dict[str, Any]
       yield tmp
       marker = strict_json.dumps(dict(commit_info, created=time.time()))
       if has_atomic_rename(export_dir):
-        _write_file(os.path.join(tmp, paths.COMMIT_MARKER), marker)
+        write_new_file(os.path.join(tmp, paths.COMMIT_MARKER), marker)
         _publish_by_rename(tmp, export_dir, token)
       else:
         _publish_by_copy(tmp, export_dir, marker, token)
@@ -288,7 +452,7 @@ def _remove_after_failure(work_dir: str) -> None:
   """
   try:
     if tf.io.gfile.exists(work_dir):
-      tf.io.gfile.rmtree(work_dir)
+      remove_tree(work_dir)
   except tf.errors.OpError as e:
     logging.warning('Could not remove %s after a failed save (%s); a later '
                     'save removes it.', work_dir, e)
@@ -298,10 +462,11 @@ def _publish_by_rename(tmp: str, export_dir: str, token: str) -> None:
   if not tf.io.gfile.exists(export_dir):
     tf.io.gfile.rename(tmp, export_dir)
     return
+  refuse_link(export_dir)
   old = _work_dir(export_dir, _OLD, token)
   tf.io.gfile.rename(export_dir, old)
   tf.io.gfile.rename(tmp, export_dir)
-  tf.io.gfile.rmtree(old)
+  remove_tree(old)
 
 
 def _publish_by_copy(tmp: str, export_dir: str, marker: str,
@@ -311,17 +476,22 @@ def _publish_by_copy(tmp: str, export_dir: str, marker: str,
   tf.io.gfile.makedirs(export_dir)
   incomplete = _mark_incomplete(export_dir, _TMP, token)
   _move_files(tmp, export_dir)
-  _write_file(os.path.join(export_dir, paths.COMMIT_MARKER), marker)
+  write_new_file(os.path.join(export_dir, paths.COMMIT_MARKER), marker)
   tf.io.gfile.remove(incomplete)
 
 
 def remove_export(export_dir: str) -> None:
-  """Deletes an export so that no reader ever sees it partly deleted."""
+  """Deletes an export so that no reader ever sees it partly deleted.
+
+  Raises:
+    ValueError: If `export_dir` is a symbolic link (not ours to delete).
+  """
   with _operation() as token:
     if has_atomic_rename(export_dir):
+      refuse_link(export_dir)
       doomed = _work_dir(export_dir, _DEL, token)
       tf.io.gfile.rename(export_dir, doomed)
-      tf.io.gfile.rmtree(doomed)
+      remove_tree(doomed)
     else:
       _remove_tree_in_order(export_dir, token)
 
@@ -342,11 +512,11 @@ def write_file_atomically(path: str, content: str) -> None:
   with _operation() as token:
     tmp = _work_dir(path, _TMP, token)
     try:
-      _write_file(tmp, content)
+      write_new_file(tmp, content)
       tf.io.gfile.rename(tmp, path, overwrite=True)
     except BaseException:
       if tf.io.gfile.exists(tmp):
-        tf.io.gfile.remove(tmp)
+        remove_file(tmp)
       raise
 
 
@@ -365,12 +535,54 @@ def remove_stale_files(directory: str, file_name: str,
   names = set(names)
   for name in sorted(names):
     match = _WORK_RE.match(name)
+    path = os.path.join(directory, name)
     if (match is not None and match.group('export') == file_name and
-        not _owner_alive(name)):
+        not _owner_alive(name) and not skip_link(path)):
       logging.info('Removing %s, left by a writer that is gone.', name)
-      tf.io.gfile.remove(os.path.join(directory, name))
+      attempt(path, 'remove', remove_file, path)
       names.discard(name)
   return names
+
+
+def skip_link(path: str) -> bool:
+  """Whether `path` is a link named like ours: left alone, and logged once."""
+  if not is_link(path):
+    return False
+  warn_once(path, '%s is a symbolic link named like an entry of ckpt_export: '
+            'left alone (ckpt_export never deletes through a link); remove it '
+            'if it is not needed.', path)
+  return True
+
+
+# What a failed housekeeping step on a foreign or inaccessible entry raises.
+HOUSEKEEPING_ERRORS = (tf.errors.OpError, OSError, ValueError)
+
+
+def attempt(path: str, what: str, function: Callable[..., Any],
+             *args: Any) -> bool:
+  """Runs a housekeeping step on `path`; logs a failure once, never raises.
+
+  Returns:
+    Whether it succeeded.
+  """
+  try:
+    function(*args)
+  except HOUSEKEEPING_ERRORS as e:
+    warn_failure(path, what, e)
+    return False
+  return True
+
+
+def warn_failure(path: str, what: str, error: BaseException) -> None:
+  """Logs (once per path) that housekeeping could not `what` `path`."""
+  warn_once(path, 'Could not %s: %s (%s). It is left as is and tried again at '
+            'the next save; fix its permissions or remove it by hand.', what,
+            path, _first_line(error))
+
+
+def _first_line(error: BaseException) -> str:
+  text = getattr(error, 'message', None) or str(error)
+  return (text.strip().splitlines() or [type(error).__name__])[0]
 
 
 def remove_export_if_created(export_dir: str,
@@ -396,17 +608,19 @@ def remove_export_if_created(export_dir: str,
         return False
       _remove_tree_in_order(export_dir, token)
       return True
+    if is_link(export_dir):
+      return False
     aside = _work_dir(export_dir, _OLD, token)
     try:
       tf.io.gfile.rename(export_dir, aside)
     except tf.errors.NotFoundError:
       return False
-    if created_time(aside) != created:
+    if is_link(aside) or created_time(aside) != created:
       tf.io.gfile.rename(aside, export_dir)
       return False
     doomed = _work_dir(export_dir, _DEL, token)
     tf.io.gfile.rename(aside, doomed)
-    tf.io.gfile.rmtree(doomed)
+    remove_tree(doomed)
     return True
 
 
@@ -418,6 +632,8 @@ def recover(directory: str, checkpoint_name: str,
   is no longer alive: work directories of dead writers are deleted (a replaced
   export whose replacement never got published is renamed back), and on
   non-atomic stores, exports left half-published or half-deleted are deleted.
+  Symbolic links are never touched. Never raises: what cannot be removed is
+  logged (once per path) and tried again at the next call.
 
   Args:
     directory: The model directory.
@@ -433,10 +649,10 @@ def recover(directory: str, checkpoint_name: str,
     match = _WORK_RE.match(name)
     if match is not None:
       export = match.group('export')
-      if (paths.parse_export_step(export, checkpoint_name) is None or
-          _owner_alive(name)):
-        continue
       path = os.path.join(directory, name)
+      if (paths.parse_export_step(export, checkpoint_name) is None or
+          _owner_alive(name) or skip_link(path)):
+        continue
       names.discard(name)
       restore = match.group('kind') == _OLD and atomic and export not in names
       try:
@@ -447,9 +663,12 @@ def recover(directory: str, checkpoint_name: str,
         else:
           logging.info('Removing %s, left behind by a writer that is gone.',
                        path)
-          tf.io.gfile.rmtree(path)
+          remove_tree(path)
       except (tf.errors.NotFoundError, tf.errors.AlreadyExistsError):
         _log_recovered_meanwhile(path)
+      except HOUSEKEEPING_ERRORS as e:
+        names.add(name)
+        warn_failure(path, 'remove (or restore)', e)
       if restore and tf.io.gfile.exists(os.path.join(directory, export)):
         names.add(export)  # Restored, here or by another process.
     elif (not atomic and
@@ -458,7 +677,7 @@ def recover(directory: str, checkpoint_name: str,
       try:
         with tf.io.gfile.GFile(os.path.join(path, INCOMPLETE_MARKER)) as f:
           writer = f.read()
-      except tf.errors.NotFoundError:
+      except tf.errors.OpError:
         continue
       if not _owner_alive(writer):
         logging.info('Removing %s, left half-written by a writer that is gone.',
@@ -469,6 +688,9 @@ def recover(directory: str, checkpoint_name: str,
             _remove_tree_in_order(path, token)
         except tf.errors.NotFoundError:
           _log_recovered_meanwhile(path)
+        except tf.errors.OpError as e:
+          names.add(name)
+          warn_failure(path, 'remove', e)
   return names
 
 

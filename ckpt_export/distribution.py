@@ -97,7 +97,7 @@ def _token(path: str) -> str:
 def remove_scratch_directory(path: str) -> None:
   """Removes a directory `make_scratch_directory` made, and ends its token."""
   try:
-    tf.io.gfile.rmtree(path)
+    commit.remove_tree(path)
   except tf.errors.NotFoundError:
     pass
   finally:
@@ -120,8 +120,10 @@ def remove_stale_scratch_directories() -> List[str]:
   for name in sorted(os.listdir(directory)):
     path = os.path.join(directory, name)
     if (name.startswith(SCRATCH_PREFIX) and
-        not commit.token_alive(_token(path), stale_seconds=None)):
+        not commit.token_alive(_token(path), stale_seconds=None) and
+        not commit.skip_link(path)):
       logging.info('Removing %s, left by a worker killed while saving.', path)
-      remove_scratch_directory(path)
-      removed.append(path)
+      if commit.attempt(path, 'remove the scratch directory',
+                        remove_scratch_directory, path):
+        removed.append(path)
   return removed

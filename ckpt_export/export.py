@@ -26,10 +26,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from ckpt_export import _tf_internals
-from ckpt_export import commit
 from ckpt_export import paths
-
-_RESERVED_NAMES = (paths.COMMIT_MARKER, commit.INCOMPLETE_MARKER)
 
 
 def _has_static(obj: Any, name: str) -> bool:
@@ -86,9 +83,6 @@ def validate_modules(modules_to_export: Optional[Mapping[str, Any]]) -> None:
                      f'got {modules_to_export!r}.')
   for name, module in modules_to_export.items():
     paths.validate_component('module name', name)
-    if name in _RESERVED_NAMES:
-      raise ValueError(f'Invalid module name {name!r}: ckpt_export reserves it '
-                       'for its own marker files.')
     if not _is_trackable(module):
       raise ValueError(f'Module {name!r} is a {type(module).__name__}, which '
                        'tf.saved_model.save cannot save: pass a tf.Module or a '

@@ -24,7 +24,7 @@ import tensorflow as tf
 from ckpt_export import commit
 from ckpt_export import export
 from ckpt_export import fast_export
-from ckpt_export import leases
+from ckpt_export import housekeeping
 from ckpt_export import paths
 from ckpt_export import readers
 
@@ -87,18 +87,11 @@ def _recorded_steps(model_dir: str, checkpoint_name: str) -> List[int]:
 
 
 def _collect_garbage(model_dir: str, checkpoint_name: str) -> None:
-  """Deletes our exports whose checkpoint is gone, and crash leftovers."""
-  names = commit.recover(model_dir, checkpoint_name,
-                         readers.list_directory(model_dir))
-  for step, path in readers.export_candidates(model_dir, checkpoint_name,
-                                              names):
-    index = f'{checkpoint_name}-{step}.index'
-    if index not in names and commit.is_ours(path):
-      if not leases.remove_export_unless_leased(path):
-        logging.info('Export %s outlived its checkpoint: a reader holds it.',
-                     path)
-  if leases.STATE_DIR in names:
-    leases.sweep(model_dir)
+  """Housekeeping: keeps the exports whose checkpoint's `.index` is there."""
+  housekeeping.collect(
+      model_dir, checkpoint_name,
+      lambda names, steps: {step for step in steps
+                            if f'{checkpoint_name}-{step}.index' in names})
 
 
 def run_exporter(model_dir: str,
@@ -131,9 +124,10 @@ def run_exporter(model_dir: str,
     ValueError: For a bad argument or build function, or a checkpoint that
       does not hold the modules' variables.
   """
+  model_dir = os.fspath(model_dir)
   paths.validate_component('checkpoint_name', checkpoint_name)
   readers.check_seconds('timeout', timeout, allow_none=True)
-  readers.check_seconds('seconds_to_sleep', seconds_to_sleep, allow_none=False)
+  readers.check_seconds_to_sleep(seconds_to_sleep)
   checkpoint, modules = _build(build_fn)
   exporter = fast_export.Exporter(modules)
   exported, skipped = [], set()

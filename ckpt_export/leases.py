@@ -23,6 +23,12 @@ has no deletion request: otherwise it withdraws. As the request lives in the
 export, it never applies to a newer export of the same step (a restarted job
 that saved the step again), and a model directory no reader leased from gets
 no `.ckpt_export` directory.
+
+A lease file is trusted only if it has the shape `acquire` writes and an
+expiry time at most its `lease_seconds` (itself at most `MAX_LEASE_SECONDS`)
+plus `CLOCK_SKEW_SECONDS` ahead: anything else under a lease's name (other
+JSON, a directory, a symbolic link) is foreign, neither honoured nor deleted.
+A `.ckpt_export` or `leases` directory that is a symbolic link is not used.
 """
 
 import contextlib
@@ -44,12 +50,38 @@ import tensorflow as tf
 from ckpt_export import commit
 from ckpt_export import paths
 
-DEFAULT_LEASE_SECONDS: float = 300.0
+class _DefaultLeaseSeconds(float):
+  """The type of the default `lease_seconds`, to tell it from an explicit one.
 
-STATE_DIR = '.ckpt_export'
+  A reader given the default reads without leases where it may not write them
+  (as the reference does), logging what that risks; one given a value asked for
+  leases and gets the error.
+  """
+
+
+DEFAULT_LEASE_SECONDS: float = _DefaultLeaseSeconds(300.0)
+# The longest lease granted; longer ones are refused, and a lease file claiming
+# more is not trusted (it would pin its export for that long).
+MAX_LEASE_SECONDS = 24 * 3600.0
+# How far another host's clock may run ahead of this one's.
+CLOCK_SKEW_SECONDS = 300.0
+
+STATE_DIR = paths.STATE_DIR
 _LEASES = 'leases'
-DELETE_REQUEST = '.ckpt_export_delete'
+DELETE_REQUEST = paths.DELETE_REQUEST
 _VERSION_RE = re.compile(r'[0-9]+')
+
+
+class LeaseLapsedError(RuntimeError):
+  """A held lease expired before it could be renewed (the reader was frozen).
+
+  Its export may have been deleted meanwhile; read the next one.
+  """
+
+
+def is_default(lease_seconds: Any) -> bool:
+  """Whether `lease_seconds` is the default, not a value a caller chose."""
+  return isinstance(lease_seconds, _DefaultLeaseSeconds)
 _LEASE_RE = re.compile(r'(?P<export>.+)\.lease-(?P<token>' +
                        commit.TOKEN_PATTERN + r')\.json\Z', re.DOTALL)
 
@@ -80,9 +112,9 @@ def check_lease_seconds(lease_seconds: Any) -> float:
   """Returns `lease_seconds` as a float, or raises ValueError naming it."""
   if (isinstance(lease_seconds, bool) or
       not isinstance(lease_seconds, numbers.Real) or
-      not 0 < lease_seconds < math.inf):
-    raise ValueError('lease_seconds must be a positive finite number of '
-                     f'seconds, got {lease_seconds!r}.')
+      not 0 < lease_seconds <= MAX_LEASE_SECONDS):
+    raise ValueError('lease_seconds must be a positive number of seconds, at '
+                     f'most {MAX_LEASE_SECONDS:g}, got {lease_seconds!r}.')
   return float(lease_seconds)
 
 
@@ -90,30 +122,73 @@ def _state_dir(model_dir: str, kind: str) -> str:
   return os.path.join(model_dir, STATE_DIR, kind)
 
 
+def _linked_state_dir(model_dir: str) -> Optional[str]:
+  """The lease directory (or its parent) if it is a symbolic link, or None."""
+  for path in (os.path.join(model_dir, STATE_DIR),
+               _state_dir(model_dir, _LEASES)):
+    if commit.is_link(path):
+      return path
+  return None
+
+
 def _request_path(model_dir: str, name: str) -> str:
   return os.path.join(model_dir, name, DELETE_REQUEST)
 
 
+def _requested(model_dir: str, name: str) -> bool:
+  """Whether the export holds a deletion request that ckpt_export wrote.
+
+  Anything else under the request's name (other content, a link) is foreign:
+  it neither defers leases nor gets the export deleted.
+  """
+  path = _request_path(model_dir, name)
+  if commit.is_link(path):
+    return False
+  record = _read_json(path)
+  return (isinstance(record, dict) and
+          not isinstance(record.get('requested'), bool) and
+          isinstance(record.get('requested'), numbers.Real) and
+          math.isfinite(record['requested']))
+
+
 def _listdir(directory: str) -> List[str]:
+  """The entries of a lease directory; none if it is missing or a file."""
   try:
     return [n.rstrip('/') for n in tf.io.gfile.listdir(directory)]
-  except tf.errors.NotFoundError:
+  except (tf.errors.NotFoundError, tf.errors.FailedPreconditionError):
     return []
 
 
-def _read_json(path: str) -> Optional[Dict[str, Any]]:
-  """Returns a JSON object file's content; None if absent or being written."""
+def _read_json(path: str) -> Any:
+  """Returns a JSON file's content; None if absent, unreadable or not JSON."""
   try:
     with tf.io.gfile.GFile(path) as f:
-      content = json.loads(f.read())
-  except (tf.errors.NotFoundError, ValueError):
+      return json.loads(f.read())
+  except (tf.errors.OpError, ValueError):
     return None
-  return content if isinstance(content, dict) else None
 
 
 def _write_json(path: str, content: Dict[str, Any]) -> None:
-  with tf.io.gfile.GFile(path, 'w') as f:
-    f.write(json.dumps(content))
+  commit.write_new_file(path, json.dumps(content))
+
+
+def _valid_record(record: Any, name: str, token: str) -> bool:
+  """Whether a lease file's content has the shape `acquire` writes.
+
+  Its expiry must be at most its (bounded) `lease_seconds` plus the clock skew
+  ahead of now: a far-future or infinite one would pin its export forever.
+  """
+  if not isinstance(record, dict):
+    return False
+  expires, seconds = record.get('expires'), record.get('lease_seconds')
+  try:
+    check_lease_seconds(seconds)
+  except ValueError:
+    return False
+  return (record.get('export') == name and record.get('token') == token and
+          not isinstance(expires, bool) and
+          isinstance(expires, numbers.Real) and math.isfinite(expires) and
+          expires <= time.time() + seconds + CLOCK_SKEW_SECONDS)
 
 
 def _remove_file(path: str) -> None:
@@ -123,27 +198,47 @@ def _remove_file(path: str) -> None:
     pass
 
 
+def _first_line(text: str) -> str:
+  return (str(text).strip().splitlines() or [''])[0]
+
+
 def _is_live(record: Dict[str, Any]) -> bool:
-  """Whether a lease is unexpired and its holder may still be running."""
-  expires = record.get('expires')
-  return (isinstance(expires, (int, float)) and expires > time.time() and
-          commit.token_alive(str(record.get('token')), stale_seconds=None))
+  """Whether a valid lease is unexpired and its holder may still be running."""
+  return (record['expires'] > time.time() and
+          commit.token_alive(record['token'], stale_seconds=None))
 
 
 def _lease_records(model_dir: str, name: Optional[str] = None
-                  ) -> Iterator[Tuple[str, Optional[Dict[str, Any]]]]:
-  """Yields (path, content or None) of the lease files of an export (or all)."""
+                  ) -> Iterator[Tuple[str, Any, bool]]:
+  """Yields the lease files of an export (or all).
+
+  Yields:
+    (path, content or None if not JSON, whether the content is a valid lease).
+    Symbolic links, and a lease directory that is one, are skipped (logged).
+  """
+  linked = _linked_state_dir(model_dir)
+  if linked is not None:
+    commit.warn_once(linked, '%s is a symbolic link: ckpt_export neither reads '
+                     'nor writes leases through it. Remove it so that readers '
+                     'can hold exports.', linked)
+    return
   directory = _state_dir(model_dir, _LEASES)
   for entry in sorted(_listdir(directory)):
     match = _LEASE_RE.match(entry)
     if match is not None and name in (None, match.group('export')):
       path = os.path.join(directory, entry)
-      yield path, _read_json(path)
+      if commit.is_link(path):
+        commit.warn_once(path, '%s is a symbolic link, not a lease: ignored '
+                         'and left alone.', path)
+        continue
+      record = _read_json(path)
+      yield path, record, _valid_record(record, match.group('export'),
+                                         match.group('token'))
 
 
 def _live_holders(model_dir: str, name: str) -> List[Dict[str, Any]]:
-  return [record for _, record in _lease_records(model_dir, name)
-          if record is not None and _is_live(record)]
+  return [record for _, record, valid in _lease_records(model_dir, name)
+          if valid and _is_live(record)]
 
 
 def holders(export_dir: str) -> List[Dict[str, Any]]:
@@ -186,17 +281,19 @@ def remove_export_unless_leased(export_dir: str) -> bool:
     True if the export is gone, False if its deletion was deferred.
 
   Raises:
-    ValueError: If `export_dir` is not an export path.
+    ValueError: If `export_dir` is not an export path, or is a symbolic link.
   """
   model_dir, name = _split(export_dir)
   export_dir = os.path.join(model_dir, name)
+  commit.refuse_link(export_dir)
   if not tf.io.gfile.exists(export_dir):
     return True
   created = commit.created_time(export_dir)
   request = _request_path(model_dir, name)
-  if not tf.io.gfile.exists(request):
-    try:
-      _write_json(request, {'requested': time.time()})
+  if not _requested(model_dir, name):
+    try:  # Replaces (never writes through) whatever foreign entry is there.
+      commit.write_file_atomically(request,
+                                   json.dumps({'requested': time.time()}))
     except tf.errors.NotFoundError:  # A reader's release deleted it meanwhile.
       return True
   live = _live_holders(model_dir, name)
@@ -222,8 +319,7 @@ def _carry_out_request(model_dir: str, name: str) -> bool:
   # The identity first: a newer export replacing this one after this line has
   # no request, and one replacing it later is not `created` then.
   created = commit.created_time(export_dir)
-  if (not tf.io.gfile.exists(_request_path(model_dir, name)) or
-      _live_holders(model_dir, name)):
+  if not _requested(model_dir, name) or _live_holders(model_dir, name):
     return False
   return _delete(model_dir, name, created)
 
@@ -232,6 +328,8 @@ def sweep(model_dir: str) -> List[str]:
   """Drops expired leases and carries out the deletions they deferred.
 
   Garbage collection calls this; it does nothing where no reader took a lease.
+  Never raises: what it cannot remove is logged (once per path) and left for
+  the next sweep.
 
   Args:
     model_dir: The model directory.
@@ -240,19 +338,32 @@ def sweep(model_dir: str) -> List[str]:
     The paths of the exports it deleted.
   """
   dropped = set()
-  for path, record in _lease_records(model_dir):
+  for path, record, valid in _lease_records(model_dir):
     match = _LEASE_RE.match(paths.basename(path))
     if record is None:  # Being written, unless its writer is gone.
       expired = not commit.token_alive(match.group('token'))
+    elif not valid:
+      commit.warn_once(path, '%s is not a lease ckpt_export wrote (or claims '
+                       'an expiry too far ahead): it is neither honoured nor '
+                       'deleted; remove it.', path)
+      continue
     else:
       expired = not _is_live(record)
     if expired:
       logging.info('Dropping expired lease %s.', path)
-      _remove_file(path)
-      dropped.add(match.group('export'))
-  return [os.path.join(model_dir, name) for name in sorted(dropped)
-          if _is_leasable(name) and
-          _carry_out_request(model_dir, name)]
+      if commit.attempt(path, 'remove the expired lease', _remove_file, path):
+        dropped.add(match.group('export'))
+  deleted = []
+  for name in sorted(dropped):
+    if not _is_leasable(name):
+      continue
+    path = os.path.join(model_dir, name)
+    try:
+      if _carry_out_request(model_dir, name):
+        deleted.append(path)
+    except commit.HOUSEKEEPING_ERRORS as e:
+      commit.warn_failure(path, 'delete', e)
+  return deleted
 
 
 def _lease_path(model_dir: str, name: str, token: str) -> str:
@@ -274,6 +385,10 @@ class _Holding:
     self.record = record
     self.lock = threading.Lock()
     self.released = threading.Event()
+    # When the lease file was last written (time.time()), and the error of a
+    # lease that lapsed before its renewal (then never renewed).
+    self.written = record['acquired']
+    self.lapsed: Optional[LeaseLapsedError] = None
 
   @property
   def path(self) -> str:
@@ -282,11 +397,33 @@ class _Holding:
   def renew_until_released(self) -> None:
     while not self.released.wait(self.record['lease_seconds'] / 3):
       with self.lock:
-        if self.released.is_set():
+        if self.released.is_set() or self.check_lapsed():
           return
         self._renew()
 
+  def check_lapsed(self) -> Optional[LeaseLapsedError]:
+    """The error of a held lease that expired before it was renewed, if so.
+
+    A reader frozen past its lease (SIGSTOP, a long pause) may have lost its
+    export to garbage collection; its lease is then never renewed, as the
+    export may be deleted.
+    """
+    now = time.time()
+    if (self.lapsed is None and not self.released.is_set() and
+        now >= self.record['expires']):
+      seconds = self.record['lease_seconds']
+      self.lapsed = LeaseLapsedError(
+          f'The lease on the export of step {paths.parse_export_step(self.name)}'
+          f' ({os.path.join(self.model_dir, self.name)}) lapsed: it was not '
+          f'renewed for {now - self.written:.1f} s (this reader was stopped, '
+          'or could not write its lease), longer than '
+          f'lease_seconds={seconds:g}, so garbage collection may have deleted '
+          'the export. Read the next export, or pass a longer lease_seconds.')
+      logging.warning('%s', self.lapsed)
+    return self.lapsed
+
   def _renew(self) -> None:
+    now = time.time()
     old_path, old_token = self.path, self.record['token']
     token = commit.begin_operation()
     record = dict(self.record, token=token,
@@ -298,6 +435,7 @@ class _Holding:
       logging.warning('Could not renew the lease %s: %s', old_path, e)
       return
     self.record = record
+    self.written = now
     try:
       _remove_file(old_path)
     except tf.errors.OpError as e:  # It expires; a sweep removes it.
@@ -350,6 +488,18 @@ class Lease:
   def released(self) -> bool:
     return self._holding.released.is_set()
 
+  def check(self) -> None:
+    """Raises if the lease lapsed before it could be renewed.
+
+    Raises:
+      LeaseLapsedError: Naming the step, how long this reader was stopped and
+        the lease length.
+    """
+    with self._holding.lock:
+      lapsed = self._holding.check_lapsed()
+    if lapsed is not None:
+      raise lapsed
+
   def release(self) -> None:
     """Lets go of the export, deleting it if its deletion was deferred."""
     self._finalizer()
@@ -384,8 +534,9 @@ def acquire(export_dir: str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
   Raises:
     ValueError: For an `export_dir` that is not an export path, or a bad
       `lease_seconds` or `holder`.
-    tf.errors.PermissionDeniedError: If this process may not write the lease
-      (the message says where, and how to read without one).
+    tf.errors.PermissionDeniedError: If this process may not write the lease,
+      or the lease directory is a symbolic link or not a directory (the
+      message says where, and how to read without a lease).
   """
   model_dir, name = _split(export_dir)
   lease_seconds = check_lease_seconds(lease_seconds)
@@ -403,24 +554,30 @@ def acquire(export_dir: str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
             'lease_seconds': lease_seconds}
   holding = _Holding(model_dir, name, record)
   try:
+    linked = _linked_state_dir(model_dir)
+    if linked is not None:
+      raise tf.errors.PermissionDeniedError(
+          None, None, f'{linked} is a symbolic link, which ckpt_export never '
+          'writes through')
     tf.io.gfile.makedirs(_state_dir(model_dir, _LEASES))
     _write_json(holding.path, record)
-  except tf.errors.PermissionDeniedError as e:
+  except (tf.errors.PermissionDeniedError, tf.errors.FailedPreconditionError,
+          tf.errors.AlreadyExistsError) as e:
     commit.end_operation(token)
     raise tf.errors.PermissionDeniedError(
         e.node_def, e.op,
         f'Cannot lease {export_dir}: a lease is a file written under '
         f'{_state_dir(model_dir, _LEASES)}, which this process may not write '
-        f'({e.message}). Grant write access there, or read without a lease '
-        '(lease_seconds=None), which lets garbage collection delete the '
-        'export while it is read.') from e
+        f'({_first_line(e.message)}). Grant write access there, or read '
+        'without a lease (lease_seconds=None; `--no-lease` on the command '
+        'line), which lets garbage collection delete the export while it is '
+        'read.') from e
   except BaseException:
     commit.end_operation(token)
     raise
   # Only now look: a deleter that did not see the lease has written its
   # request before looking for leases.
-  if (commit.is_published(export_dir) and
-      not tf.io.gfile.exists(_request_path(model_dir, name))):
+  if commit.is_published(export_dir) and not _requested(model_dir, name):
     return Lease(holding)
   holding.release()
   return None

@@ -32,6 +32,7 @@ from ckpt_export import commit
 from ckpt_export import distribution
 from ckpt_export import export
 from ckpt_export import fast_export
+from ckpt_export import housekeeping
 from ckpt_export import leases
 from ckpt_export import paths
 from ckpt_export import readers
@@ -143,8 +144,8 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
 
     Raises:
       ValueError: For a bad `checkpoint_number`, a module that gets no serving
-        signature, or a user's file or directory in the way of the export;
-        nothing is written then.
+        signature, or a user's file, directory or symbolic link in the way of
+        the export or checkpoint; nothing is written then.
       Exception: The error of an earlier background export.
     """
     self._wait_for_exports()
@@ -156,6 +157,9 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     if not chief:
       return self._save_as_worker(step, options)
     export_dir = paths.export_path(self._directory, self._checkpoint_name, step)
+    # TF writes checkpoint N into this directory first: never through a link.
+    commit.refuse_link(os.path.join(self._directory,
+                                    f'{self._checkpoint_name}-{step}_temp'))
     if self._modules_to_export:
       if not commit.is_replaceable(export_dir):
         raise ValueError(
@@ -188,7 +192,8 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     except BaseException:
       self._exporter.wait(raise_errors=False)
       if self._modules_to_export and commit.is_ours(export_dir):
-        leases.remove_export_unless_leased(export_dir)
+        commit.attempt(export_dir, 'delete the export of the failed save',
+                       leases.remove_export_unless_leased, export_dir)
       raise
     self._last_saved_step = step
     self._collect_garbage()
@@ -243,7 +248,7 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
       The path of the chief's checkpoint of this step.
     """
     if not self._scratch_swept:
-      distribution.remove_stale_scratch_directories()
+      housekeeping.clean_scratch()
       self._scratch_swept = True
     scratch = distribution.make_scratch_directory(self._strategy)
     options = copy.copy(options) or tf.train.CheckpointOptions()
@@ -270,48 +275,30 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     return checkpoint_path
 
   def _collect_garbage(self) -> None:
-    """Removes our exports whose checkpoints are gone, and crash leftovers.
+    """Housekeeping (`housekeeping.collect`); never raises.
 
-    An export a reader leases stays until released (see `leases.py`).
+    Keeps the exports of the checkpoints whose `.index` is there, and the
+    latest save's (its checkpoint may be in flight); an export a reader
+    leases stays until released (see `leases.py`).
     """
-    names = self._recover()
-    checkpointed = {paths.parse_checkpoint_step(name[:-len('.index')],
-                                                self._checkpoint_name)
-                    for name in names if name.endswith('.index')}
-    checkpointed.add(self._last_saved_step)
-    if leases.STATE_DIR in names:
-      names.difference_update(
-          paths.basename(p) for p in leases.sweep(self._directory))
-    for step, path in readers.export_candidates(
-        self._directory, self._checkpoint_name, names):
-      if step not in checkpointed and commit.is_ours(path):
-        logging.info('Removing export %s: its checkpoint is gone.', path)
-        if leases.remove_export_unless_leased(path):
-          names.discard(paths.basename(path))
-    self._savedmodels = self._managed_savedmodels(names)
+    names = housekeeping.collect(self._directory, self._checkpoint_name,
+                                 self._kept_steps, self._crash_leftover)
+    try:
+      self._savedmodels = self._managed_savedmodels(names)
+    except commit.HOUSEKEEPING_ERRORS as e:
+      commit.warn_failure(self._directory, 'list the exports in', e)
 
-  def _recover(self) -> Set[str]:
-    """Removes what crashed saves left; returns the directory's entries.
+  def _kept_steps(self, names: Set[str], steps: List[int]) -> Set[int]:
+    """The steps whose checkpoint's `.index` is in `names`, and the latest."""
+    del steps  # Kept by their checkpoints, whatever exports there are.
+    kept = {paths.parse_checkpoint_step(name[:-len('.index')],
+                                        self._checkpoint_name)
+            for name in names if name.endswith('.index')}
+    kept.add(self._last_saved_step)
+    return kept
 
-    Besides ckpt_export's own work directories (`commit.recover`), this removes
-    what a crash in TF's checkpoint writes and deletions leaves (see
-    `_crash_leftover`).
-    """
-    names = commit.recover(self._directory, self._checkpoint_name,
-                           readers.list_directory(self._directory))
-    for name in sorted(names):
-      remove = self._crash_leftover(name, names)
-      if remove is not None:
-        path = os.path.join(self._directory, name)
-        logging.info('Removing %s, left by a crashed checkpoint write or '
-                     'deletion.', path)
-        remove(path)
-        names.discard(name)
-    return names
-
-  def _crash_leftover(self, name: str, names: Set[str]
-                     ) -> Optional[Callable[[str], None]]:
-    """How to remove `name` if a crash in TF left it there, else None.
+  def _crash_leftover(self, name: str, names: Set[str]) -> bool:
+    """Whether a crash in TF left entry `name` there.
 
     Leftovers are TF's work directories `<name>-N_temp` of a write, the data
     files `<name>-N.data-*` of a checkpoint without its `.index` (a write or
@@ -323,17 +310,14 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     prefix, data, _ = name.partition('.data-')
     if data:
       step = paths.parse_checkpoint_step(prefix, self._checkpoint_name)
-      orphan = step is not None and f'{prefix}.index' not in names
-      return tf.io.gfile.remove if (
-          orphan and step != self._last_saved_step) else None
+      return (step is not None and f'{prefix}.index' not in names and
+              step != self._last_saved_step)
     step = paths.parse_checkpoint_temp_step(name, self._checkpoint_name)
-    if (step is not None and step != self._last_saved_step and
-        _tf_internals.is_checkpoint_temp_name_known()):
-      return tf.io.gfile.rmtree
-    if self._last_saved_step is None and _tf_internals.is_state_temp_file(
-        name):
-      return tf.io.gfile.remove
-    return None
+    if step is not None:
+      return (step != self._last_saved_step and
+              _tf_internals.is_checkpoint_temp_name_known())
+    return (self._last_saved_step is None and
+            _tf_internals.is_state_temp_file(name))
 
   def _managed_savedmodels(self, names: Optional[Iterable[str]] = None
                           ) -> List[str]:

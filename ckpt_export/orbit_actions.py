@@ -22,15 +22,14 @@ manager would delete the action's exports as exports without a checkpoint.
 """
 
 import numbers
-import os
-from typing import Any, List, Mapping, Optional, Tuple
+from typing import Any, List, Mapping, Optional, Set, Tuple
 
 from absl import logging
 import tensorflow as tf
 
 from ckpt_export import commit
 from ckpt_export import export
-from ckpt_export import leases
+from ckpt_export import housekeeping
 from ckpt_export import paths
 from ckpt_export import readers
 
@@ -193,24 +192,20 @@ class ExportSavedModel:
           f'{self._directory!r} holds checkpoints named {self._export_name!r} '
           f'({clashing[0]}, ...): their manager would delete this action\'s '
           'exports. Choose another export_name or directory.')
-    commit.recover(self._directory, self._export_name, names)
+    housekeeping.collect(self._directory, self._export_name,
+                         lambda names, steps: steps)
 
   def _collect_garbage(self, step: int) -> None:
     """Deletes exports above `step` and all but the newest `max_to_keep`.
 
-    An export a reader leases stays until released (see `leases.py`).
+    Through `housekeeping.collect`, which never raises; an export a reader
+    leases stays until released (see `leases.py`).
     """
-    if tf.io.gfile.exists(os.path.join(self._directory, leases.STATE_DIR)):
-      leases.sweep(self._directory)
-    own = self._own_exports()
-    for s, path in own:
-      if s > step:
-        logging.warning('Removing export %s: training went back to step %d.',
-                        path, step)
-        leases.remove_export_unless_leased(path)
-    kept = [path for s, path in own if s <= step]
-    if self._max_to_keep is not None:
-      for path in kept[:-self._max_to_keep]:
-        logging.info('Removing export %s: more than max_to_keep=%d.', path,
-                     self._max_to_keep)
-        leases.remove_export_unless_leased(path)
+    def keep(names: Set[str], steps: List[int]) -> List[int]:
+      del names  # Only this action's exports matter.
+      kept = sorted(s for s in steps if s <= step)
+      if len(kept) < len(steps):
+        logging.warning('Removing exports above step %d in %s: training went '
+                        'back to step %d.', step, self._directory, step)
+      return kept[-self._max_to_keep:] if self._max_to_keep else kept
+    housekeeping.collect(self._directory, self._export_name, keep)

@@ -23,6 +23,13 @@ SAVED_MODULES_PATH_SUFFIX = 'saved_modules'
 # Written last into every export; its presence publishes an export where a
 # directory rename is not atomic, and marks the export as ours everywhere.
 COMMIT_MARKER = '.ckpt_export_commit.json'
+# Every name ckpt_export writes for itself in a model directory or an export
+# starts with this (markers, deletion requests, the lease directory), so no
+# module or checkpoint name may: it would be taken for one of them.
+RESERVED_PREFIX = '.ckpt_export'
+INCOMPLETE_MARKER = RESERVED_PREFIX + '_incomplete'
+DELETE_REQUEST = RESERVED_PREFIX + '_delete'
+STATE_DIR = RESERVED_PREFIX
 
 PathLike = Union[str, os.PathLike]
 
@@ -30,6 +37,7 @@ _STEP = r'(0|[1-9][0-9]*)'
 _EXPORT_RE = re.compile(r'(?P<name>.+)-' + _STEP +
                         '_' + SAVED_MODULES_PATH_SUFFIX + r'\Z', re.DOTALL)
 _CHECKPOINT_RE = re.compile(r'(?P<name>.+)-' + _STEP + r'\Z', re.DOTALL)
+_CONTROL_RE = re.compile('[\x00-\x1f\x7f]')
 _CHECKPOINT_TEMP_RE = re.compile(r'(?P<name>.+)-' + _STEP + r'_temp\Z',
                                  re.DOTALL)
 
@@ -118,13 +126,20 @@ def validate_component(kind: str, name: object) -> str:
 
   Raises:
     ValueError: If `name` is not a non-empty string usable as one path
-      component on every file system (no separators, not '.' or '..').
+      component on every file system (no separators, no control characters,
+      not '.' or '..'), or starts with `RESERVED_PREFIX`.
   """
   if (not isinstance(name, str) or not name or name in ('.', '..') or
-      '/' in name or '\\' in name or '\0' in name):
+      '/' in name or '\\' in name or _CONTROL_RE.search(name)):
     raise ValueError(
         f'Invalid {kind} {name!r}: it must be a non-empty string that is one '
-        "plain path component (no '/', '\\', NUL, and not '.' or '..').")
+        "plain path component (no '/', '\\', control characters, and not "
+        "'.' or '..').")
+  if name.startswith(RESERVED_PREFIX):
+    raise ValueError(
+        f'Invalid {kind} {name!r}: names starting with {RESERVED_PREFIX!r} '
+        'are reserved for the files ckpt_export writes (markers, deletion '
+        'requests, leases); choose another name.')
   return name
 
 

@@ -21,16 +21,16 @@ SKIPPED_DELETED = 'deleted'
 SKIPPED_LATEST_ONLY = 'latest_only'
 
 
-def list_directory(directory: str) -> List[str]:
+def list_directory(directory: paths.PathLike) -> List[str]:
   """Returns the entry names of `directory`, or [] if it does not exist yet."""
   try:
-    names = tf.io.gfile.listdir(directory)
+    names = tf.io.gfile.listdir(os.fspath(directory))
   except tf.errors.NotFoundError:
     return []
   return [name.rstrip('/') for name in names]
 
 
-def export_candidates(directory: str, checkpoint_name: str = 'ckpt',
+def export_candidates(directory: paths.PathLike, checkpoint_name: str = 'ckpt',
                       names: Optional[Iterable[str]] = None
                      ) -> List[Tuple[int, str]]:
   """Returns (step, path) of every entry named like an export, by step.
@@ -42,6 +42,7 @@ def export_candidates(directory: str, checkpoint_name: str = 'ckpt',
     checkpoint_name: The checkpoint name of the exports.
     names: The entries of `directory`, if the caller has listed it already.
   """
+  directory = os.fspath(directory)
   if names is None:
     names = list_directory(directory)
   prefix = os.path.join(directory, '')  # Joined once: names are relative.
@@ -74,8 +75,9 @@ def _published_exports(directory: str, checkpoint_name: str,
     is_published = commit.is_published
   else:
     try:
-      with os.scandir(directory) as scan:
-        names = [entry.name for entry in scan if entry.is_dir()]
+      with os.scandir(directory) as scan:  # Links are never exports.
+        names = [entry.name for entry in scan
+                 if entry.is_dir(follow_symlinks=False)]
     except (FileNotFoundError, NotADirectoryError):
       return
     candidates = export_candidates(directory, checkpoint_name, names)
@@ -85,20 +87,21 @@ def _published_exports(directory: str, checkpoint_name: str,
       yield step, path
 
 
-def list_savedmodels(directory: str, checkpoint_name: str = 'ckpt'
+def list_savedmodels(directory: paths.PathLike, checkpoint_name: str = 'ckpt'
                     ) -> List[str]:
   """Returns the paths of all published exports in `directory`, by step."""
-  return [path for _, path in _published_exports(directory, checkpoint_name)]
+  return [path for _, path in _published_exports(os.fspath(directory),
+                                                 checkpoint_name)]
 
 
-def latest_savedmodel(directory: str,
+def latest_savedmodel(directory: paths.PathLike,
                       checkpoint_name: str = 'ckpt') -> Optional[str]:
   """Returns the published export with the highest step, or None."""
   found = next_savedmodel(directory, -1, checkpoint_name, latest=True)
   return found[1] if found else None
 
 
-def next_savedmodel(directory: str, after_step: int,
+def next_savedmodel(directory: paths.PathLike, after_step: int,
                     checkpoint_name: str = 'ckpt',
                     latest: bool = False) -> Optional[Tuple[int, str]]:
   """Returns (step, path) of a published export after `after_step`.
@@ -109,24 +112,44 @@ def next_savedmodel(directory: str, after_step: int,
     checkpoint_name: The checkpoint name of the exports.
     latest: Whether to return the highest such step, not the lowest.
   """
-  return next(_published_exports(directory, checkpoint_name, after_step,
-                                 newest_first=latest), None)
+  return next(_published_exports(os.fspath(directory), checkpoint_name,
+                                 after_step, newest_first=latest), None)
 
 
-def check_seconds(name: str, value: Optional[float],
-                  allow_none: bool) -> None:
-  """Raises a ValueError naming `name` unless `value` is a time in seconds."""
+# The shortest sleep between two looks at a directory: below it a poll is a
+# busy loop that takes a core from the trainer.
+MIN_SECONDS_TO_SLEEP = 0.001
+
+
+def check_seconds(name: str, value: Optional[float], allow_none: bool,
+                  minimum: float = 0.0) -> None:
+  """Raises a ValueError naming `name` unless `value` is a time in seconds.
+
+  Args:
+    name: The argument's name, for the message.
+    value: Its value: a finite number of seconds, at least `minimum`.
+    allow_none: Whether None is allowed (no limit).
+    minimum: The smallest value allowed.
+  """
   if value is None and allow_none:
     return
   if (isinstance(value, bool) or not isinstance(value, (int, float)) or
-      not value >= 0):
-    raise ValueError(f'{name} must be a non-negative number of seconds'
-                     f'{" or None" if allow_none else ""}, got {value!r}.')
+      not minimum <= value < float('inf')):
+    raise ValueError(f'{name} must be a finite number of seconds, at least '
+                     f'{minimum:g}{" (or None)" if allow_none else ""}, got '
+                     f'{value!r}.')
 
 
-def _step_of(savedmodel: Optional[str], checkpoint_name: str) -> int:
+def check_seconds_to_sleep(value: float) -> None:
+  """Raises a ValueError unless `value` is a usable time between polls."""
+  check_seconds('seconds_to_sleep', value, allow_none=False,
+                minimum=MIN_SECONDS_TO_SLEEP)
+
+
+def _step_of(savedmodel: Optional[paths.PathLike], checkpoint_name: str) -> int:
   if savedmodel is None:
     return -1
+  savedmodel = os.fspath(savedmodel)
   step = paths.parse_export_step(savedmodel, checkpoint_name)
   if step is None:
     raise ValueError(f'{savedmodel!r} is not the path of an export named '
@@ -134,8 +157,8 @@ def _step_of(savedmodel: Optional[str], checkpoint_name: str) -> int:
   return step
 
 
-def wait_for_new_savedmodel(directory: str,
-                            last_savedmodel: Optional[str] = None,
+def wait_for_new_savedmodel(directory: paths.PathLike,
+                            last_savedmodel: Optional[paths.PathLike] = None,
                             seconds_to_sleep: float = 1.0,
                             timeout: Optional[float] = None,
                             checkpoint_name: str = 'ckpt') -> Optional[str]:
@@ -160,9 +183,9 @@ def wait_for_new_savedmodel(directory: str,
     ValueError: If `last_savedmodel` is not an export path of this checkpoint
       name, or a time is negative.
   """
-  check_seconds('seconds_to_sleep', seconds_to_sleep, allow_none=False)
+  check_seconds_to_sleep(seconds_to_sleep)
   check_seconds('timeout', timeout, allow_none=True)
-  found = _wait_for_step(directory, _step_of(last_savedmodel, checkpoint_name),
+  found = _wait_for_step(os.fspath(directory), _step_of(last_savedmodel, checkpoint_name),
                          seconds_to_sleep, timeout, checkpoint_name)
   return found[1] if found else None
 
@@ -188,7 +211,7 @@ def _wait_for_step(directory: str, after_step: int, seconds_to_sleep: float,
 
 
 def savedmodels_iterator(
-    directory: str,
+    directory: paths.PathLike,
     min_interval_secs: float = 0,
     timeout: Optional[float] = None,
     timeout_fn: Optional[Callable[[], bool]] = None,
@@ -219,7 +242,9 @@ def savedmodels_iterator(
       (and logging) older unseen ones, as `tf.train.checkpoints_iterator`
       does: for a reader slower than the trainer.
     lease_seconds: The lease duration (renewed while held, see
-      `leases.acquire`), or None to take no lease.
+      `leases.acquire`), or None to take no lease. With the default, a
+      reader that may not write the lease directory reads without leases
+      (logged once); with a value given, that is an error.
     after_step: Only exports of higher steps are yielded: a restarted reader
       passes the last step it handled, and waits for no export before it.
     on_skip: Called as `on_skip(step, reason)` for each export it skips,
@@ -230,12 +255,17 @@ def savedmodels_iterator(
     order.
 
   Raises:
-    ValueError: For a negative time, a bad `lease_seconds`, a non-bool
-      `latest_only` or an `after_step` that is not an integer >= -1; at the
-      call.
+    ValueError: For a negative or infinite time, a `seconds_to_sleep` below
+      `MIN_SECONDS_TO_SLEEP`, a bad `lease_seconds`, a non-bool `latest_only`
+      or an `after_step` that is not an integer >= -1; at the call.
+    tf.errors.PermissionDeniedError: If `lease_seconds` was given and the
+      lease directory may not be written; when the next export is asked for.
+    leases.LeaseLapsedError: When the next export is asked for, if the lease
+      on the last one lapsed while it was read (this process was stopped
+      longer than `lease_seconds`): it may have been deleted meanwhile.
   """
   check_seconds('min_interval_secs', min_interval_secs, allow_none=False)
-  check_seconds('seconds_to_sleep', seconds_to_sleep, allow_none=False)
+  check_seconds_to_sleep(seconds_to_sleep)
   check_seconds('timeout', timeout, allow_none=True)
   if lease_seconds is not None:
     leases.check_lease_seconds(lease_seconds)
@@ -245,7 +275,7 @@ def savedmodels_iterator(
       after_step < -1):
     raise ValueError(f'after_step must be an integer >= -1, got '
                      f'{after_step!r}.')
-  return _iterate(directory, min_interval_secs, timeout, timeout_fn,
+  return _iterate(os.fspath(directory), min_interval_secs, timeout, timeout_fn,
                   seconds_to_sleep, checkpoint_name, latest_only, lease_seconds,
                   after_step, on_skip or (lambda step, reason: None))
 
@@ -280,14 +310,26 @@ def _iterate(directory: str, min_interval_secs: float,
     last_step = step
     lease = None
     if lease_seconds is not None:
-      lease = leases.acquire(path, lease_seconds)
-      if lease is None:
-        logging.warning('Skipping the export of step %d: deleted before it '
-                        'could be read (%s).', step, path)
-        on_skip(step, SKIPPED_DELETED)
-        continue
+      try:
+        lease = leases.acquire(path, lease_seconds)
+      except tf.errors.PermissionDeniedError as e:
+        if not leases.is_default(lease_seconds):
+          raise
+        logging.warning('Reading %s without leases: %s Garbage collection may '
+                        'delete an export while it is read (as with the '
+                        'reference implementation); pass lease_seconds to '
+                        'make this an error.', directory, e.message)
+        lease_seconds = None
+      else:
+        if lease is None:
+          logging.warning('Skipping the export of step %d: deleted before it '
+                          'could be read (%s).', step, path)
+          on_skip(step, SKIPPED_DELETED)
+          continue
     try:
       yield path
+      if lease is not None:
+        lease.check()
     finally:
       if lease is not None:
         lease.release()

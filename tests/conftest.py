@@ -73,6 +73,19 @@ def local_dir(tmp_path) -> str:
   return str(tmp_path / 'model')
 
 
+def snapshot(root: str) -> dict:
+  """Every path under `root` (not following links): file bytes, None for dirs."""
+  found = {}
+  for directory, dirs, files in os.walk(root):
+    for name in dirs:
+      found[os.path.relpath(os.path.join(directory, name), root)] = None
+    for name in files:
+      path = os.path.join(directory, name)
+      with open(path, 'rb') as f:
+        found[os.path.relpath(path, root)] = f.read()
+  return found
+
+
 def entries(directory: str) -> list:
   """The sorted entry names of a directory (without trailing '/').
 
