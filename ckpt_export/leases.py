@@ -546,12 +546,8 @@ def acquire(export_dir: str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
   if not isinstance(holder, str):
     raise ValueError(f'holder must be a string or None, got {holder!r}.')
   export_dir = os.path.join(model_dir, name)
-  token = commit.begin_operation()
-  now = time.time()
-  record = {'export': name, 'export_dir': export_dir, 'holder': holder,
-            'pid': os.getpid(), 'host': socket.gethostname(), 'token': token,
-            'acquired': now, 'expires': now + lease_seconds,
-            'lease_seconds': lease_seconds}
+  record = _new_record(name, export_dir, holder, lease_seconds)
+  token = record['token']
   holding = _Holding(model_dir, name, record)
   try:
     linked = _linked_state_dir(model_dir)
@@ -581,6 +577,16 @@ def acquire(export_dir: str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
     return Lease(holding)
   holding.release()
   return None
+
+
+def _new_record(name: str, path: str, holder: str,
+                lease_seconds: float) -> Dict[str, Any]:
+  """A new lease record, under a token of an operation begun now."""
+  now = time.time()
+  return {'export': name, 'export_dir': path, 'holder': holder,
+          'pid': os.getpid(), 'host': socket.gethostname(),
+          'token': commit.begin_operation(), 'acquired': now,
+          'expires': now + lease_seconds, 'lease_seconds': lease_seconds}
 
 
 @contextlib.contextmanager
@@ -640,12 +646,8 @@ def acquire_writer(directory: str, holder: str,
     WriterBusyError: Naming the live writer that holds the directory.
   """
   lease_seconds = check_lease_seconds(lease_seconds)
-  token = commit.begin_operation()
-  now = time.time()
-  record = {'export': name, 'export_dir': directory, 'holder': holder,
-            'pid': os.getpid(), 'host': socket.gethostname(), 'token': token,
-            'acquired': now, 'expires': now + lease_seconds,
-            'lease_seconds': lease_seconds}
+  record = _new_record(name, directory, holder, lease_seconds)
+  token = record['token']
   holding = _Holding(directory, name, record)
   try:
     tf.io.gfile.makedirs(_state_dir(directory, _LEASES))
