@@ -13,12 +13,13 @@
 # limitations under the License.
 
 import os
-import time
 from typing import Iterable
+from unittest import mock
 
 import tensorflow as tf, tf_keras
 
 import ckpt_export as savedmodel_checkpoint_manager
+from ckpt_export import readers
 
 
 def _models_exist(checkpoint_path: str, models: Iterable[str]) -> bool:
@@ -44,6 +45,19 @@ class _ModelForTest(tf_keras.Model):
   def saved_model_signatures(self):
     # Build SavedModel signatures.
     return dict(serving_default=self.call)
+
+
+class _FakeClock:
+  """Stands in for the `time` module of `readers`: sleeping advances it."""
+
+  def __init__(self):
+    self.now = 0.0
+
+  def monotonic(self) -> float:
+    return self.now
+
+  def sleep(self, seconds: float) -> None:
+    self.now += seconds
 
 
 class CheckpointManagerTest(tf.test.TestCase):
@@ -83,15 +97,15 @@ class CheckpointManagerTest(tf.test.TestCase):
 
   def test_returns_none_after_timeout(self):
     manager = self._create_manager()
-    start = time.time()
-    ret = manager.wait_for_new_savedmodel(
-        None, timeout=1.0, seconds_to_sleep=0.5)
-    end = time.time()
+    clock = _FakeClock()  # Wall-clock slack fails on a loaded machine.
+    with mock.patch.object(readers, 'time', clock):
+      ret = manager.wait_for_new_savedmodel(
+          None, timeout=1.0, seconds_to_sleep=0.5)
     self.assertIsNone(ret)
     # We've waited 0.5 second.
-    self.assertGreater(end, start + 0.5)
-    # The timeout kicked in.
-    self.assertLess(end, start + 0.6)
+    self.assertGreaterEqual(clock.now, 0.5)
+    # The timeout kicked in: never a sleep past it.
+    self.assertLessEqual(clock.now, 1.0)
 
   def test_saved_model_iterator(self):
     manager = self._create_manager(max_to_keep=2)
