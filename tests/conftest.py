@@ -102,3 +102,24 @@ def run_cli(*args: str, prefix: Sequence[str] = (),
   """Runs `ckpt-export ARGS` (after `prefix`), capturing its output as text."""
   return subprocess.run([*prefix, CKPT_EXPORT, *args], capture_output=True,
                         text=True, env=cli_env(), check=False, **kwargs)
+
+
+class FakeClock:
+  """Stands in for a module's `time`: sleeping advances it and runs events.
+
+  Args:
+    events: (time, function) pairs; `sleep` calls each function once, as soon
+      as the clock reaches its time.
+  """
+
+  def __init__(self, events: Sequence[tuple] = ()):
+    self.now = 0.0
+    self._events = sorted(events, key=lambda event: event[0])
+
+  def monotonic(self) -> float:
+    return self.now
+
+  def sleep(self, seconds: float) -> None:
+    self.now += seconds
+    while self._events and self._events[0][0] <= self.now:
+      self._events.pop(0)[1]()

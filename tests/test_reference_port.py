@@ -20,6 +20,7 @@ import tensorflow as tf, tf_keras
 
 import ckpt_export as savedmodel_checkpoint_manager
 from ckpt_export import readers
+import conftest
 
 
 def _models_exist(checkpoint_path: str, models: Iterable[str]) -> bool:
@@ -45,19 +46,6 @@ class _ModelForTest(tf_keras.Model):
   def saved_model_signatures(self):
     # Build SavedModel signatures.
     return dict(serving_default=self.call)
-
-
-class _FakeClock:
-  """Stands in for the `time` module of `readers`: sleeping advances it."""
-
-  def __init__(self):
-    self.now = 0.0
-
-  def monotonic(self) -> float:
-    return self.now
-
-  def sleep(self, seconds: float) -> None:
-    self.now += seconds
 
 
 class CheckpointManagerTest(tf.test.TestCase):
@@ -97,7 +85,7 @@ class CheckpointManagerTest(tf.test.TestCase):
 
   def test_returns_none_after_timeout(self):
     manager = self._create_manager()
-    clock = _FakeClock()  # Wall-clock slack fails on a loaded machine.
+    clock = conftest.FakeClock()  # Wall-clock slack fails on a loaded machine.
     with mock.patch.object(readers, 'time', clock):
       ret = manager.wait_for_new_savedmodel(
           None, timeout=1.0, seconds_to_sleep=0.5)
