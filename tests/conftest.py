@@ -150,3 +150,24 @@ def run_cli(*args: str, prefix: Sequence[str] = (),
                           text=True, env=cli_env(), check=False, **kwargs)
   result.stderr = TF_LOAD_NOISE.sub('', result.stderr or '')
   return result
+
+
+class FakeClock:
+  """Stands in for a module's `time`: sleeping advances it and runs events.
+
+  Args:
+    events: (time, function) pairs; `sleep` calls each function once, as soon
+      as the clock reaches its time.
+  """
+
+  def __init__(self, events: Sequence[tuple] = ()):
+    self.now = 0.0
+    self._events = sorted(events, key=lambda event: event[0])
+
+  def monotonic(self) -> float:
+    return self.now
+
+  def sleep(self, seconds: float) -> None:
+    self.now += seconds
+    while self._events and self._events[0][0] <= self.now:
+      self._events.pop(0)[1]()

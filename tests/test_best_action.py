@@ -1,5 +1,6 @@
 """BestExportAction in a real orbit.Controller's train_and_evaluate."""
 
+import logging
 import os
 
 import numpy as np
@@ -10,6 +11,7 @@ from conftest import N_FEATURES, Scale, entries, served_value
 import ckpt_export
 from ckpt_export import best as best_lib
 from ckpt_export import best_action
+from ckpt_export import paths
 
 orbit = pytest.importorskip('orbit')  # It ships in tf-models-official.
 
@@ -92,9 +94,11 @@ def test_a_step_without_export_is_skipped(local_dir, caplog):
       checkpoint_interval=4)
   controller.train_and_evaluate(train_steps=10, eval_interval=2)
   assert best.best == (6, {'score': 0.0, 'nested/w': 6.0})
-  skipped = [r.getMessage() for r in caplog.records
-             if 'No export of step' in r.getMessage()]
-  assert [m.split()[4] for m in skipped] == ['4', '8']
+  warned = '\n'.join(r.getMessage() for r in caplog.records
+                     if r.levelno >= logging.WARNING)
+  # The warnings name the export each skipped step lacked, and no other.
+  assert [s for s in range(1, 11)
+          if paths.export_path(local_dir, 'ckpt', s) in warned] == [4, 8]
 
 
 def test_bad_output_and_arguments(local_dir):

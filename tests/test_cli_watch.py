@@ -136,8 +136,13 @@ def test_sigterm_stops_the_command_and_releases_the_export(finished_dir,
       [CKPT_EXPORT, 'watch', finished_dir, '--state-file', state, '--',
        sys.executable, '-c', sleeper, log], env=cli_env(),
       stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 600
   while not _lines(log):
     assert watch.poll() is None, watch.communicate()[1]
+    if time.monotonic() > deadline:
+      watch.kill()
+      pytest.fail('The watch started no command within 600 s; stderr:\n'
+                  + watch.communicate()[1])
     time.sleep(0.1)
   command_pid = int(_lines(log)[0])
   first = ckpt_export.list_savedmodels(finished_dir)[0]
@@ -327,10 +332,15 @@ def test_a_killed_watch_restarts_without_redoing_finished_steps(tmp_path):
       tmp_path / 'watch.err', 'w') as w_err:
     watch = _start_watch(model_dir, log, watch_flags, command_flags, w_err)
     trainer = _start_trainer(model_dir, steps, 2, t_err, '--pace_file', log)
+    deadline = time.monotonic() + 900
     while 'start 2' not in _lines(log):
       if watch.poll() is not None or trainer.poll() not in (None, 0):
         pytest.fail(f'watch {watch.poll()}, trainer {trainer.poll()} ended '
                     f'before step 2; log {_lines(log)}')
+      if time.monotonic() > deadline:
+        os.killpg(watch.pid, signal.SIGKILL)
+        trainer.kill()
+        pytest.fail(f'No step 2 within 900 s; log {_lines(log)}')
       time.sleep(0.1)
     os.killpg(watch.pid, signal.SIGKILL)
     watch.wait()

@@ -8,6 +8,7 @@ another step than its own.
 
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -29,6 +30,17 @@ pytestmark = pytest.mark.slow
 SEED = int(os.environ.get('EVAL_KILL_SEED', '20251121'))
 SAVE_EVERY = 2
 WAIT_SECONDS = 600
+_children: List[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _kill_children():
+  """Kills the children a failed test leaves running."""
+  yield
+  while _children:
+    proc = _children.pop()
+    proc.kill()
+    proc.wait()
 
 
 def _env():
@@ -40,16 +52,20 @@ def _trainer(model_dir: str, total_steps: int, max_to_keep: int,
   cmd = [sys.executable, crash_child.__file__, '--model_dir', model_dir,
          '--total_steps', str(total_steps), '--save_every', str(SAVE_EVERY),
          '--max_to_keep', str(max_to_keep)]
-  return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=_env(),
-                          stderr=open(tmp_path / 'trainer.err', 'a'))
+  _children.append(subprocess.Popen(
+      cmd, stdout=subprocess.PIPE, text=True, env=_env(),
+      stderr=open(tmp_path / 'trainer.err', 'a')))
+  return _children[-1]
 
 
 def _evaluator(model_dir: str, until_step: int, tmp_path,
                *flags: str) -> subprocess.Popen:
   cmd = [sys.executable, eval_child.__file__, '--model_dir', model_dir,
          '--until_step', str(until_step), *flags]
-  return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=_env(),
-                          stderr=open(tmp_path / 'evaluator.err', 'a'))
+  _children.append(subprocess.Popen(
+      cmd, stdout=subprocess.PIPE, text=True, env=_env(),
+      stderr=open(tmp_path / 'evaluator.err', 'a')))
+  return _children[-1]
 
 
 def _finish(proc: subprocess.Popen, tmp_path, name: str) -> List[str]:
@@ -60,6 +76,32 @@ def _finish(proc: subprocess.Popen, tmp_path, name: str) -> List[str]:
       pytest.fail(f'{name} exited with {proc.returncode}; stdout:\n{out}\n'
                   f'stderr:\n{f.read()[-4000:]}')
   return out.splitlines()
+
+
+def _read_until(proc: subprocess.Popen, tmp_path, name: str,
+                *prefixes: str) -> List[str]:
+  """Reads a child's lines up to the first starting with one of `prefixes`.
+
+  Reads the pipe a byte at a time, so that `communicate` gets the rest, and
+  fails the test with the child's stderr if it exits or stays silent first.
+  """
+  deadline = time.monotonic() + WAIT_SECONDS
+  fd, lines, line = proc.stdout.fileno(), [], b''
+  while not (lines and lines[-1].startswith(prefixes)):
+    left = max(deadline - time.monotonic(), 0)
+    byte = os.read(fd, 1) if select.select([fd], [], [], left)[0] else None
+    if not byte:
+      proc.kill()
+      with open(tmp_path / f'{name}.err') as f:
+        pytest.fail(f'{name} printed no line starting with {prefixes} '
+                    + (f'within {WAIT_SECONDS} s' if byte is None else
+                       f'before exiting with {proc.wait()}')
+                    + f'; stdout:\n{lines}\nstderr:\n{f.read()[-4000:]}')
+    line += byte
+    if byte == b'\n':
+      lines.append(line.decode().strip())
+      line = b''
+  return lines
 
 
 def _steps(lines: List[str], kind: str) -> List[int]:
@@ -138,9 +180,7 @@ def test_trainer_killed_and_restarted_while_the_sidecar_evaluates(tmp_path):
   evaluator = _evaluator(model_dir, 30, tmp_path, '--eval_seconds', '0.1',
                          '--target', str(target))
   trainer = _trainer(model_dir, 30, 1, tmp_path)
-  assert trainer.stdout.readline().strip() == 'READY'
-  while not trainer.stdout.readline().startswith('SAVED'):
-    pass
+  _read_until(trainer, tmp_path, 'trainer', 'SAVED')
   time.sleep(rng.uniform(0.0, 1.5))
   trainer.send_signal(signal.SIGKILL)
   trainer.wait()
@@ -162,9 +202,7 @@ def test_sidecar_killed_at_random_resumes_and_keeps_the_best(tmp_path):
   for _ in range(4):
     before = _record(model_dir)
     evaluator = _evaluator(model_dir, 30, tmp_path, '--eval_seconds', '0.02')
-    lines = [evaluator.stdout.readline().strip()]
-    while not lines[-1].startswith(('START', 'DONE')) and lines[-1]:
-      lines.append(evaluator.stdout.readline().strip())
+    lines = _read_until(evaluator, tmp_path, 'evaluator', 'START', 'DONE')
     time.sleep(rng.uniform(0.0, 1.0))
     evaluator.send_signal(signal.SIGKILL)
     lines += evaluator.communicate(timeout=WAIT_SECONDS)[0].splitlines()
@@ -193,7 +231,7 @@ def test_best_export_updates_killed_at_random_instants(tmp_path):
   last = None  # (step, score) of the last update known to have returned.
   for _ in range(6):
     updater = _evaluator(model_dir, 0, tmp_path, '--update_forever')
-    assert updater.stdout.readline().strip() == 'READY'
+    assert _read_until(updater, tmp_path, 'evaluator', 'READY') == ['READY']
     time.sleep(rng.uniform(0.0, 1.5))
     updater.send_signal(signal.SIGKILL)
     lines = updater.communicate(timeout=WAIT_SECONDS)[0].splitlines()

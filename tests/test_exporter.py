@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import tensorflow as tf
@@ -54,10 +55,23 @@ def test_exports_whose_checkpoint_is_gone_are_deleted(local_dir):
 
 def test_stops_when_asked(local_dir):
   _write_checkpoints(local_dir, [1])
-  stop = threading.Event()
+  stop, returned = threading.Event(), []
+  # No timeout: only `stop` ends it, once it has exported step 1.
+  thread = threading.Thread(target=lambda: returned.append(
+      exporter.run_exporter(local_dir, exporter_build.build,
+                            seconds_to_sleep=0.05, stop=stop)), daemon=True)
+  thread.start()
+  deadline = time.monotonic() + 300
+  while not ckpt_export.list_savedmodels(local_dir) and thread.is_alive():
+    if time.monotonic() > deadline:
+      stop.set()
+      pytest.fail('No export of step 1 within 300 s')
+    time.sleep(0.05)
   stop.set()
-  assert exporter.run_exporter(local_dir, exporter_build.build,
-                               stop=stop) == []
+  thread.join(60)
+  assert not thread.is_alive(), 'run_exporter did not return once stopped'
+  assert returned == [[1]]
+  assert served_value(paths.export_path(local_dir, 'ckpt', 1)) == 1
 
 
 def test_load_build_fn_finds_the_function():

@@ -3,6 +3,7 @@
 import math
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -129,6 +130,7 @@ def test_a_live_reader_keeps_its_lease_past_its_duration(model_dir, scale):
   save_step(manager, scale, 1)
   with leases.leased(_export(model_dir, 1), lease_seconds=3) as lease:
     first_expiry = lease.expires
+    assert first_expiry <= time.time() + 3  # Bounds the wait below.
     while time.time() < first_expiry + 1:
       time.sleep(0.5)
     save_step(manager, scale, 2)  # The renewed lease still holds it.
@@ -255,7 +257,9 @@ def test_iterator_with_a_trainer_deleting_never_yields_a_missing_export(
       timeout_fn=lambda: seen[-1:] == [last] or bool(errors)):
     step = paths.parse_export_step(export_dir)
     # A slow evaluation: the trainer saves (and collects) at least once more.
+    deadline = time.monotonic() + 600
     while saved[-1] == step < last and not errors:
+      assert time.monotonic() < deadline, f'No save after step {step}'
       time.sleep(0.01)
     assert served_value(export_dir) == step
     seen.append(step)
@@ -317,8 +321,13 @@ def test_many_readers_racing_the_trainers_gc(model_dir):
           run(f'grabber{i}', grab) for i in range(4)]
   for thread in threads:
     thread.start()
+  deadline = time.monotonic() + 600
   for thread in threads:
-    thread.join()
+    thread.join(max(deadline - time.monotonic(), 0))
+  if any(thread.is_alive() for thread in threads):
+    done.set()  # Stops the grabbers.
+    pytest.fail(f'Threads still running after 600 s: '
+                f'{[t.name for t in threads if t.is_alive()]}')
   assert errors == []
   for steps in seen.values():
     assert steps == sorted(set(steps)) and steps[-1] == last
@@ -337,6 +346,9 @@ def _start_reader(export_dir, lease_seconds):
       [sys.executable, CHILD, export_dir, str(lease_seconds)],
       stdout=subprocess.PIPE, text=True,
       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+  if not select.select([child.stdout], [], [], 600)[0]:
+    child.kill()
+    pytest.fail('The reader printed nothing within 600 s')
   assert child.stdout.readline().strip() == 'HELD'
   return child
 
@@ -374,6 +386,7 @@ def test_a_frozen_reader_stops_pinning_once_its_lease_expires(local_dir,
     os.kill(child.pid, signal.SIGSTOP)
     # Alive but no longer renewing: pinned until the last expiry written.
     expiry = max(h['expires'] for h in leases.holders(export_dir))
+    assert expiry <= time.time() + 2  # Bounds the wait below.
     while time.time() <= expiry:
       time.sleep(0.2)
     assert child.poll() is None

@@ -12,7 +12,8 @@ from ckpt_export import commit
 from ckpt_export import export
 from ckpt_export import leases
 from ckpt_export import paths
-from conftest import Scale, served_value, steps_of
+from ckpt_export import readers
+from conftest import FakeClock, Scale, served_value, steps_of
 
 
 def _publish(model_dir: str, step: int, checkpoint_name: str = 'ckpt') -> str:
@@ -86,9 +87,26 @@ def test_wait_picks_up_an_export_published_while_it_waits(local_dir):
   assert served_value(found) == 2.0
 
 
-def test_wait_times_out_with_none(model_dir):
-  assert ckpt_export.wait_for_new_savedmodel(
-      model_dir, timeout=0.2, seconds_to_sleep=0.05) is None
+@pytest.mark.parametrize('iterate', [False, True])
+def test_wait_looks_last_just_before_the_deadline(model_dir, monkeypatch,
+                                                  iterate):
+  # On a fake clock: looks at 0 and 0.6 s, then again by the 1.5 s deadline;
+  # the export of step 1 appears at 1 s, after the second look.
+  clock = FakeClock([(1.0, lambda: _publish(model_dir, 1))])
+  monkeypatch.setattr(readers, 'time', clock)
+  if iterate:
+    found = list(ckpt_export.savedmodels_iterator(
+        model_dir, timeout=1.5, seconds_to_sleep=0.6, lease_seconds=None))
+  else:
+    found = [ckpt_export.wait_for_new_savedmodel(
+        model_dir, timeout=1.5, seconds_to_sleep=0.6)]
+  assert found == [paths.export_path(model_dir, 'ckpt', 1)]
+  if not iterate:
+    assert clock.now <= 1.5  # Never slept past the deadline.
+    # Nothing newer: None, after waiting no longer than the timeout.
+    assert ckpt_export.wait_for_new_savedmodel(
+        model_dir, found[0], timeout=1.5, seconds_to_sleep=0.6) is None
+    assert 2.1 <= clock.now <= 3.0
 
 
 def test_unpublished_work_directories_are_never_returned(local_dir):

@@ -13,12 +13,14 @@
 # limitations under the License.
 
 import os
-import time
 from typing import Iterable
+from unittest import mock
 
 import tensorflow as tf, tf_keras
 
 import ckpt_export as savedmodel_checkpoint_manager
+from ckpt_export import readers
+import conftest
 
 
 def _models_exist(checkpoint_path: str, models: Iterable[str]) -> bool:
@@ -83,15 +85,15 @@ class CheckpointManagerTest(tf.test.TestCase):
 
   def test_returns_none_after_timeout(self):
     manager = self._create_manager()
-    start = time.time()
-    ret = manager.wait_for_new_savedmodel(
-        None, timeout=1.0, seconds_to_sleep=0.5)
-    end = time.time()
+    clock = conftest.FakeClock()  # Wall-clock slack fails on a loaded machine.
+    with mock.patch.object(readers, 'time', clock):
+      ret = manager.wait_for_new_savedmodel(
+          None, timeout=1.0, seconds_to_sleep=0.5)
     self.assertIsNone(ret)
     # We've waited 0.5 second.
-    self.assertGreater(end, start + 0.5)
-    # The timeout kicked in.
-    self.assertLess(end, start + 0.6)
+    self.assertGreaterEqual(clock.now, 0.5)
+    # The timeout kicked in: never a sleep past it.
+    self.assertLessEqual(clock.now, 1.0)
 
   def test_saved_model_iterator(self):
     manager = self._create_manager(max_to_keep=2)
