@@ -18,7 +18,6 @@ import sys
 import time
 
 from absl import logging
-from official.core import savedmodel_checkpoint_manager as reference
 import pytest
 import tensorflow as tf
 
@@ -257,7 +256,7 @@ def test_bad_seconds_to_sleep_is_a_clear_error(tmp_path, value):
       call(str(tmp_path), seconds_to_sleep=value)
 
 
-def test_reference_leftovers_converge(tmp_path):
+def test_reference_leftovers_converge(tmp_path, reference):
   model_dir = str(tmp_path / 'model')
   module = Scale()
   ref = reference.SavedModelCheckpointManager(

@@ -11,6 +11,8 @@ from ckpt_export import manager as manager_lib
 from ckpt_export import paths
 from ckpt_export import readers
 from ckpt_export import serving
+
+pytest.importorskip('official', reason='needs Model Garden (the orbit extra)')
 from official.core import exp_factory
 from official.core import export_base
 from official.core import task_factory

@@ -14,6 +14,8 @@ from ckpt_export import paths
 from ckpt_export import readers
 from ckpt_export import serving
 from conftest import REPO
+
+pytest.importorskip('official', reason='needs Model Garden (the orbit extra)')
 from official.core import exp_factory
 from official.core import task_factory
 from official.vision import registry_imports  # pylint: disable=unused-import
