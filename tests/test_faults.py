@@ -94,8 +94,9 @@ def _save(manager, module: Padded, step: int) -> str:
   return manager.save(checkpoint_number=step)
 
 
-# Free space left before step 3's save: less than its export needs (it fails
-# writing the export), or enough for the export but not for the checkpoint.
+# Free space left before a restarted job's step 3 save: less than its (full)
+# export needs (it fails writing the export), or enough for the export but not
+# for the checkpoint.
 @pytest.mark.parametrize('free_bytes,failing_write', [
     (1 << 20, '.ckpt-3_saved_modules.tmp-'),
     (3 << 20, 'ckpt-3_temp'),
@@ -109,6 +110,12 @@ def test_disk_full(small_fs, free_bytes, failing_write):
   _save(manager, module, 1)
   _save(manager, module, 2)
   filler = _fill(small_fs, free_bytes)
+  # A restarted job: its first export is a full one, written before the
+  # checkpoint (later exports share the checkpoint's variables and need only
+  # their metadata's space).
+  manager = ckpt_export.SavedModelCheckpointManager(
+      tf.train.Checkpoint(module=module), model_dir, max_to_keep=5,
+      modules_to_export={'scale': module})
 
   with pytest.raises(tf.errors.ResourceExhaustedError) as error:
     _save(manager, module, 3)
