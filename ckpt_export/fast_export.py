@@ -215,7 +215,8 @@ class _Template:
       return
     fingerprint = copy.copy(self.fingerprint)
     fingerprint.checkpoint_hash = _tf_internals.index_hash(index)
-    fingerprint.uuid = str(uuid.uuid4().int)
+    if 'uuid' in fingerprint.DESCRIPTOR.fields_by_name:  # TF 2.19 and later.
+      fingerprint.uuid = str(uuid.uuid4().int)
     opener = open if local else tf.io.gfile.GFile
     with opener(os.path.join(module_dir, _FINGERPRINT), 'wb') as f:
       f.write(fingerprint.SerializeToString())

@@ -135,8 +135,11 @@ def _check_export(path: str, layouts: Set[frozenset]) -> int:
   assert step is not None, path
   # A kill between garbage collection's deletion request and the deletion
   # leaves the request in a whole export; the next collection deletes it.
-  layouts.add(frozenset(_files(path) - {leases.DELETE_REQUEST}))
-  assert len(layouts) == 1, f'{path} has other files than earlier exports'
+  layout = frozenset(_files(path) - {leases.DELETE_REQUEST})
+  assert not layouts or layout in layouts, (
+      f'{path} has other files than earlier exports: '
+      f'{sorted(layout ^ next(iter(layouts)))}')
+  layouts.add(layout)
   loaded = tf.saved_model.load(os.path.join(path, crash_child.MODULE_NAME))
   x = np.arange(crash_child.WIDTH, dtype=np.float32)
   out = loaded.signatures['serving_default'](tf.constant(x))
