@@ -197,9 +197,12 @@ def is_reference_export(export_dir: str) -> bool:
   That is what the reference implementation writes (no commit marker). Links
   are never one.
   """
-  if is_link(export_dir) or not tf.io.gfile.isdir(export_dir):
+  try:
+    if is_link(export_dir) or not tf.io.gfile.isdir(export_dir):
+      return False
+    children = [c.rstrip('/') for c in tf.io.gfile.listdir(export_dir)]
+  except tf.errors.NotFoundError:  # Deleted meanwhile (a reader's release).
     return False
-  children = [c.rstrip('/') for c in tf.io.gfile.listdir(export_dir)]
   return bool(children) and all(
       not is_link(os.path.join(export_dir, c)) and
       tf.io.gfile.exists(os.path.join(export_dir, c, 'saved_model.pb'))

@@ -62,9 +62,15 @@ def collect(directory: str, checkpoint_name: str, keep: KeepFn,
   except commit.HOUSEKEEPING_ERRORS as e:
     commit.warn_failure(directory, 'list', e)
     return set()
-  names = commit.recover(directory, checkpoint_name, names)
-  names -= _remove_leftovers(directory, names, leftover)
-  names -= _reference_leftovers(directory, checkpoint_name, names)
+  try:
+    names = commit.recover(directory, checkpoint_name, names)
+  except commit.HOUSEKEEPING_ERRORS as e:
+    commit.warn_failure(directory, 'recover the leftovers in', e)
+  try:
+    names -= _remove_leftovers(directory, names, leftover)
+    names -= _reference_leftovers(directory, checkpoint_name, names)
+  except commit.HOUSEKEEPING_ERRORS as e:
+    commit.warn_failure(directory, 'remove the crash leftovers in', e)
   if leases.STATE_DIR in names:
     try:
       names.difference_update(
@@ -72,10 +78,10 @@ def collect(directory: str, checkpoint_name: str, keep: KeepFn,
     except commit.HOUSEKEEPING_ERRORS as e:
       commit.warn_failure(os.path.join(directory, leases.STATE_DIR),
                           'sweep the leases in', e)
-  exports = [(step, path) for step, path in readers.export_candidates(
-      directory, checkpoint_name, names)
-             if commit.is_ours(path) or commit.is_reference_export(path)]
   try:
+    exports = [(step, path) for step, path in readers.export_candidates(
+        directory, checkpoint_name, names)
+               if commit.is_ours(path) or commit.is_reference_export(path)]
     kept = keep(names, [step for step, _ in exports])
   except commit.HOUSEKEEPING_ERRORS as e:
     commit.warn_failure(directory, 'decide which exports to keep in', e)
