@@ -139,6 +139,24 @@ def test_resnet_imagenet_exports_classify_as_their_checkpoint(tmp_path):
   assert not np.allclose(served[0], served[1])
 
 
+def _assert_all_succeed(procs) -> list:
+  """Waits (with a deadline) for each process; each must exit 0.
+
+  Returns:
+    Each process's stderr.
+  """
+  try:
+    errors = [proc.communicate(timeout=240)[1] for proc in procs]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  for proc, stderr in zip(procs, errors):
+    assert proc.returncode == 0, stderr[-3000:]
+  return errors
+
+
 @pytest.mark.slow
 def test_mock_experiment_on_two_workers(tmp_path):
   """MultiWorkerMirrored: the chief writes model_dir, worker 1 no temp dir."""
@@ -163,15 +181,7 @@ def test_mock_experiment_on_two_workers(tmp_path):
          f'--params_override={json.dumps(override)}'],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
         cwd=REPO))
-  try:
-    errors = [proc.communicate(timeout=240)[1] for proc in procs]
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-  for proc, stderr in zip(procs, errors):
-    assert proc.returncode == 0, stderr[-3000:]
+  _assert_all_succeed(procs)
   assert_exports_match_checkpoints(model_dir, [2, 4])
   # Model Garden's runner would leave a mkdtemp() directory on worker 1.
   assert os.listdir(tmp_path / 'tmp1') == []
@@ -193,15 +203,7 @@ def test_continuous_eval_of_exports_beside_the_trainer(tmp_path):
       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
       cwd=REPO) for mode, extra in (('continuous_eval', ['--evaluate_exports']),
                                     ('train', []))]
-  try:
-    errors = [proc.communicate(timeout=240)[1] for proc in procs]
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-  for proc, stderr in zip(procs, errors):
-    assert proc.returncode == 0, stderr[-3000:]
+  errors = _assert_all_succeed(procs)
   # orbit logs each evaluation with the global step, here the export's.
   evaluated = [int(s) for s in re.findall(r'eval \| step: +(\d+) \| running',
                                           errors[0])]
