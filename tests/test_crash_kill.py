@@ -109,6 +109,12 @@ class _Child:
     self.proc.stdin.close()
 
 
+# The deletion request, and the temporary file it is written to first.
+_DELETE_REQUEST_RE = re.compile(
+    '(' + re.escape(leases.DELETE_REQUEST) + '|' +
+    re.escape('.' + leases.DELETE_REQUEST + '.tmp-') + r'.+)\Z', re.DOTALL)
+
+
 def _files(root: str) -> Set[str]:
   """The paths of the files under `root`, relative to it.
 
@@ -134,8 +140,10 @@ def _check_export(path: str, layouts: Set[frozenset]) -> int:
   step = ckpt_export.parse_export_step(path)
   assert step is not None, path
   # A kill between garbage collection's deletion request and the deletion
-  # leaves the request in a whole export; the next collection deletes it.
-  layout = frozenset(_files(path) - {leases.DELETE_REQUEST})
+  # leaves the request in a whole export, or, killed while writing it, the
+  # request's temporary file; the next collection deletes the export.
+  layout = frozenset(
+      f for f in _files(path) if not _DELETE_REQUEST_RE.match(f))
   assert not layouts or layout in layouts, (
       f'{path} has other files than earlier exports: '
       f'{sorted(layout ^ next(iter(layouts)))}')
