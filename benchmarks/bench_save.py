@@ -42,7 +42,7 @@ import tf_keras
 from official.core import savedmodel_checkpoint_manager as reference
 
 import ckpt_export
-from ckpt_export import exporter
+from ckpt_export import decoupled as decoupled_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _REPEATS = flags.DEFINE_integer('repeats', 7, 'Timed saves per variant.')
@@ -190,7 +190,7 @@ class DecoupledTrainer:
     self._manager = tf.train.CheckpointManager(ckpt, directory, MAX_TO_KEEP)
     self._stop = threading.Event()
     self._thread = threading.Thread(
-        target=exporter.run_exporter, daemon=True,
+        target=decoupled_lib.run_exporter, daemon=True,
         args=(directory, lambda: _build_for_exporter(width)),
         kwargs={'seconds_to_sleep': 0.02, 'stop': self._stop})
     self._thread.start()

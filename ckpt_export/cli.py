@@ -770,12 +770,12 @@ def _add_watch(subparsers: Any) -> None:
 
 def _export(args: argparse.Namespace) -> int:
   """Exports each new checkpoint of MODEL_DIR (the decoupled mode)."""
-  from ckpt_export import exporter  # pylint: disable=g-import-not-at-top
+  from ckpt_export import decoupled  # pylint: disable=g-import-not-at-top
   _list_model_dir(args.model_dir)
   sys.path.insert(0, os.getcwd())  # Finds the user's modules, as python does.
   try:
-    build_fn = exporter.load_build_fn(args.build_fn)
-    steps = exporter.run_exporter(
+    build_fn = decoupled.load_build_fn(args.build_fn)
+    steps = decoupled.run_exporter(
         args.model_dir, build_fn, checkpoint_name=args.checkpoint_name,
         timeout=args.timeout, seconds_to_sleep=args.seconds_to_sleep)
   except ValueError as e:

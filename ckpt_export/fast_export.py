@@ -58,7 +58,7 @@ from tensorflow.core.protobuf import trackable_object_graph_pb2
 from ckpt_export import _tf_internals
 from ckpt_export import bundle
 from ckpt_export import commit
-from ckpt_export import export
+from ckpt_export import savedmodel as export
 
 _OBJECT_GRAPH_KEY = _tf_internals.OBJECT_GRAPH_KEY
 _VARIABLE_VALUE = 'VARIABLE_VALUE'

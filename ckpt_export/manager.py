@@ -30,7 +30,7 @@ import tensorflow as tf
 from ckpt_export import _tf_internals
 from ckpt_export import commit
 from ckpt_export import distribution
-from ckpt_export import export
+from ckpt_export import savedmodel as export
 from ckpt_export import fast_export
 from ckpt_export import housekeeping
 from ckpt_export import leases

@@ -13,7 +13,7 @@ then gets an export of those modules, written by `SavedModelCheckpointManager`:
 
 Modules may be Model Garden's serving modules (`export_base.ExportModule`) as
 they are: their signatures come from `get_inference_signatures` (see
-`export.py` for the function keys). `ExperimentRunner` is
+`savedmodel.py` for the function keys). `ExperimentRunner` is
 `train_lib.OrbitExperimentRunner` with that manager, for code that builds its
 runner itself.
 

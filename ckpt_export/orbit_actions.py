@@ -28,7 +28,7 @@ from absl import logging
 import tensorflow as tf
 
 from ckpt_export import commit
-from ckpt_export import export
+from ckpt_export import savedmodel
 from ckpt_export import housekeeping
 from ckpt_export import paths
 from ckpt_export import readers
@@ -67,7 +67,7 @@ class ExportSavedModel:
 
     Args:
       modules_to_export: The modules to export, by name; each is saved as
-        `<export dir>/<name>/` with its signatures (see `export.py`).
+        `<export dir>/<name>/` with its signatures (see `savedmodel.py`).
       directory: Where to write the exports (local path or URL).
       global_step: The integer step variable, e.g. `trainer.global_step`.
       export_interval: Export at the first call at or after each multiple of
@@ -87,7 +87,7 @@ class ExportSavedModel:
     if not modules_to_export:
       raise ValueError('modules_to_export must name at least one module, got '
                        f'{modules_to_export!r}.')
-    export.validate_modules(modules_to_export)
+    savedmodel.validate_modules(modules_to_export)
     self._directory = paths.validate_location(directory, 'export_name',
                                               export_name)
     if (not isinstance(global_step, tf.Variable) or
@@ -152,7 +152,7 @@ class ExportSavedModel:
           'export (no SavedModels in it); move it away, it is left as is.')
     with commit.staged_export(export_dir, {
         'step': step, 'modules': list(self._modules_to_export)}) as tmp:
-      export.write_modules(self._modules_to_export, tmp, self._options)
+      savedmodel.write_modules(self._modules_to_export, tmp, self._options)
     self._last_step = step
     self._last_step_read = True
     self._collect_garbage(step)

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from conftest import MODEL_GARDEN_REFERENCE, entries, served_value
 from ckpt_export import commit
-from ckpt_export import export
+from ckpt_export import savedmodel
 from ckpt_export import paths
 from ckpt_export import readers
 
@@ -19,7 +19,7 @@ MODULES_KEY = 'scale'
 def _publish(model_dir: str, step: int, module) -> str:
   final = paths.export_path(model_dir, 'ckpt', step)
   with commit.staged_export(final, {'step': step}) as tmp:
-    export.write_modules({MODULES_KEY: module}, tmp)
+    savedmodel.write_modules({MODULES_KEY: module}, tmp)
   return final
 
 
@@ -36,7 +36,7 @@ def _half_published(model_dir: str, scale) -> Tuple[str, str]:
   """
   final = paths.export_path(model_dir, 'ckpt', 1)
   tmp = commit._work_dir(final, 'tmp', _dead_token())
-  export.write_modules({MODULES_KEY: scale}, tmp)
+  savedmodel.write_modules({MODULES_KEY: scale}, tmp)
   tf.io.gfile.makedirs(final)
   marker = os.path.join(final, commit.INCOMPLETE_MARKER)
   with tf.io.gfile.GFile(marker, 'w') as f:
@@ -58,7 +58,7 @@ def test_a_failing_export_publishes_nothing_and_leaves_nothing(model_dir, scale)
   final = paths.export_path(model_dir, 'ckpt', 1)
   with pytest.raises(RuntimeError, match='boom'):
     with commit.staged_export(final, {'step': 1}) as tmp:
-      export.write_modules({MODULES_KEY: scale}, tmp)
+      savedmodel.write_modules({MODULES_KEY: scale}, tmp)
       raise RuntimeError('boom')
   assert entries(model_dir) == []
   assert readers.list_savedmodels(model_dir) == []
@@ -67,7 +67,7 @@ def test_a_failing_export_publishes_nothing_and_leaves_nothing(model_dir, scale)
 def test_work_directory_is_invisible_to_every_reader(model_dir, scale):
   final = paths.export_path(model_dir, 'ckpt', 4)
   with commit.staged_export(final, {'step': 4}) as tmp:
-    export.write_modules({MODULES_KEY: scale}, tmp)
+    savedmodel.write_modules({MODULES_KEY: scale}, tmp)
     name = paths.basename(tmp)
     assert entries(model_dir) == [name]
     # ckpt_export's readers.

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import ckpt_export
-from ckpt_export import exporter
+from ckpt_export import decoupled
 from ckpt_export import paths
 import exporter_build
 from conftest import N_FEATURES, Scale, entries, run_cli, served_value
@@ -32,22 +32,22 @@ def _write_checkpoints(model_dir, steps, max_to_keep=3):
 
 def test_exports_every_kept_checkpoint_with_its_values(local_dir):
   _write_checkpoints(local_dir, [1, 2, 3, 4])
-  assert exporter.run_exporter(local_dir, exporter_build.build,
+  assert decoupled.run_exporter(local_dir, exporter_build.build,
                                timeout=0) == [2, 3, 4]
   exports = ckpt_export.list_savedmodels(local_dir)
   assert steps_of(exports) == [2, 3, 4]
   for export_dir in exports:
     assert served_value(export_dir) == paths.parse_export_step(export_dir)
-  assert exporter.run_exporter(local_dir, exporter_build.build,
+  assert decoupled.run_exporter(local_dir, exporter_build.build,
                                timeout=0) == []
 
 
 def test_exports_whose_checkpoint_is_gone_are_deleted(local_dir):
   manager = _write_checkpoints(local_dir, [1, 2], max_to_keep=2)
-  assert exporter.run_exporter(local_dir, exporter_build.build,
+  assert decoupled.run_exporter(local_dir, exporter_build.build,
                                timeout=0) == [1, 2]
   manager.save(checkpoint_number=3)
-  assert exporter.run_exporter(local_dir, exporter_build.build,
+  assert decoupled.run_exporter(local_dir, exporter_build.build,
                                timeout=0) == [3]
   assert steps_of(ckpt_export.list_savedmodels(local_dir)) == [2, 3]
   assert not [n for n in entries(local_dir) if n.startswith('.')]
@@ -58,7 +58,7 @@ def test_stops_when_asked(local_dir):
   stop, returned = threading.Event(), []
   # No timeout: only `stop` ends it, once it has exported step 1.
   thread = threading.Thread(target=lambda: returned.append(
-      exporter.run_exporter(local_dir, exporter_build.build,
+      decoupled.run_exporter(local_dir, exporter_build.build,
                             seconds_to_sleep=0.05, stop=stop)), daemon=True)
   thread.start()
   deadline = time.monotonic() + 300
@@ -75,7 +75,7 @@ def test_stops_when_asked(local_dir):
 
 
 def test_load_build_fn_finds_the_function():
-  assert exporter.load_build_fn('exporter_build:build') is exporter_build.build
+  assert decoupled.load_build_fn('exporter_build:build') is exporter_build.build
 
 
 @pytest.mark.parametrize('spec, match', [
@@ -88,13 +88,13 @@ def test_load_build_fn_finds_the_function():
 ])
 def test_load_build_fn_names_what_is_wrong(spec, match):
   with pytest.raises(ValueError, match=match):
-    exporter.load_build_fn(spec)
+    decoupled.load_build_fn(spec)
 
 
 def test_a_checkpoint_without_the_modules_is_a_clear_error(local_dir):
   _write_checkpoints(local_dir, [1])
   with pytest.raises(ValueError, match='does not hold all variables'):
-    exporter.run_exporter(local_dir, exporter_build.build_other_names,
+    decoupled.run_exporter(local_dir, exporter_build.build_other_names,
                           timeout=0)
   assert steps_of(ckpt_export.list_savedmodels(local_dir)) == []
 
@@ -106,12 +106,12 @@ def test_a_checkpoint_without_the_modules_is_a_clear_error(local_dir):
 ])
 def test_bad_arguments(local_dir, kwargs, match):
   with pytest.raises(ValueError, match=match):
-    exporter.run_exporter(local_dir, exporter_build.build, **kwargs)
+    decoupled.run_exporter(local_dir, exporter_build.build, **kwargs)
 
 
 def test_a_build_function_must_return_a_checkpoint_and_modules(local_dir):
   with pytest.raises(ValueError, match='must return'):
-    exporter.run_exporter(local_dir, lambda: {'scale': Scale()}, timeout=0)
+    decoupled.run_exporter(local_dir, lambda: {'scale': Scale()}, timeout=0)
 
 
 @pytest.mark.slow
@@ -129,11 +129,11 @@ def test_follows_a_real_trainer_process(local_dir):
 
   watcher = threading.Thread(target=wait_for_trainer)
   watcher.start()
-  exported = exporter.run_exporter(local_dir, exporter_build.build,
+  exported = decoupled.run_exporter(local_dir, exporter_build.build,
                                    seconds_to_sleep=0.1, stop=trained)
   watcher.join()
   assert trainer.returncode == 0 and outputs[0].strip() == 'DONE'
-  exported += exporter.run_exporter(local_dir, exporter_build.build, timeout=0)
+  exported += decoupled.run_exporter(local_dir, exporter_build.build, timeout=0)
   assert exported == sorted(set(exported)) and exported[-1] == steps
   assert len(exported) > max_to_keep  # Exported while the trainer ran.
   exports = ckpt_export.list_savedmodels(local_dir)

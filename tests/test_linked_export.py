@@ -25,7 +25,7 @@ from tensorflow.python.saved_model import fingerprinting_utils
 
 import ckpt_export
 from ckpt_export import commit
-from ckpt_export import export
+from ckpt_export import savedmodel
 from ckpt_export import fast_export
 from ckpt_export import paths
 from conftest import N_FEATURES, steps_of
@@ -119,7 +119,7 @@ def test_a_linked_export_holds_what_a_full_export_holds(
   assert _counts(manager) == (1, 2, 2)
   module.set_step(3)
   full = str(tmp_path / 'full')
-  export.write_module('m', module, full)
+  savedmodel.write_module('m', module, full)
   linked = os.path.join(manager.latest_savedmodel, 'm')
   want = _tensors(os.path.join(full, 'variables', 'variables'))
   got = _tensors(os.path.join(linked, 'variables', 'variables'))

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 import ckpt_export
 from ckpt_export import commit
-from ckpt_export import export
+from ckpt_export import savedmodel
 from ckpt_export import leases
 from ckpt_export import paths
 from ckpt_export import readers
@@ -21,7 +21,7 @@ def _publish(model_dir: str, step: int, checkpoint_name: str = 'ckpt') -> str:
   module.w.assign(tf.fill([4], float(step)))
   final = paths.export_path(model_dir, checkpoint_name, step)
   with commit.staged_export(final, {'step': step}) as tmp:
-    export.write_modules({'scale': module}, tmp)
+    savedmodel.write_modules({'scale': module}, tmp)
   return final
 
 
@@ -112,7 +112,7 @@ def test_wait_looks_last_just_before_the_deadline(model_dir, monkeypatch,
 def test_unpublished_work_directories_are_never_returned(local_dir):
   final = paths.export_path(local_dir, 'ckpt', 3)
   with commit.staged_export(final, {'step': 3}) as tmp:
-    export.write_modules({'scale': Scale()}, tmp)
+    savedmodel.write_modules({'scale': Scale()}, tmp)
     assert ckpt_export.list_savedmodels(local_dir) == []
     assert ckpt_export.wait_for_new_savedmodel(local_dir, timeout=0) is None
   assert ckpt_export.list_savedmodels(local_dir) == [final]

@@ -22,7 +22,7 @@ from absl import logging
 import tensorflow as tf
 
 from ckpt_export import commit
-from ckpt_export import export
+from ckpt_export import savedmodel
 from ckpt_export import fast_export
 from ckpt_export import housekeeping
 from ckpt_export import paths
@@ -69,7 +69,7 @@ def _build(build_fn: BuildFn) -> Tuple[tf.train.Checkpoint, Mapping[str, Any]]:
     raise ValueError('The build function must return (tf.train.Checkpoint, '
                      f'modules_to_export), got {built!r}.')
   checkpoint, modules = built
-  export.validate_modules(modules)
+  savedmodel.validate_modules(modules)
   if not modules:
     raise ValueError('The build function returned no modules to export.')
   return checkpoint, modules
