@@ -16,7 +16,7 @@ from typing import Any, List
 
 if typing.TYPE_CHECKING:
   from ckpt_export.best import BestExport
-  from ckpt_export.best_action import BestExportAction
+  from ckpt_export.orbit_actions import BestExportAction
   from ckpt_export.evaluation import evaluate_exports
   from ckpt_export.leases import acquire as acquire_lease
   from ckpt_export.leases import DEFAULT_LEASE_SECONDS
@@ -38,7 +38,7 @@ __version__ = '0.1.0'
 # Public name -> (the submodule that defines it, its name there).
 _PUBLIC = {
     'BestExport': ('best', 'BestExport'),
-    'BestExportAction': ('best_action', 'BestExportAction'),
+    'BestExportAction': ('orbit_actions', 'BestExportAction'),
     'DEFAULT_LEASE_SECONDS': ('leases', 'DEFAULT_LEASE_SECONDS'),
     'Lease': ('leases', 'Lease'),
     'SAVED_MODULES_PATH_SUFFIX': ('paths', 'SAVED_MODULES_PATH_SUFFIX'),

@@ -10,7 +10,7 @@ import tensorflow as tf
 from conftest import N_FEATURES, Scale, entries, served_value
 import ckpt_export
 from ckpt_export import best as best_lib
-from ckpt_export import best_action
+from ckpt_export import orbit_actions
 from ckpt_export import paths
 
 orbit = pytest.importorskip('orbit')  # It ships in tf-models-official.
@@ -68,7 +68,7 @@ def test_train_and_evaluate_keeps_the_best_step(model_dir, metric, higher,
   best = best_lib.BestExport(model_dir, metric, higher_is_better=higher)
   controller, manager = _controller(
       model_dir, Scale(),
-      lambda m, step: best_action.BestExportAction(best, m, step),
+      lambda m, step: orbit_actions.BestExportAction(best, m, step),
       checkpoint_interval=2)
   controller.train_and_evaluate(train_steps=10, eval_interval=2)
   assert best.best[0] == expected
@@ -90,7 +90,7 @@ def test_a_step_without_export_is_skipped(local_dir, caplog):
   # Evaluations every 2 steps, exports at 2 (the first save), 6 and 10.
   controller, _ = _controller(
       local_dir, Scale(),
-      lambda m, step: best_action.BestExportAction(best, local_dir, step),
+      lambda m, step: orbit_actions.BestExportAction(best, local_dir, step),
       checkpoint_interval=4)
   controller.train_and_evaluate(train_steps=10, eval_interval=2)
   assert best.best == (6, {'score': 0.0, 'nested/w': 6.0})
@@ -104,17 +104,17 @@ def test_a_step_without_export_is_skipped(local_dir, caplog):
 def test_bad_output_and_arguments(local_dir):
   best = best_lib.BestExport(local_dir, 'score')
   step = tf.Variable(1, dtype=tf.int64)
-  action = best_action.BestExportAction(best, local_dir, step)
+  action = orbit_actions.BestExportAction(best, local_dir, step)
   with pytest.raises(ValueError, match=r"no scalar 'score'.*\['loss'\]"):
     action({'loss': np.float32(1.0), 'score': np.ones(2)})
   with pytest.raises(ValueError, match='best must be a BestExport'):
-    best_action.BestExportAction('best', local_dir, step)
+    orbit_actions.BestExportAction('best', local_dir, step)
   with pytest.raises(ValueError, match='manager_or_model_dir must be'):
-    best_action.BestExportAction(best, 3, step)
+    orbit_actions.BestExportAction(best, 3, step)
   with pytest.raises(ValueError, match='global_step must be'):
-    best_action.BestExportAction(best, local_dir, 5)
+    orbit_actions.BestExportAction(best, local_dir, 5)
   with pytest.raises(ValueError, match='global step must be an integer'):
-    best_action.BestExportAction(best, local_dir, lambda: 1.5)({'score': 1})
+    orbit_actions.BestExportAction(best, local_dir, lambda: 1.5)({'score': 1})
   assert best.best is None
 
 
@@ -126,7 +126,7 @@ def test_the_final_step_is_a_candidate(local_dir, caplog):
 
   def make(manager, step):
     nonlocal action
-    action = best_action.BestExportAction(best, manager, step)
+    action = orbit_actions.BestExportAction(best, manager, step)
     return action
 
   controller, _ = _controller(local_dir, Scale(), make, checkpoint_interval=4)
@@ -162,7 +162,7 @@ def test_a_kill_during_evaluation_loses_no_step(local_dir):
         tf.train.Checkpoint(model=model, step=trainer.global_step), local_dir,
         max_to_keep=2, step_counter=trainer.global_step, checkpoint_interval=2,
         modules_to_export={'scale': model})
-    action = best_action.BestExportAction(best, manager, trainer.global_step)
+    action = orbit_actions.BestExportAction(best, manager, trainer.global_step)
     controller = orbit.Controller(
         trainer=trainer, evaluator=evaluator_class(model, *args),
         global_step=trainer.global_step, steps_per_loop=2,
@@ -189,7 +189,7 @@ def test_a_kill_during_evaluation_loses_no_step(local_dir):
 def test_best_and_action_must_agree_on_the_checkpoint_name(local_dir):
   best = best_lib.BestExport(local_dir, 'score')
   with pytest.raises(ValueError, match="'ckpt' exports, not of the 'export'"):
-    best_action.BestExportAction(best, local_dir, tf.Variable(1),
+    orbit_actions.BestExportAction(best, local_dir, tf.Variable(1),
                                  checkpoint_name='export')
 
 
@@ -197,7 +197,7 @@ def test_the_warning_names_the_interval_of_the_exports_offered(local_dir,
                                                                caplog):
   # Paired with ExportSavedModel, it used to blame checkpoint_interval.
   best = best_lib.BestExport(local_dir, 'score', checkpoint_name='export')
-  action = best_action.BestExportAction(best, local_dir, tf.Variable(5),
+  action = orbit_actions.BestExportAction(best, local_dir, tf.Variable(5),
                                         checkpoint_name='export')
   action({'score': 1.0})
   assert "ExportSavedModel's export_interval" in caplog.text
