@@ -193,6 +193,36 @@ def read_best(model_dir: str, directory_name: str = 'best_export'
   return info
 
 
+def _check_ranking(metric: Any, higher_is_better: Any,
+                   compare_fn: Any) -> None:
+  """Raises a ValueError naming the bad one unless the ranking is usable."""
+  if not isinstance(metric, str) or not metric:
+    raise ValueError(f'metric must be a non-empty string, got {metric!r}.')
+  if not isinstance(higher_is_better, bool):
+    raise ValueError('higher_is_better must be True or False, got '
+                     f'{higher_is_better!r}.')
+  if compare_fn is not None and not callable(compare_fn):
+    raise ValueError(f'compare_fn must be callable, got {compare_fn!r}.')
+
+
+def _checked_directory_name(directory_name: Optional[str],
+                            checkpoint_name: str) -> str:
+  """`directory_name`, or the default one, once checked.
+
+  Raises:
+    ValueError: If it is not one path component, or garbage collection could
+      take it for an export.
+  """
+  if directory_name is None:
+    directory_name = default_directory_name(checkpoint_name)
+  paths.validate_component('directory_name', directory_name)
+  if (directory_name.startswith('.') or
+      paths.parse_export_step(directory_name) is not None):
+    raise ValueError(f'directory_name {directory_name!r} must not start with '
+                     "'.' nor be named like an export.")
+  return directory_name
+
+
 class BestExport:
   """Keeps a copy of the best export by a metric under the model directory.
 
@@ -240,21 +270,9 @@ class BestExport:
         comparable; use another `directory_name` for a new best).
       leases.WriterBusyError: If another writer holds the directory.
     """
-    if not isinstance(metric, str) or not metric:
-      raise ValueError(f'metric must be a non-empty string, got {metric!r}.')
-    if not isinstance(higher_is_better, bool):
-      raise ValueError('higher_is_better must be True or False, got '
-                       f'{higher_is_better!r}.')
-    if compare_fn is not None and not callable(compare_fn):
-      raise ValueError(f'compare_fn must be callable, got {compare_fn!r}.')
+    _check_ranking(metric, higher_is_better, compare_fn)
     paths.validate_component('checkpoint_name', checkpoint_name)
-    if directory_name is None:
-      directory_name = default_directory_name(checkpoint_name)
-    paths.validate_component('directory_name', directory_name)
-    if (directory_name.startswith('.') or
-        paths.parse_export_step(directory_name) is not None):
-      raise ValueError(f'directory_name {directory_name!r} must not start with '
-                       "'.' nor be named like an export.")
+    directory_name = _checked_directory_name(directory_name, checkpoint_name)
     self._metric = metric
     self._higher_is_better = higher_is_better
     self._compare_fn = compare_fn
@@ -378,6 +396,22 @@ class BestExport:
         or an `export_dir` that is not a published export of this
         BestExport's checkpoint name.
     """
+    step, metrics = self._checked_offer(step, export_dir, metrics)
+    if not self.is_better(metrics):
+      self._note_offered(step)
+      return False
+    info = self._copy_as_best(step, export_dir, metrics, holds_lease)
+    # The copy is the best from here on, even if what follows fails.
+    self._info = info
+    self._record_best(info)
+    self._note_offered(step)
+    logging.info('New best export: step %d with %s=%g, at %s', step,
+                 self._metric, metrics[self._metric], info['path'])
+    return True
+
+  def _checked_offer(self, step: Any, export_dir: str,
+                     metrics: Mapping[str, Any]) -> Tuple[int, Metrics]:
+    """The step and metrics offered to `update`, checked (see there)."""
     if (isinstance(step, bool) or not isinstance(step, numbers.Integral) or
         step < 0):
       raise ValueError(f'step must be a non-negative integer, got {step!r}.')
@@ -392,9 +426,17 @@ class BestExport:
     if self._metric not in metrics:
       raise ValueError(f'The metrics of step {step} have no {self._metric!r} '
                        f'to rank exports by; they have {sorted(metrics)}.')
-    if not self.is_better(metrics):
-      self._note_offered(step)
-      return False
+    return step, metrics
+
+  def _copy_as_best(self, step: int, export_dir: str, metrics: Metrics,
+                    holds_lease: bool) -> Dict[str, Any]:
+    """Publishes a copy of `export_dir` in the best directory; its info.
+
+    Under the caller's lease on `export_dir`, or one taken here.
+
+    Raises:
+      ValueError: If `export_dir` is not a published export (or no longer).
+    """
     lease = None if holds_lease else leases.acquire(
         export_dir, holder='ckpt_export.BestExport')
     if not (holds_lease or lease) or not commit.is_published(export_dir):
@@ -415,15 +457,9 @@ class BestExport:
     finally:
       if lease is not None:
         lease.release()
-    # The copy is the best from here on, even if what follows fails.
-    self._info = info
-    self._publish(info)
-    self._note_offered(step)
-    logging.info('New best export: step %d with %s=%g, at %s', step,
-                 self._metric, metrics[self._metric], target)
-    return True
+    return info
 
-  def _publish(self, info: Dict[str, Any]) -> None:
+  def _record_best(self, info: Dict[str, Any]) -> None:
     """Points `best.json` at the copy in `info`, then removes the others."""
     commit.write_file_atomically(os.path.join(self._directory, INFO_FILE),
                                  strict_json.dumps(info, indent=1,
@@ -498,7 +534,7 @@ class BestExport:
     info['path'] = path  # Where it is now, should the directory have moved.
     self._check_comparable(info)
     if self._read_info() != info or len(copies) > 1:
-      self._publish(info)
+      self._record_best(info)
     else:
       self._info = info
 

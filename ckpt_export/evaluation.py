@@ -181,11 +181,6 @@ def read_metrics(summary_dir: str,
   return record
 
 
-def _write_record(summary_dir: str, record: Record) -> None:
-  commit.write_file_atomically(os.path.join(summary_dir, METRICS_FILE),
-                               record.to_json())
-
-
 def _module_names(export_dir: str) -> Sequence[str]:
   """The modules of an export: its subdirectories holding a SavedModel."""
   return [name for name in readers.list_directory(export_dir)
@@ -410,92 +405,140 @@ def evaluate_exports(model_dir: str,
       summary_dir, f'evaluate_exports of the {checkpoint_name!r} exports '
       f'({os.path.basename(sys.argv[0] or "python")})', lease_seconds)
   try:
-    commit.remove_stale_files(summary_dir, METRICS_FILE,
-                              readers.list_directory(summary_dir))
-    record = read_metrics(summary_dir, checkpoint_name)
-    record.checkpoint_name = checkpoint_name
+    record = _resume_record(summary_dir, checkpoint_name)
     if until_step is not None and record.last_step >= until_step:
       logging.info('Step %d >= %d already handled.', record.last_step,
                    until_step)
       return record
-    _evaluate(model_dir, eval_fn, checkpoint_name, modules, best, latest_only,
-              timeout, timeout_fn, seconds_to_sleep, min_interval_secs,
-              summary_dir, until_step, max_attempts, record)
+    run = _Run(model_dir, checkpoint_name, summary_dir, record, eval_fn,
+               modules, best, max_attempts)
+    run.loop(until_step, seconds_to_sleep, latest_only=latest_only,
+             timeout=timeout, timeout_fn=timeout_fn,
+             min_interval_secs=min_interval_secs)
     return record
   finally:
     writer_lease.release()
 
 
-def _evaluate(model_dir: str, eval_fn: EvalFn, checkpoint_name: str,
-              modules: Optional[Sequence[str]],
-              best: Optional[best_lib.BestExport], latest_only: bool,
-              timeout: Optional[float],
-              timeout_fn: Optional[Callable[[], bool]],
-              seconds_to_sleep: float, min_interval_secs: float,
-              summary_dir: str, until_step: Optional[int],
-              max_attempts: Optional[int], record: Record) -> None:
-  """The loop of `evaluate_exports`, updating and writing `record`."""
-  skips: Dict[int, str] = {}  # Reported by the iterator.
-  watcher = _Watcher(model_dir, checkpoint_name, record.last_step,
-                     min(max(seconds_to_sleep, 0.05), 1.0))
+def _resume_record(summary_dir: str, checkpoint_name: str) -> Record:
+  """The record of an earlier run, once a crashed write's leftovers are gone."""
+  commit.remove_stale_files(summary_dir, METRICS_FILE,
+                            readers.list_directory(summary_dir))
+  record = read_metrics(summary_dir, checkpoint_name)
+  record.checkpoint_name = checkpoint_name
+  return record
 
-  def note_skipped(below: Optional[int]) -> None:
+
+class _Run:
+  """The loop of `evaluate_exports`: evaluates exports, updating `record`.
+
+  The record is written after each change, so a restart loses nothing.
+  """
+
+  def __init__(self, model_dir: str, checkpoint_name: str, summary_dir: str,
+               record: Record, eval_fn: EvalFn,
+               modules: Optional[Sequence[str]],
+               best: Optional[best_lib.BestExport],
+               max_attempts: Optional[int]) -> None:
+    self._model_dir = model_dir
+    self._checkpoint_name = checkpoint_name
+    self._summary_dir = summary_dir
+    self._record = record
+    self._eval_fn = eval_fn
+    self._modules = modules
+    self._best = best
+    self._max_attempts = max_attempts
+    self._skips: Dict[int, str] = {}  # Reported by the iterator.
+
+  def loop(self, until_step: Optional[int], seconds_to_sleep: float,
+           **iterator_args: Any) -> None:
+    """Evaluates each export `savedmodels_iterator` yields, to `until_step`.
+
+    Args:
+      until_step: Stop once an export of this step or a later one is
+        evaluated; None goes on until the iterator ends.
+      seconds_to_sleep: Seconds between looks for a new export.
+      **iterator_args: The other arguments of `savedmodels_iterator`.
+    """
+    watcher = _Watcher(self._model_dir, self._checkpoint_name,
+                       self._record.last_step,
+                       min(max(seconds_to_sleep, 0.05), 1.0))
+    writer = tf.summary.create_file_writer(self._summary_dir)
+    try:
+      exports = readers.savedmodels_iterator(
+          self._model_dir, seconds_to_sleep=seconds_to_sleep,
+          checkpoint_name=self._checkpoint_name,
+          after_step=self._record.last_step, on_skip=self._skips.__setitem__,
+          **iterator_args)
+      for export_dir in exports:
+        step = paths.parse_export_step(export_dir, self._checkpoint_name)
+        self._record_skipped(watcher, below=step)
+        metrics = self._evaluate(export_dir, step)
+        if metrics is None:
+          continue
+        self._record_metrics(writer, step, export_dir, metrics)
+        if until_step is not None and step >= until_step:
+          break
+      else:
+        self._record_skipped(watcher, below=None)
+    finally:
+      watcher.stop()
+      writer.close()
+
+  def _write(self) -> None:
+    commit.write_file_atomically(
+        os.path.join(self._summary_dir, METRICS_FILE), self._record.to_json())
+
+  def _record_skipped(self, watcher: _Watcher, below: Optional[int]) -> None:
     """Records the seen steps below `below` (or all gone) as skipped."""
     watcher.look()
+    record = self._record
     new = False
-    for step in sorted(watcher.steps | set(skips)):
+    for step in sorted(watcher.steps | set(self._skips)):
       if step in record or step in record.skipped or (
           below is not None and step >= below):
         continue
-      reason = skips.get(step, SKIPPED_DELETED)
-      if below is None and commit.is_published(
-          paths.export_path(model_dir, checkpoint_name, step)):
+      if below is None and commit.is_published(paths.export_path(
+          self._model_dir, self._checkpoint_name, step)):
         continue  # Published after the last look: the next run's.
-      record.skip(step, reason)
+      record.skip(step, self._skips.get(step, SKIPPED_DELETED))
       new = True
     if new:
-      _write_record(summary_dir, record)
+      self._write()
 
-  writer = tf.summary.create_file_writer(summary_dir)
-  try:
-    exports = readers.savedmodels_iterator(
-        model_dir, min_interval_secs=min_interval_secs, timeout=timeout,
-        timeout_fn=timeout_fn, seconds_to_sleep=seconds_to_sleep,
-        checkpoint_name=checkpoint_name, latest_only=latest_only,
-        after_step=record.last_step,
-        on_skip=lambda step, reason: skips.__setitem__(step, reason))
-    for export_dir in exports:
-      step = paths.parse_export_step(export_dir, checkpoint_name)
-      note_skipped(below=step)
-      try:
-        metrics = _evaluate_one(export_dir, step, eval_fn, modules, best)
-      except _Deleted:
-        record.skip(step, SKIPPED_DELETED)
-        _write_record(summary_dir, record)
-        continue
-      except Exception as e:  # pylint: disable=broad-except
-        count = record.attempts.get(step, {}).get('count', 0) + 1
-        if max_attempts is None or count < max_attempts:
-          record.attempts[step] = {'count': count, 'error': _one_line(e)}
-          _write_record(summary_dir, record)
-          raise
-        record.skip(step, SKIPPED_FAILED, attempts=count, error=_one_line(e))
-        _write_record(summary_dir, record)
-        continue
-      with writer.as_default(step=step):
-        for name, value in metrics.items():
-          tf.summary.scalar(name, value)
-      writer.flush()
-      if best is not None:
-        best.update(step, export_dir, metrics, holds_lease=True)
-      record[step] = metrics
-      record.attempts.pop(step, None)
-      _write_record(summary_dir, record)
-      logging.info('Evaluated step %d: %s', step, metrics)
-      if until_step is not None and step >= until_step:
-        break
-    else:
-      note_skipped(below=None)
-  finally:
-    watcher.stop()
-    writer.close()
+  def _evaluate(self, export_dir: str, step: int) -> Optional[Metrics]:
+    """The metrics of an export; None if it is recorded as skipped.
+
+    Raises:
+      Exception: What loading or evaluating the export raised, recorded as a
+        failed attempt, unless it is the `max_attempts`th.
+    """
+    try:
+      return _evaluate_one(export_dir, step, self._eval_fn, self._modules,
+                           self._best)
+    except _Deleted:
+      self._record.skip(step, SKIPPED_DELETED)
+    except Exception as e:  # pylint: disable=broad-except
+      count = self._record.attempts.get(step, {}).get('count', 0) + 1
+      if self._max_attempts is None or count < self._max_attempts:
+        self._record.attempts[step] = {'count': count, 'error': _one_line(e)}
+        self._write()
+        raise
+      self._record.skip(step, SKIPPED_FAILED, attempts=count,
+                        error=_one_line(e))
+    self._write()
+    return None
+
+  def _record_metrics(self, writer: tf.summary.SummaryWriter, step: int,
+                      export_dir: str, metrics: Metrics) -> None:
+    """Writes the summaries, offers the export to `best`, records it."""
+    with writer.as_default(step=step):
+      for name, value in metrics.items():
+        tf.summary.scalar(name, value)
+    writer.flush()
+    if self._best is not None:
+      self._best.update(step, export_dir, metrics, holds_lease=True)
+    self._record[step] = metrics
+    self._record.attempts.pop(step, None)
+    self._write()
+    logging.info('Evaluated step %d: %s', step, metrics)
