@@ -97,23 +97,27 @@ def list_savedmodels(directory: paths.PathLike, checkpoint_name: str = 'ckpt'
 def latest_savedmodel(directory: paths.PathLike,
                       checkpoint_name: str = 'ckpt') -> Optional[str]:
   """Returns the published export with the highest step, or None."""
-  found = next_savedmodel(directory, -1, checkpoint_name, latest=True)
+  found = published_export_after(directory, -1, checkpoint_name,
+                                 newest=True)
   return found[1] if found else None
 
 
-def next_savedmodel(directory: paths.PathLike, after_step: int,
-                    checkpoint_name: str = 'ckpt',
-                    latest: bool = False) -> Optional[Tuple[int, str]]:
-  """Returns (step, path) of a published export after `after_step`.
+def published_export_after(directory: paths.PathLike, after_step: int,
+                           checkpoint_name: str = 'ckpt',
+                           newest: bool = False) -> Optional[Tuple[int, str]]:
+  """Returns (step, path) of the lowest published export after `after_step`.
 
   Args:
     directory: The model directory.
     after_step: Only exports of higher steps are considered.
     checkpoint_name: The checkpoint name of the exports.
-    latest: Whether to return the highest such step, not the lowest.
+    newest: Return the highest such step instead: the newest export.
+
+  Returns:
+    None if there is none.
   """
   return next(_published_exports(os.fspath(directory), checkpoint_name,
-                                 after_step, newest_first=latest), None)
+                                 after_step, newest_first=newest), None)
 
 
 # The shortest sleep between two looks at a directory: below it a poll is a
@@ -185,19 +189,23 @@ def wait_for_new_savedmodel(directory: paths.PathLike,
   """
   check_seconds_to_sleep(seconds_to_sleep)
   check_seconds('timeout', timeout, allow_none=True)
-  found = _wait_for_step(os.fspath(directory), _step_of(last_savedmodel, checkpoint_name),
-                         seconds_to_sleep, timeout, checkpoint_name)
+  found = _wait_for_export_after(
+      os.fspath(directory), _step_of(last_savedmodel, checkpoint_name),
+      seconds_to_sleep, timeout, checkpoint_name)
   return found[1] if found else None
 
 
-def _wait_for_step(directory: str, after_step: int, seconds_to_sleep: float,
-                   timeout: Optional[float], checkpoint_name: str,
-                   latest: bool = False) -> Optional[Tuple[int, str]]:
+def _wait_for_export_after(directory: str, after_step: int,
+                           seconds_to_sleep: float, timeout: Optional[float],
+                           checkpoint_name: str, newest: bool = False
+                           ) -> Optional[Tuple[int, str]]:
+  """`published_export_after`, once there is one; None after `timeout`."""
   logging.info('Waiting for an export after step %d in %s', after_step,
                directory)
   stop_time = None if timeout is None else time.monotonic() + timeout
   while True:
-    found = next_savedmodel(directory, after_step, checkpoint_name, latest)
+    found = published_export_after(directory, after_step, checkpoint_name,
+                                   newest)
     if found is not None:
       logging.info('Found export %s', found[1])
       return found
@@ -287,9 +295,10 @@ def _iterate(directory: str, min_interval_secs: float,
              lease_seconds: Optional[float], last_step: int,
              on_skip: Callable[[int, str], None]) -> Iterator[str]:
   """The generator behind `savedmodels_iterator`."""
+  leaser = _Leaser(directory, lease_seconds)
   while True:
-    found = _wait_for_step(directory, last_step, seconds_to_sleep, timeout,
-                           checkpoint_name, latest_only)
+    found = _wait_for_export_after(directory, last_step, seconds_to_sleep,
+                                   timeout, checkpoint_name, latest_only)
     if found is None:
       if timeout_fn is None:
         logging.info('Timed out waiting for an export in %s', directory)
@@ -299,33 +308,16 @@ def _iterate(directory: str, min_interval_secs: float,
       continue
     start = time.monotonic()
     step, path = found
-    skipped = [s for s, _ in export_candidates(directory, checkpoint_name)
-               if last_step < s < step]
-    if skipped:
-      logging.warning('Skipping the exports of steps %s in %s: %s.', skipped,
-                      directory, 'only the latest is read' if latest_only else
-                      'no longer published (being deleted)')
-      for s in skipped:
-        on_skip(s, SKIPPED_LATEST_ONLY if latest_only else SKIPPED_DELETED)
+    _skip_passed_over(directory, checkpoint_name, last_step, step,
+                      latest_only, on_skip)
     last_step = step
-    lease = None
-    if lease_seconds is not None:
-      try:
-        lease = leases.acquire(path, lease_seconds)
-      except tf.errors.PermissionDeniedError as e:
-        if not leases.is_default(lease_seconds):
-          raise
-        logging.warning('Reading %s without leases: %s Garbage collection may '
-                        'delete an export while it is read (as with the '
-                        'reference implementation); pass lease_seconds to '
-                        'make this an error.', directory, e.message)
-        lease_seconds = None
-      else:
-        if lease is None:
-          logging.warning('Skipping the export of step %d: deleted before it '
-                          'could be read (%s).', step, path)
-          on_skip(step, SKIPPED_DELETED)
-          continue
+    try:
+      lease = leaser.acquire(path)
+    except _Gone:
+      logging.warning('Skipping the export of step %d: deleted before it '
+                      'could be read (%s).', step, path)
+      on_skip(step, SKIPPED_DELETED)
+      continue
     try:
       yield path
       if lease is not None:
@@ -336,3 +328,57 @@ def _iterate(directory: str, min_interval_secs: float,
     time_to_next = start + min_interval_secs - time.monotonic()
     if time_to_next > 0:
       time.sleep(time_to_next)
+
+
+def _skip_passed_over(directory: str, checkpoint_name: str, last_step: int,
+                      step: int, latest_only: bool,
+                      on_skip: Callable[[int, str], None]) -> None:
+  """Reports the exports between the last step yielded and `step`."""
+  skipped = [s for s, _ in export_candidates(directory, checkpoint_name)
+             if last_step < s < step]
+  if skipped:
+    logging.warning('Skipping the exports of steps %s in %s: %s.', skipped,
+                    directory, 'only the latest is read' if latest_only else
+                    'no longer published (being deleted)')
+    for s in skipped:
+      on_skip(s, SKIPPED_LATEST_ONLY if latest_only else SKIPPED_DELETED)
+
+
+class _Gone(Exception):
+  """The export was deleted before it could be leased."""
+
+
+class _Leaser:
+  """Leases the exports an iterator yields, or none once that is refused."""
+
+  def __init__(self, directory: str, lease_seconds: Optional[float]) -> None:
+    self._directory = directory
+    self._lease_seconds = lease_seconds
+
+  def acquire(self, path: str) -> Optional[leases.Lease]:
+    """Returns a lease on the export `path`; None if reading without leases.
+
+    With the default `lease_seconds`, a lease directory this process may not
+    write turns leases off (logged once); with a value given, it is an error.
+
+    Raises:
+      _Gone: If the export was deleted before it could be leased.
+      tf.errors.PermissionDeniedError: If the lease directory may not be
+        written and `lease_seconds` was given.
+    """
+    if self._lease_seconds is None:
+      return None
+    try:
+      lease = leases.acquire(path, self._lease_seconds)
+    except tf.errors.PermissionDeniedError as e:
+      if not leases.is_default(self._lease_seconds):
+        raise
+      logging.warning('Reading %s without leases: %s Garbage collection may '
+                      'delete an export while it is read (as with the '
+                      'reference implementation); pass lease_seconds to '
+                      'make this an error.', self._directory, e.message)
+      self._lease_seconds = None
+      return None
+    if lease is None:
+      raise _Gone()
+    return lease
