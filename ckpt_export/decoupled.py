@@ -16,7 +16,7 @@ import importlib
 import os
 import threading
 import time
-from typing import Any, Callable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Set, Tuple
 
 from absl import logging
 import tensorflow as tf
@@ -134,11 +134,8 @@ def run_exporter(model_dir: str,
   last_new = time.monotonic()
   while stop is None or not stop.is_set():
     _collect_garbage(model_dir, checkpoint_name)
-    todo = [step for step in _recorded_steps(model_dir, checkpoint_name)
-            if step not in skipped and not commit.is_published(
-                paths.export_path(model_dir, checkpoint_name, step))]
-    if todo:
-      step = todo[0]
+    step = _first_unexported(model_dir, checkpoint_name, skipped)
+    if step is not None:
       if _export_step(model_dir, checkpoint_name, step, checkpoint, modules,
                       exporter):
         exported.append(step)
@@ -153,6 +150,16 @@ def run_exporter(model_dir: str,
     else:
       time.sleep(seconds_to_sleep)
   return exported
+
+
+def _first_unexported(model_dir: str, checkpoint_name: str,
+                      skipped: Set[int]) -> Optional[int]:
+  """The lowest recorded checkpoint step without a published export."""
+  for step in _recorded_steps(model_dir, checkpoint_name):
+    if step not in skipped and not commit.is_published(
+        paths.export_path(model_dir, checkpoint_name, step)):
+      return step
+  return None
 
 
 def _export_step(model_dir: str, checkpoint_name: str, step: int,

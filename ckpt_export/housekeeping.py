@@ -62,6 +62,19 @@ def collect(directory: str, checkpoint_name: str, keep: KeepFn,
   except commit.HOUSEKEEPING_ERRORS as e:
     commit.warn_failure(directory, 'list', e)
     return set()
+  names = _recover(directory, checkpoint_name, names, leftover)
+  if leases.STATE_DIR in names:
+    names = _sweep_leases(directory, names)
+  return _delete_exports_not_kept(directory, checkpoint_name, names, keep)
+
+
+def _recover(directory: str, checkpoint_name: str, names: Set[str],
+             leftover: Optional[LeftoverFn]) -> Set[str]:
+  """Step 1: removes the work of dead writers and crash leftovers.
+
+  Returns:
+    The entries of `directory` afterwards.
+  """
   try:
     names = commit.recover(directory, checkpoint_name, names)
   except commit.HOUSEKEEPING_ERRORS as e:
@@ -71,13 +84,31 @@ def collect(directory: str, checkpoint_name: str, keep: KeepFn,
     names -= _reference_leftovers(directory, checkpoint_name, names)
   except commit.HOUSEKEEPING_ERRORS as e:
     commit.warn_failure(directory, 'remove the crash leftovers in', e)
-  if leases.STATE_DIR in names:
-    try:
-      names.difference_update(
-          paths.basename(p) for p in leases.sweep(directory))
-    except commit.HOUSEKEEPING_ERRORS as e:
-      commit.warn_failure(os.path.join(directory, leases.STATE_DIR),
-                          'sweep the leases in', e)
+  return names
+
+
+def _sweep_leases(directory: str, names: Set[str]) -> Set[str]:
+  """Step 2: drops expired leases and carries out the deletions deferred.
+
+  Returns:
+    The entries of `directory` afterwards.
+  """
+  try:
+    names.difference_update(
+        paths.basename(p) for p in leases.sweep(directory))
+  except commit.HOUSEKEEPING_ERRORS as e:
+    commit.warn_failure(os.path.join(directory, leases.STATE_DIR),
+                        'sweep the leases in', e)
+  return names
+
+
+def _delete_exports_not_kept(directory: str, checkpoint_name: str,
+                             names: Set[str], keep: KeepFn) -> Set[str]:
+  """Step 3: deletes the exports `keep` does not keep, unless leased.
+
+  Returns:
+    The entries of `directory` afterwards.
+  """
   try:
     exports = [(step, path) for step, path in readers.export_candidates(
         directory, checkpoint_name, names)

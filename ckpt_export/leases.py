@@ -546,9 +546,25 @@ def acquire(export_dir: str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
   if not isinstance(holder, str):
     raise ValueError(f'holder must be a string or None, got {holder!r}.')
   export_dir = os.path.join(model_dir, name)
-  record = _new_record(name, export_dir, holder, lease_seconds)
-  token = record['token']
-  holding = _Holding(model_dir, name, record)
+  holding = _Holding(model_dir, name, _new_record(name, export_dir, holder,
+                                                  lease_seconds))
+  _write_holding(holding, export_dir)
+  # Only now look: a deleter that did not see the lease has written its
+  # request before looking for leases.
+  if commit.is_published(export_dir) and not _requested(model_dir, name):
+    return Lease(holding)
+  holding.release()
+  return None
+
+
+def _write_holding(holding: _Holding, export_dir: str) -> None:
+  """Writes a new lease's record; ends its operation if that fails.
+
+  Raises:
+    tf.errors.PermissionDeniedError: Saying where and what to do, if the
+      lease directory may not be written, or is a link or not a directory.
+  """
+  model_dir, token = holding.model_dir, holding.record['token']
   try:
     linked = _linked_state_dir(model_dir)
     if linked is not None:
@@ -556,7 +572,7 @@ def acquire(export_dir: str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
           None, None, f'{linked} is a symbolic link, which ckpt_export never '
           'writes through')
     tf.io.gfile.makedirs(_state_dir(model_dir, _LEASES))
-    _write_json(holding.path, record)
+    _write_json(holding.path, holding.record)
   except (tf.errors.PermissionDeniedError, tf.errors.FailedPreconditionError,
           tf.errors.AlreadyExistsError) as e:
     commit.end_operation(token)
@@ -571,12 +587,6 @@ def acquire(export_dir: str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
   except BaseException:
     commit.end_operation(token)
     raise
-  # Only now look: a deleter that did not see the lease has written its
-  # request before looking for leases.
-  if commit.is_published(export_dir) and not _requested(model_dir, name):
-    return Lease(holding)
-  holding.release()
-  return None
 
 
 def _new_record(name: str, path: str, holder: str,
@@ -651,7 +661,7 @@ def acquire_writer(directory: str, holder: str,
   holding = _Holding(directory, name, record)
   try:
     tf.io.gfile.makedirs(_state_dir(directory, _LEASES))
-    _write_json(holding.path, record)
+    _write_json(holding.path, holding.record)
   except BaseException:
     commit.end_operation(token)
     raise
