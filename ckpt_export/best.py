@@ -314,6 +314,19 @@ class BestExport:
     """The checkpoint name of the exports it keeps the best of."""
     return self._checkpoint_name
 
+  def check_checkpoint_name(self, checkpoint_name: str, use: str) -> None:
+    """Raises a ValueError unless it keeps the best of `checkpoint_name`.
+
+    Args:
+      checkpoint_name: The checkpoint name of the exports it will get.
+      use: What is done with them, for the message: 'evaluated', 'offered'.
+    """
+    if self._checkpoint_name != checkpoint_name:
+      raise ValueError(
+          f'best keeps the best of the {self._checkpoint_name!r} exports, not '
+          f'of the {checkpoint_name!r} ones {use}; make it with '
+          f'checkpoint_name={checkpoint_name!r}.')
+
   @property
   def best(self) -> Optional[Tuple[int, Metrics]]:
     """(step, metrics) of the best export so far, or None."""

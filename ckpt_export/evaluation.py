@@ -227,11 +227,8 @@ def _check_arguments(eval_fn: Any, modules: Any, best: Any,
       paths.validate_component('module name', name)
   if best is not None and not isinstance(best, best_lib.BestExport):
     raise ValueError(f'best must be a BestExport or None, got {best!r}.')
-  if best is not None and best.checkpoint_name != checkpoint_name:
-    raise ValueError(
-        f'best keeps the best of the {best.checkpoint_name!r} exports, not of '
-        f'the {checkpoint_name!r} ones evaluated; make it with '
-        f'checkpoint_name={checkpoint_name!r}.')
+  if best is not None:
+    best.check_checkpoint_name(checkpoint_name, 'evaluated')
   for name, value, low in (('until_step', until_step, 0),
                            ('max_attempts', max_attempts, 1)):
     if value is not None and (

@@ -65,6 +65,13 @@ def _check_count(name: str, value: Any) -> None:
                      f'{value!r}.')
 
 
+def _check_step_variable(global_step: Any) -> None:
+  if (not isinstance(global_step, tf.Variable) or
+      not global_step.dtype.is_integer or global_step.shape.rank != 0):
+    raise ValueError('global_step must be a scalar integer tf.Variable, got '
+                     f'{global_step!r}.')
+
+
 class ExportSavedModel:
   """An orbit Action exporting modules on multiples of `export_interval`.
 
@@ -113,10 +120,7 @@ class ExportSavedModel:
     savedmodel.validate_modules(modules_to_export)
     self._directory = paths.validate_location(directory, 'export_name',
                                               export_name)
-    if (not isinstance(global_step, tf.Variable) or
-        not global_step.dtype.is_integer or global_step.shape.rank != 0):
-      raise ValueError('global_step must be a scalar integer tf.Variable, got '
-                       f'{global_step!r}.')
+    _check_step_variable(global_step)
     _check_count('export_interval', export_interval)
     _check_count('max_to_keep', max_to_keep)
     self._modules_to_export = modules_to_export
@@ -244,6 +248,15 @@ def flatten_scalars(output: Mapping[str, Any]) -> Dict[str, float]:
   return best_lib.as_metrics(output, 'the eval output', drop_non_scalars=True)
 
 
+def _model_dir_of(manager_or_model_dir: Any) -> str:
+  if isinstance(manager_or_model_dir, (str, os.PathLike)):
+    return os.fspath(manager_or_model_dir)
+  if isinstance(getattr(manager_or_model_dir, 'directory', None), str):
+    return manager_or_model_dir.directory
+  raise ValueError('manager_or_model_dir must be a checkpoint manager or a '
+                   f'directory, got {manager_or_model_dir!r}.')
+
+
 class BestExportAction:
   """Offers the export of the evaluated step to a `BestExport`.
 
@@ -284,23 +297,13 @@ class BestExportAction:
     """
     if not isinstance(best, best_lib.BestExport):
       raise ValueError(f'best must be a BestExport, got {best!r}.')
-    if isinstance(manager_or_model_dir, (str, os.PathLike)):
-      self._model_dir = os.fspath(manager_or_model_dir)
-    elif isinstance(getattr(manager_or_model_dir, 'directory', None), str):
-      self._model_dir = manager_or_model_dir.directory
-    else:
-      raise ValueError('manager_or_model_dir must be a checkpoint manager or a '
-                       f'directory, got {manager_or_model_dir!r}.')
+    self._model_dir = _model_dir_of(manager_or_model_dir)
     if not (callable(global_step) or tf.is_tensor(global_step) or
             isinstance(global_step, tf.Variable)):
       raise ValueError('global_step must be a variable or a function returning '
                        f'the step, got {global_step!r}.')
     paths.validate_component('checkpoint_name', checkpoint_name)
-    if best.checkpoint_name != checkpoint_name:
-      raise ValueError(
-          f'best keeps the best of the {best.checkpoint_name!r} exports, not '
-          f'of the {checkpoint_name!r} ones offered; make it with '
-          f'checkpoint_name={checkpoint_name!r}.')
+    best.check_checkpoint_name(checkpoint_name, 'offered')
     if isinstance(manager_or_model_dir, (str, os.PathLike)):
       self._interval = (f'the interval of the {checkpoint_name!r} exports '
                         "(ExportSavedModel's export_interval, or a manager's "
