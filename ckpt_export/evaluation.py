@@ -181,7 +181,7 @@ def read_metrics(summary_dir: str,
   return record
 
 
-def _module_names(export_dir: str) -> Sequence[str]:
+def _saved_module_names(export_dir: str) -> Sequence[str]:
   """The modules of an export: its subdirectories holding a SavedModel."""
   return [name for name in readers.list_directory(export_dir)
           if tf.io.gfile.exists(os.path.join(export_dir, name,
@@ -203,7 +203,7 @@ def load_modules(export_dir: str, modules: Optional[Sequence[str]] = None
     ValueError: If a requested module is not in the export.
     tf.errors.NotFoundError: If the export is deleted meanwhile.
   """
-  available = _module_names(export_dir)
+  available = _saved_module_names(export_dir)
   names = available if modules is None else modules
   missing = sorted(set(names) - set(available))
   if missing or not names:
