@@ -97,8 +97,7 @@ def list_savedmodels(directory: paths.PathLike, checkpoint_name: str = 'ckpt'
 def latest_savedmodel(directory: paths.PathLike,
                       checkpoint_name: str = 'ckpt') -> Optional[str]:
   """Returns the published export with the highest step, or None."""
-  found = published_export_after(directory, -1, checkpoint_name,
-                                 newest=True)
+  found = published_export_after(directory, -1, checkpoint_name, newest=True)
   return found[1] if found else None
 
 
