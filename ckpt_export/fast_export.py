@@ -113,9 +113,12 @@ class _Structure:
       children = tf.train.TrackableView.children(obj)
       entry = [type(obj), tuple((name, id(child))
                                 for name, child in sorted(children.items()))]
-      if isinstance(obj, tf.Variable):
-        entry += [tuple(obj.shape.as_list()) if obj.shape.rank is not None
-                  else None, obj.dtype]
+      variable = _tf_internals.saved_variable(obj)
+      if variable is not None:
+        objects.append(variable)
+        entry += [id(variable), tuple(variable.shape.as_list())
+                  if variable.shape.rank is not None else None,
+                  variable.dtype]
       for name, function in _functions_of(obj):
         objects.append(function)
         entry.append((name, id(function),
@@ -314,11 +317,11 @@ def _variables_by_key(module: Any, object_graph: bytes
     if node.slot_variables:
       raise ValueError('slot variables are exported')
     for attribute in node.attributes:
-      obj = objects.get(node_id)
-      if attribute.name != _VARIABLE_VALUE or not isinstance(obj, tf.Variable):
+      variable = _tf_internals.saved_variable(objects.get(node_id))
+      if attribute.name != _VARIABLE_VALUE or variable is None:
         raise ValueError(f'{attribute.checkpoint_key} is not a plain '
                          "variable's value")
-      by_key[attribute.checkpoint_key] = obj
+      by_key[attribute.checkpoint_key] = variable
   keys = sorted(by_key)
   return keys, [by_key[key] for key in keys]
 
@@ -328,9 +331,10 @@ def _checkpoint_keys(checkpoint: Any, object_graph: bytes) -> Dict[int, str]:
   graph, objects = _objects_by_node(checkpoint, object_graph)
   keys = {}
   for node_id, obj in objects.items():
+    variable = _tf_internals.saved_variable(obj)
     for attribute in graph.nodes[node_id].attributes:
-      if attribute.name == _VARIABLE_VALUE and isinstance(obj, tf.Variable):
-        keys[id(obj)] = attribute.checkpoint_key
+      if attribute.name == _VARIABLE_VALUE and variable is not None:
+        keys[id(variable)] = attribute.checkpoint_key
   return keys
 
 
