@@ -17,6 +17,7 @@ import urllib.parse
 import uuid
 
 import pytest
+import requests
 import tensorflow as tf
 from typing import Dict, List
 
@@ -188,6 +189,33 @@ def test_a_fast_export_on_gcs_uploads_no_variable_byte(emulator, gcs_dir):
       f'{export_dir}/m/variables/variables')
   assert reader.get_tensor('w/.ATTRIBUTES/VARIABLE_VALUE').tolist() == [
       2.0] * WIDE
+
+
+def test_a_failed_server_side_copy_falls_back_to_uploading(
+    emulator, gcs_dir, monkeypatch, caplog):
+  """A rewrite that fails (here: TLS, with a CA bundle that lacks the
+  emulator's) leaves the export to upload its variables, with a warning."""
+  module = Wide()
+  manager = ckpt_export.SavedModelCheckpointManager(
+      tf.train.Checkpoint(module=module), gcs_dir, max_to_keep=2,
+      modules_to_export={'m': module})
+  module.w.assign(tf.fill([WIDE], 1.0))
+  manager.save(checkpoint_number=1)
+  monkeypatch.setenv('REQUESTS_CA_BUNDLE', requests.certs.where())
+  before = len(emulator.requests())
+  module.w.assign(tf.fill([WIDE], 2.0))
+  manager.save(checkpoint_number=2)
+  uploads = _uploads(emulator.requests()[before:], emulator.bucket)
+  exporter, = manager._exporter.modules  # pylint: disable=protected-access
+  assert (exporter.full_exports, exporter.fast_exports,
+          exporter.linked_exports) == (1, 1, 0)
+  assert any('CERTIFICATE_VERIFY_FAILED' in r.getMessage()
+             for r in caplog.records), 'no warning names the failure'
+  export_name = paths.export_basename('ckpt', 2)
+  assert sum(n for name, n in uploads.items()
+             if f'/.{export_name}.tmp-' in name) >= WIDE * 4
+  module.w.assign(tf.fill([WIDE], -1.0))
+  assert served_value(manager.latest_savedmodel, 'm') == 2.0
 
 
 def _serves_its_step(export_dir: str) -> bool:
