@@ -29,42 +29,31 @@ SAVED_MODEL_CLI = [sys.executable, '-m',
                    'tensorflow.python.tools.saved_model_cli']
 
 
-class KerasRegressor(tf_keras.Model):
-  """A tf_keras model serving `sum(x) * step + step` once set to `step`."""
+def _regressor_class(keras_package) -> type:
+  """A model of `keras_package` serving `sum(x) * step + step` at `step`."""
 
-  def __init__(self):
-    super().__init__()
-    self.dense = tf_keras.layers.Dense(1)
-    self.serve = tf.function(
-        lambda x: {'y': self(x)},
-        input_signature=[tf.TensorSpec([None, N_FEATURES], tf.float32)])
-    self(tf.zeros([1, N_FEATURES]))
+  class Regressor(keras_package.Model):
 
-  def call(self, inputs):
-    return self.dense(inputs)
+    def __init__(self):
+      super().__init__()
+      self.dense = keras_package.layers.Dense(1)
+      self.serve = tf.function(
+          lambda x: {'y': self(x)},
+          input_signature=[tf.TensorSpec([None, N_FEATURES], tf.float32)])
+      self(tf.zeros([1, N_FEATURES]))
 
-  @property
-  def saved_model_signatures(self):
-    return {'serving_default': self.serve}
+    def call(self, inputs):
+      return self.dense(inputs)
+
+    @property
+    def saved_model_signatures(self):
+      return {'serving_default': self.serve}
+
+  return Regressor
 
 
-class Keras3Regressor(keras.Model):
-  """The Keras 3 (`keras`, `tf.keras`) twin of `KerasRegressor`."""
-
-  def __init__(self):
-    super().__init__()
-    self.dense = keras.layers.Dense(1)
-    self.serve = tf.function(
-        lambda x: {'y': self(x)},
-        input_signature=[tf.TensorSpec([None, N_FEATURES], tf.float32)])
-    self(tf.zeros([1, N_FEATURES]))
-
-  def call(self, inputs):
-    return self.dense(inputs)
-
-  @property
-  def saved_model_signatures(self):
-    return {'serving_default': self.serve}
+KerasRegressor = _regressor_class(tf_keras)
+Keras3Regressor = _regressor_class(keras)  # `keras`, which `tf.keras` is.
 
 
 MODULES = [Scale, KerasRegressor, Keras3Regressor]
