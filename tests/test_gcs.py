@@ -133,10 +133,14 @@ def _uploads(requests: List[Dict], bucket: str) -> Dict[str, int]:
   return uploaded
 
 
-def test_a_fast_export_on_gcs_uploads_no_variable_byte(emulator, gcs_dir):
+@pytest.mark.parametrize('use_async', [False, True], ids=['sync', 'async'])
+def test_a_fast_export_on_gcs_uploads_no_variable_byte(emulator, gcs_dir,
+                                                       use_async):
   """The export's variables are a server-side copy of the checkpoint's shard.
 
-  Measured and printed (`pytest -s`): requests and bytes of one fast save.
+  Measured and printed (`pytest -s`): requests and bytes of one fast save
+  (and its `sync()`); with async checkpointing the copy is made in TF's
+  checkpoint thread.
   """
   module = Wide()
   manager = ckpt_export.SavedModelCheckpointManager(
@@ -146,9 +150,11 @@ def test_a_fast_export_on_gcs_uploads_no_variable_byte(emulator, gcs_dir):
   manager.save(checkpoint_number=1)  # Full; learns the checkpoint's keys.
   before = len(emulator.requests())
   module.w.assign(tf.fill([WIDE], 2.0))
-  manager.save(checkpoint_number=2)
-  requests = emulator.requests()[before:]
+  manager.save(checkpoint_number=2, options=tf.train.CheckpointOptions(
+      enable_async=use_async))
   module.w.assign(tf.fill([WIDE], -1.0))
+  manager.sync()
+  requests = emulator.requests()[before:]
   exporter, = manager._exporter.modules  # pylint: disable=protected-access
   assert (exporter.full_exports, exporter.fast_exports,
           exporter.linked_exports) == (1, 1, 1)
@@ -165,7 +171,8 @@ def test_a_fast_export_on_gcs_uploads_no_variable_byte(emulator, gcs_dir):
                      name.startswith(f'{prefix}/ckpt-2_temp/'))
   variable_bytes = WIDE * 4
   rewrites = [r for r in requests if '/rewriteTo/' in r['path']]
-  print(f'gs:// fast save of {variable_bytes} variable bytes: '
+  print(f'gs:// fast save (async: {use_async}) of {variable_bytes} variable '
+        'bytes: '
         f'{len(requests)} requests ({len(rewrites)} rewrites), '
         f'{sum(r["sent"] for r in requests)} bytes up, '
         f'{sum(r["received"] for r in requests)} down; uploaded into the '
