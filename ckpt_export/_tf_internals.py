@@ -20,6 +20,10 @@ warning naming the TensorFlow version:
   `_get_save_spec`, which TF derives a model's signature from. Fallback: Keras
   models pass validation; one that gets no signature is refused by its first
   export, before any checkpoint is written.
+- *Fast exports of Keras 3 models*: a Keras 3 variable (`keras.Variable`,
+  TensorFlow backend) saving the `tf.Variable` its `value` returns, under that
+  variable's own `VARIABLE_VALUE` key. Fallback: Keras 3 models get full
+  exports only (tf.Modules and tf_keras models still get fast ones).
 - *Removal of crash leftovers*: the name `checkpoint.tmp<32 hex digits>` of
   `atomic_write_string_to_file`'s temporary file, and `<prefix>_temp/` of a
   checkpoint write's work directory. Fallback: they are left, as a plain
@@ -173,6 +177,29 @@ def _check_keras_signatures() -> None:
               f'{package}.Model has none of {_KERAS_SIGNATURE_ATTRIBUTES}')
 
 
+def _check_keras_variables() -> None:
+  """A loaded Keras 3's variables save the `tf.Variable` of their `value`.
+
+  Keras is not imported here: a package that is not loaded has no variables.
+  """
+  keras = sys.modules.get('keras')
+  if keras is None or not hasattr(keras, 'Variable'):
+    return
+  variable = keras.Variable([1.0, 2.0])
+  value = variable.value
+  _expect(isinstance(value, tf.Variable),
+          f'keras.Variable.value is a {type(value).__name__}, not a '
+          'tf.Variable')
+  with tempfile.TemporaryDirectory(prefix='ckpt_export_probe_') as scratch:
+    prefix = tf.train.Checkpoint(v=variable).write(
+        os.path.join(scratch, 'probe'))
+    value.assign([3.0, 4.0])
+    restored = tf.Variable([0.0, 0.0])
+    tf.train.Checkpoint(v=restored).read(prefix).assert_consumed()
+  _expect(restored.numpy().tolist() == [1.0, 2.0],
+          'a keras.Variable does not save its value under a tf.Variable key')
+
+
 def _check_state_temp_name() -> None:
   # pylint: disable=g-import-not-at-top,g-direct-tensorflow-import
   from tensorflow.python.lib.io import file_io
@@ -230,6 +257,8 @@ PROBLEMS: Dict[str, Tuple[Callable[[], None], str]] = {
     'Keras signature checks': (
         _check_keras_signatures,
         'a Keras model that gets no signature is refused at its first export'),
+    'fast exports of Keras 3 models': (
+        _check_keras_variables, 'Keras 3 models get full exports only'),
     'removal of checkpoint state temporaries': (
         _check_state_temp_name, 'they are left, as CheckpointManager leaves '
         'them'),
@@ -285,6 +314,27 @@ def forget_async_error(checkpoint: tf.train.Checkpoint,
   helper = getattr(checkpoint, '_async_checkpointer_impl', None)
   if helper is not None and getattr(helper, '_async_error', None) is error:
     helper._async_error = None  # pylint: disable=protected-access
+
+
+def saved_variable(obj: Any) -> Optional[tf.Variable]:
+  """The `tf.Variable` whose value `obj` saves as `VARIABLE_VALUE`, if any.
+
+  Args:
+    obj: A trackable object: a `tf.Variable` (or distributed variable), a
+      Keras 3 variable (TensorFlow backend), or anything else.
+
+  Returns:
+    `obj` itself for a `tf.Variable`, a Keras 3 variable's `value` where
+    that is its `tf.Variable` (and the fence's check holds), else None.
+  """
+  if isinstance(obj, tf.Variable):
+    return obj
+  if (type(obj).__module__.split('.')[0] != 'keras' or
+      not hasattr(obj, 'value') or
+      problem('fast exports of Keras 3 models') is not None):
+    return None
+  value = obj.value
+  return value if isinstance(value, tf.Variable) else None
 
 
 def is_keras_model(obj: Any) -> bool:

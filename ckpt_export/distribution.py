@@ -9,6 +9,13 @@ workers writing one directory collide. The others write the same checkpoint and
 export into a scratch directory of their own on local disk, then delete it; the
 next manager on the host deletes those of a worker killed meanwhile.
 
+A single-host `tf.distribute.MirroredStrategy` is one process holding every
+replica: nothing to match with other processes, so its exports are fast ones
+as without a strategy (`fast_exports_allowed`). A mirrored variable is one
+`tf.Variable` to a checkpoint and to a SavedModel (its primary copy, saved
+once); a SyncOnRead one is saved as its aggregate, which is what a fast
+export reads too.
+
 The strategy is the one in scope, or else the one that owns the checkpoint's
 distributed variables, so a manager built outside `strategy.scope()` still
 finds it.
@@ -51,6 +58,24 @@ def find_strategy(checkpoint: tf.train.Checkpoint
 def is_chief(strategy: Optional[tf.distribute.Strategy]) -> bool:
   """Whether this process writes checkpoints and exports for `strategy`."""
   return strategy is None or strategy.extended.should_checkpoint
+
+
+def fast_exports_allowed(strategy: Optional[tf.distribute.Strategy]) -> bool:
+  """Whether exports under `strategy` may be fast ones, after the checkpoint.
+
+  Only where one process runs every replica: no strategy, or a single-host
+  `MirroredStrategy`. Under a multi-worker strategy every worker must run the
+  same operations (see the module docstring), and the chief's fast export
+  would run none of the non-chiefs' full ones: those get full exports.
+
+  Args:
+    strategy: The job's strategy, or None.
+
+  Returns:
+    Whether the manager may export fast.
+  """
+  return strategy is None or isinstance(strategy,
+                                        tf.distribute.MirroredStrategy)
 
 
 def task_name(strategy: Optional[tf.distribute.Strategy]) -> str:

@@ -26,9 +26,10 @@ variables (lookup tables, custom savers) fail that check and always get full
 exports.
 
 A manager's fast export is made once the step's checkpoint data is written
-(`Exporter.checkpoint_options`). On local disk it then shares that data: the
-checkpoint writes the exported variables into a shard of their own, which the
-export hard-links, beside a small shard with its object graph and an index of
+(`Exporter.checkpoint_options`). On local disk and `gs://` it then shares that
+data: the checkpoint writes the exported variables into a shard of their own,
+which the export hard-links (local disk) or copies server-side (`gs://`, see
+`_GcsRewrites`), beside a small shard with its object graph and an index of
 its own keys pointing at the checkpoint's entries (`bundle.py`). Whatever
 cannot be shared is written instead, from values snapshot on the calling
 thread in async mode (`read_value()`, which on CPU shares the variable's
@@ -44,6 +45,7 @@ import functools
 import os
 import struct
 import tempfile
+import urllib.parse
 import uuid
 import weakref
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -113,9 +115,12 @@ class _Structure:
       children = tf.train.TrackableView.children(obj)
       entry = [type(obj), tuple((name, id(child))
                                 for name, child in sorted(children.items()))]
-      if isinstance(obj, tf.Variable):
-        entry += [tuple(obj.shape.as_list()) if obj.shape.rank is not None
-                  else None, obj.dtype]
+      variable = _tf_internals.saved_variable(obj)
+      if variable is not None:
+        objects.append(variable)
+        entry += [id(variable), tuple(variable.shape.as_list())
+                  if variable.shape.rank is not None else None,
+                  variable.dtype]
       for name, function in _functions_of(obj):
         objects.append(function)
         entry.append((name, id(function),
@@ -229,9 +234,11 @@ class _Template:
                            'rb') as f:
       self._write_fingerprint(module_dir, f.read(), local=False)
 
-  def write_linked(self, module_dir: str, link: '_Link') -> None:
+  def write_linked(self, module_dir: str, link: '_Link',
+                   sharer: '_Sharer') -> None:
     """Writes a SavedModel whose variables are a checkpoint's (see `_Link`)."""
-    self._write_files(module_dir, local=True)
+    local = sharer.local
+    self._write_files(module_dir, local)
     prefix = _variables_prefix(module_dir)
     shards = 2 if link.shard_path else 1
     entries = {}
@@ -241,15 +248,16 @@ class _Template:
     entries[_OBJECT_GRAPH_KEY] = copy.copy(self.graph_entry)
     entries[_OBJECT_GRAPH_KEY].shard_id = shards - 1
     if link.shard_path:
-      os.link(link.shard_path, f'{prefix}.data-00000-of-{shards:05d}')
-    with open(f'{prefix}.data-{shards - 1:05d}-of-{shards:05d}', 'wb') as f:
+      sharer.share(link.shard_path, f'{prefix}.data-00000-of-{shards:05d}')
+    opener = open if local else tf.io.gfile.GFile
+    with opener(f'{prefix}.data-{shards - 1:05d}-of-{shards:05d}', 'wb') as f:
       f.write(self.graph_shard)
     header = copy.copy(self.header)
     header.num_shards = shards
     index = bundle.write_index(header, entries)
-    with open(prefix + '.index', 'wb') as f:
+    with opener(prefix + '.index', 'wb') as f:
       f.write(index)
-    self._write_fingerprint(module_dir, index, local=True)
+    self._write_fingerprint(module_dir, index, local)
 
 
 def _makedirs(path: str, local: bool) -> None:
@@ -314,11 +322,11 @@ def _variables_by_key(module: Any, object_graph: bytes
     if node.slot_variables:
       raise ValueError('slot variables are exported')
     for attribute in node.attributes:
-      obj = objects.get(node_id)
-      if attribute.name != _VARIABLE_VALUE or not isinstance(obj, tf.Variable):
+      variable = _tf_internals.saved_variable(objects.get(node_id))
+      if attribute.name != _VARIABLE_VALUE or variable is None:
         raise ValueError(f'{attribute.checkpoint_key} is not a plain '
                          "variable's value")
-      by_key[attribute.checkpoint_key] = obj
+      by_key[attribute.checkpoint_key] = variable
   keys = sorted(by_key)
   return keys, [by_key[key] for key in keys]
 
@@ -328,9 +336,10 @@ def _checkpoint_keys(checkpoint: Any, object_graph: bytes) -> Dict[int, str]:
   graph, objects = _objects_by_node(checkpoint, object_graph)
   keys = {}
   for node_id, obj in objects.items():
+    variable = _tf_internals.saved_variable(obj)
     for attribute in graph.nodes[node_id].attributes:
-      if attribute.name == _VARIABLE_VALUE and isinstance(obj, tf.Variable):
-        keys[id(obj)] = attribute.checkpoint_key
+      if attribute.name == _VARIABLE_VALUE and variable is not None:
+        keys[id(variable)] = attribute.checkpoint_key
   return keys
 
 
@@ -407,9 +416,11 @@ class ModuleExporter:
     self._template.write(os.path.join(export_dir, self.name), values)
     self.fast_exports += 1
 
-  def write_linked(self, export_dir: str, link: '_Link') -> None:
+  def write_linked(self, export_dir: str, link: '_Link',
+                   sharer: '_Sharer') -> None:
     """Writes a SavedModel whose variables are a checkpoint's data."""
-    self._template.write_linked(os.path.join(export_dir, self.name), link)
+    self._template.write_linked(os.path.join(export_dir, self.name), link,
+                                sharer)
     self.fast_exports += 1
     self.linked_exports += 1
 
@@ -488,9 +499,117 @@ class _ModuleShard(tf.train.experimental.ShardingCallback):
     return shards
 
 
-def _can_link(path: str) -> bool:
-  """Whether files under `path` can be hard-linked (a local path)."""
-  return '://' not in path
+class _Sharer:
+  """How exports share a checkpoint's data file on one file system.
+
+  Attributes:
+    local: Whether paths are local ones (written with `open`).
+  """
+  local = True
+
+  def share(self, source: str, target: str) -> None:
+    """Makes `target` a file with `source`'s bytes without writing them.
+
+    Raises:
+      OSError: If it cannot; the export then writes its variables.
+    """
+    raise NotImplementedError
+
+
+class _HardLinks(_Sharer):
+  """Local disk: a hard link (a `cp -r` of the export makes it a copy)."""
+
+  def share(self, source: str, target: str) -> None:
+    os.link(source, target)
+
+
+class _GcsRewrites(_Sharer):
+  """`gs://`: a server-side copy, the JSON API's `rewriteTo`.
+
+  TF's `gs://` client copies by downloading and uploading (`tf.io.gfile.copy`;
+  it rewrites server-side only to rename, deleting the source), so this calls
+  the API itself, on the host TF's client uses, with the credentials
+  `google.auth.default()` finds: `GOOGLE_APPLICATION_CREDENTIALS`, gcloud's
+  application default credentials, then the GCE metadata server (not with
+  `NO_GCE_CHECK=true`), the order TF's client looks in; without any, the
+  requests go unauthenticated, as TF's do. HTTPS proxy and CA bundle come from
+  the same variables (`HTTPS_PROXY`, `CURL_CA_BUNDLE`).
+  """
+  local = False
+  _API = 'https://www.googleapis.com/storage/v1'
+  _SCOPE = 'https://www.googleapis.com/auth/devstorage.read_write'
+  _TIMEOUT_SECONDS = 300
+
+  def __init__(self, session: Any):
+    self._session = session
+
+  @classmethod
+  def create(cls) -> Optional['_GcsRewrites']:
+    """The sharer, or None without the `google-auth` package."""
+    try:
+      # pylint: disable=g-import-not-at-top
+      import google.auth
+      from google.auth import credentials as auth_credentials
+      from google.auth import exceptions as auth_exceptions
+      from google.auth.transport import requests as auth_requests
+      # pylint: enable=g-import-not-at-top
+    except ImportError:
+      return None
+    try:
+      credentials, _ = google.auth.default(scopes=[cls._SCOPE])
+    except auth_exceptions.DefaultCredentialsError:
+      credentials = auth_credentials.AnonymousCredentials()
+    return cls(auth_requests.AuthorizedSession(credentials))
+
+  def share(self, source: str, target: str) -> None:
+    (source_bucket, source_name), (target_bucket, target_name) = (
+        _gcs_object(path) for path in (source, target))
+    url = (f'{self._API}/b/{source_bucket}/o/{_quote(source_name)}/rewriteTo/'
+           f'b/{target_bucket}/o/{_quote(target_name)}')
+    params = {}
+    while True:  # Large objects may take several calls, each with a token.
+      try:
+        response = self._session.post(url, params=params,
+                                      timeout=self._TIMEOUT_SECONDS)
+        body = response.json() if response.ok else None
+      except (OSError, ValueError) as e:  # requests' errors are OSErrors.
+        raise OSError(f'rewriting {source} to {target}: {e}') from e
+      if body is None:
+        raise OSError(f'rewriting {source} to {target}: HTTP '
+                      f'{response.status_code} {response.text[:200]}')
+      if body.get('done'):
+        return
+      params = {'rewriteToken': body['rewriteToken']}
+
+
+def _gcs_object(path: str) -> Tuple[str, str]:
+  """The bucket and object name of a `gs://` path."""
+  bucket, _, name = path[len('gs://'):].partition('/')
+  return bucket, name
+
+
+def _quote(name: str) -> str:
+  return urllib.parse.quote(name, safe='')
+
+
+# File system -> its `_Sharer` (None: exports write their variables).
+_sharers: Dict[str, Optional[_Sharer]] = {}
+
+
+def _sharer(path: str) -> Optional[_Sharer]:
+  """How exports under `path` share checkpoint data, chosen once per scheme."""
+  scheme = path.partition('://')[0] if '://' in path else ''
+  if scheme not in _sharers:
+    if not scheme:
+      _sharers[scheme] = _HardLinks()
+    elif scheme == 'gs':
+      _sharers[scheme] = _GcsRewrites.create()
+      if _sharers[scheme] is None:
+        logging.warning('Exports on gs:// upload their variables again: '
+                        'install google-auth for server-side copies.')
+    else:
+      _sharers[scheme] = None
+  return _sharers[scheme]
 
 
 class Exporter:
@@ -594,7 +713,7 @@ class Exporter:
     options = copy.copy(options) or tf.train.CheckpointOptions()
     if self._checkpoint is None:
       return options
-    if self.modules and _can_link(directory):
+    if self.modules and _sharer(directory):
       options.experimental_sharding_callback = _ModuleShard(
           self._exported_keys, options.experimental_sharding_callback)
     deferred, self._deferred = self._deferred, None
@@ -645,14 +764,15 @@ class Exporter:
                          save_path: str) -> None:
     """Publishes the export of checkpoint `save_path`, written just now."""
     links = self._link(save_path)
+    sharer = _sharer(save_path)
     with commit.staged_export(export_dir, dict(commit_info)) as tmp:
       for module, link, module_values in zip(self.modules, links, values):
         if link is not None:
           try:
-            module.write_linked(tmp, link)
+            module.write_linked(tmp, link, sharer)
             continue
-          except OSError as e:
-            self._fall_back(f'linking {link.shard_path} failed: {e}')
+          except (OSError, tf.errors.OpError) as e:
+            self._fall_back(f'sharing {link.shard_path} failed: {e}')
             tf.io.gfile.rmtree(os.path.join(tmp, module.name))
         module.write_fast(tmp, module_values)
 
@@ -663,7 +783,7 @@ class Exporter:
 
   def _learn_keys(self, save_path: str) -> None:
     """Reads the checkpoint keys of checkpoint `save_path`, for later saves."""
-    if not _can_link(save_path) or not self.modules:
+    if not _sharer(save_path) or not self.modules:
       return
     try:
       self._read_index(save_path)
@@ -674,7 +794,8 @@ class Exporter:
                  ) -> Tuple[tensor_bundle_pb2.BundleHeaderProto,
                             Dict[str, tensor_bundle_pb2.BundleEntryProto]]:
     """Checkpoint `save_path`'s index; updates the keys if its graph changed."""
-    with open(save_path + '.index', 'rb') as f:
+    opener = open if _sharer(save_path).local else tf.io.gfile.GFile
+    with opener(save_path + '.index', 'rb') as f:
       header, entries = bundle.read_index(f.read())
     graph = entries.get(_OBJECT_GRAPH_KEY)
     signature = graph and (graph.size, graph.crc32c)
@@ -699,7 +820,7 @@ class Exporter:
       A `_Link` or None for each module.
     """
     links = [None] * len(self.modules)
-    if not _can_link(save_path):
+    if not _sharer(save_path):
       return links
     try:
       header, entries = self._read_index(save_path)

@@ -131,7 +131,7 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     written in the background, and so is a fast export (from values taken
     now where it cannot share the data). `sync()` waits for both.
     In a multi-worker job every worker calls it, and only the chief writes
-    the directory; under a tf.distribute strategy every export is a full one.
+    the directory; under a multi-worker strategy every export is a full one.
 
     Args:
       checkpoint_number: The step to save as (an integer, or a scalar integer
@@ -166,7 +166,7 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
             f'Cannot export step {step}: {export_dir!r} exists and is not an '
             'export (no SavedModels in it); move it away, it is left as is.')
       commit_info = {'step': step, 'modules': list(self._modules_to_export)}
-      if self._strategy is None:
+      if distribution.fast_exports_allowed(self._strategy):
         asynchronous = bool(
             options and options.experimental_enable_async_checkpoint)
         self._exporter.export(export_dir, commit_info, after_checkpoint=True,

@@ -15,7 +15,10 @@ it needs every worker's part. The export serves `y = x * w + counter`, so an
 export of step `s` serves `(1 + replicas) * s` for `x = 1`.
 
 Lines printed for the parent: `RESTORED <step>`, then `SAVED <step> <latest
-checkpoint>` per save, then `DONE <replicas>`.
+checkpoint>` per save, then `EXPORTS <full> <fast> <linked>` (this process's
+counts), then `DONE <replicas>`. With `--full_export_dir`, a full export of
+the last step's values (`tf.saved_model.save` under the strategy) is written
+there at the end, to compare the manager's exports with.
 """
 
 import argparse
@@ -29,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 import ckpt_export  # pylint: disable=g-import-not-at-top
+from ckpt_export import export  # pylint: disable=g-import-not-at-top
 
 MODULE_NAME = 'model'
 WIDTH = 4
@@ -73,6 +77,7 @@ def main() -> None:
   parser.add_argument('--save_every', type=int, required=True)
   parser.add_argument('--max_to_keep', type=int, required=True)
   parser.add_argument('--async', dest='use_async', action='store_true')
+  parser.add_argument('--full_export_dir')
   args = parser.parse_args()
 
   strategy = _make_strategy(args.strategy)
@@ -100,6 +105,11 @@ def main() -> None:
       manager.save(checkpoint_number=step, options=options)
       print(f'SAVED {step} {manager.latest_checkpoint}', flush=True)
   manager.sync()
+  module, = manager._exporter.modules  # pylint: disable=protected-access
+  print(f'EXPORTS {module.full_exports} {module.fast_exports} '
+        f'{module.linked_exports}', flush=True)
+  if args.full_export_dir:
+    export.write_module(MODULE_NAME, model, args.full_export_dir)
   print(f'DONE {strategy.num_replicas_in_sync}', flush=True)
 
 

@@ -18,6 +18,11 @@ a proxy thread in the same process would deadlock them.
 
 `GcsEmulator.env()` gives the variables a process needs (they are read when
 TensorFlow first uses `gs://`, so set them before that).
+
+The proxy logs every request it forwards, one JSON line each (`requests()`
+reads them): method, path, the bytes of the request's body (what the client
+uploaded) and of the response's (what it downloaded), and the `Location` of
+a resumable upload's start, which names the upload its `PUT`s then send.
 """
 
 import argparse
@@ -32,9 +37,10 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 _HOSTS = ('www.googleapis.com', 'storage.googleapis.com')
 _HOP_BY_HOP = {'connection', 'keep-alive', 'proxy-connection',
@@ -90,8 +96,19 @@ def _make_certificates(directory: pathlib.Path) -> None:
       raise Unavailable(f'openssl could not make test certificates: {e}') from e
 
 
-def _forwarding_handler(upstream: str):
-  """An HTTP/1.1 handler class that forwards every request to `upstream`."""
+def _forwarding_handler(upstream: str, log: Optional[pathlib.Path] = None):
+  """An HTTP/1.1 handler class that forwards every request to `upstream`.
+
+  Args:
+    upstream: host:port of fake-gcs-server.
+    log: Where to append a JSON line per request (see the module docstring).
+  """
+  lock = threading.Lock()
+
+  def record(**entry) -> None:
+    if log is not None:
+      with lock, open(log, 'a') as f:
+        f.write(json.dumps(entry) + '\n')
 
   class Forward(http.server.BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'
@@ -124,6 +141,11 @@ def _forwarding_handler(upstream: str):
         connection.endheaders(body)
         response = connection.getresponse()
         data = response.read()
+        # Logged before the client gets the response: once its call returns,
+        # the request is in the log.
+        record(method=self.command, path=self.path, sent=len(body),
+               received=len(data), status=response.status,
+               location=response.getheader('Location'))
         self.send_response(response.status, response.reason)
         for name, value in response.getheaders():
           if name.lower() in _HOP_BY_HOP | {'content-length'}:
@@ -143,9 +165,10 @@ def _forwarding_handler(upstream: str):
   return Forward
 
 
-def _proxy_handler(upstream: str, tls: ssl.SSLContext):
+def _proxy_handler(upstream: str, tls: ssl.SSLContext,
+                   log: Optional[pathlib.Path] = None):
   """A handler class for CONNECT: terminates TLS, then forwards requests."""
-  forward = _forwarding_handler(upstream)
+  forward = _forwarding_handler(upstream, log)
 
   class Proxy(http.server.BaseHTTPRequestHandler):
 
@@ -199,10 +222,11 @@ class GcsEmulator:
       self._wait_until_ready(upstream)
       self._create_bucket(upstream)
       _make_certificates(work_dir)
+      self._requests = work_dir / 'requests.jsonl'
       self._proxy = subprocess.Popen(
           [sys.executable, __file__, '--upstream', upstream, '--certificates',
-           str(work_dir)], stdout=subprocess.PIPE, stderr=self._log,
-          text=True)
+           str(work_dir), '--request_log', str(self._requests)],
+          stdout=subprocess.PIPE, stderr=self._log, text=True)
       line = self._proxy.stdout.readline()
       if not line.strip().isdigit():
         raise Unavailable(f'The proxy did not start; see {self._log.name}')
@@ -238,9 +262,19 @@ class GcsEmulator:
   def env(self) -> Dict[str, str]:
     """Variables that point TensorFlow's `gs://` client at the emulator."""
     proxy = f'http://127.0.0.1:{self._proxy_port}'
+    ca = str(self._work_dir / 'ca.pem')
+    # REQUESTS_CA_BUNDLE: for ckpt_export's own requests (server-side copies),
+    # which prefer it to CURL_CA_BUNDLE.
     return {'HTTPS_PROXY': proxy, 'https_proxy': proxy,
-            'CURL_CA_BUNDLE': str(self._work_dir / 'ca.pem'),
+            'CURL_CA_BUNDLE': ca, 'REQUESTS_CA_BUNDLE': ca,
             'NO_GCE_CHECK': 'true'}
+
+  def requests(self) -> List[Dict]:
+    """Every request forwarded so far, oldest first (see the docstring)."""
+    if not self._requests.exists():
+      return []
+    with open(self._requests) as f:
+      return [json.loads(line) for line in f if line.endswith('\n')]
 
   def stop(self) -> None:
     """Stops the proxy and the emulator."""
@@ -258,6 +292,8 @@ def main() -> None:
                       'runs the proxy and prints its port once it listens')
   parser.add_argument('--certificates', type=pathlib.Path,
                       help='Where _make_certificates wrote server.pem/.key')
+  parser.add_argument('--request_log', type=pathlib.Path,
+                      help='Where the proxy appends a JSON line per request')
   args = parser.parse_args()
   if args.upstream is None:
     emulator = GcsEmulator(pathlib.Path(tempfile.mkdtemp()))
@@ -273,7 +309,8 @@ def main() -> None:
   tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
   tls.load_cert_chain(args.certificates / 'server.pem',
                       args.certificates / 'server.key')
-  server = _Server(('127.0.0.1', 0), _proxy_handler(args.upstream, tls))
+  server = _Server(('127.0.0.1', 0),
+                   _proxy_handler(args.upstream, tls, args.request_log))
   print(server.server_address[1], flush=True)
   server.serve_forever()
 

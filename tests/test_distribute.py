@@ -191,14 +191,40 @@ def test_only_the_scratch_directories_of_dead_processes_are_removed(
   assert not os.path.exists(in_use)
 
 
+def _variables(saved_model_dir: str) -> dict:
+  reader = tf.train.load_checkpoint(
+      os.path.join(saved_model_dir, 'variables', 'variables'))
+  return {key: reader.get_tensor(key)
+          for key in reader.get_variable_to_shape_map()
+          if key != '_CHECKPOINTABLE_OBJECT_GRAPH'}
+
+
 @pytest.mark.slow
-def test_mirrored_strategy_over_two_logical_cpus(tmp_path):
+@pytest.mark.parametrize('use_async', [False, True], ids=['sync', 'async'])
+def test_mirrored_strategy_over_two_logical_cpus_exports_fast(
+    tmp_path, use_async):
+  """One process holds every replica: fast exports, linked on local disk."""
   model_dir = str(tmp_path / 'model')
-  [lines] = _run_all([_job_args('mirrored', model_dir, 6)],
-                     [dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')], tmp_path)
+  full = str(tmp_path / 'full')
+  [lines] = _run_all(
+      [_job_args('mirrored', model_dir, 6, use_async) + [
+          '--full_export_dir', full]],
+      [dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')], tmp_path)
   assert 'DONE 2' in lines
+  # Steps 2, 4, 6: the first export full, then fast and linked.
+  assert 'EXPORTS 1 2 2' in lines
   assert entries(model_dir) == _expected_entries([4, 6])
   _check_exports(model_dir, [4, 6], replicas=2)
+  # The last export holds what a full export under the strategy holds.
+  linked = paths.export_path(model_dir, 'ckpt', 6)
+  module_dir = os.path.join(linked, distribute_job.MODULE_NAME)
+  want, got = _variables(full), _variables(module_dir)
+  assert sorted(got) == sorted(want)
+  for key, value in want.items():
+    assert (got[key] == value).all(), key
+  assert os.path.samefile(
+      os.path.join(module_dir, 'variables', 'variables.data-00000-of-00002'),
+      os.path.join(model_dir, 'ckpt-6.data-00000-of-00002'))
 
 
 @pytest.mark.slow

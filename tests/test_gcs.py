@@ -13,16 +13,20 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import uuid
 
 import pytest
+import requests
 import tensorflow as tf
+from typing import Dict, List
 
 import ckpt_export
 from ckpt_export import commit
 from ckpt_export import paths
 from ckpt_export import readers
 from conftest import entries
+from conftest import N_FEATURES
 from conftest import Scale
 from conftest import served_value
 from conftest import save_step
@@ -37,8 +41,8 @@ MIN_EXPORTS_READ = 3  # Exports the reader checks before the kill.
 
 
 @pytest.fixture(scope='module')
-def bucket(tmp_path_factory) -> str:
-  """A bucket on a running emulator, with this process's env pointed at it."""
+def emulator(tmp_path_factory) -> gcs_emulator.GcsEmulator:
+  """A running emulator, with this process's env pointed at it."""
   try:
     emulator = gcs_emulator.GcsEmulator(tmp_path_factory.mktemp('gcs'))
   except gcs_emulator.Unavailable as e:
@@ -48,13 +52,18 @@ def bucket(tmp_path_factory) -> str:
   env = dict(emulator.env(), GCS_STAT_CACHE_MAX_AGE='0')
   saved = {name: os.environ.get(name) for name in env}
   os.environ.update(env)
-  yield f'gs://{emulator.bucket}'
+  yield emulator
   for name, value in saved.items():
     if value is None:
       os.environ.pop(name, None)
     else:
       os.environ[name] = value
   emulator.stop()
+
+
+@pytest.fixture(scope='module')
+def bucket(emulator) -> str:
+  return f'gs://{emulator.bucket}'
 
 
 @pytest.fixture
@@ -85,6 +94,135 @@ def test_manager_save_gc_restore(gcs_dir, scale):
   assert again.restore_or_initialize() == f'{gcs_dir}/ckpt-3'
   assert restored.w.numpy().tolist() == [3.0] * 4
   assert steps_of(again.savedmodels) == [2, 3]
+
+
+WIDE = 1 << 18  # Elements of `Wide`'s variable: 1 MiB of float32.
+
+
+class Wide(tf.Module):
+  """A module whose variable's bytes stand out from any metadata's."""
+
+  def __init__(self):
+    super().__init__()
+    self.w = tf.Variable(tf.zeros([WIDE]))
+
+  @tf.function(input_signature=[tf.TensorSpec([None, N_FEATURES], tf.float32)])
+  def __call__(self, x):
+    return x * self.w[0]
+
+  @property
+  def saved_model_signatures(self):
+    return {'serving_default': self.__call__}
+
+
+def _uploads(requests: List[Dict], bucket: str) -> Dict[str, int]:
+  """Bytes the client uploaded into each object (by name in the bucket)."""
+  names, uploaded = {}, {}
+  for request in requests:
+    url = urllib.parse.urlsplit(request['path'])
+    query = urllib.parse.parse_qs(url.query)
+    name = query.get('name', [None])[0]
+    if name is None and url.path.startswith(f'/upload/storage/v1/b/{bucket}/'):
+      name = names.get(query.get('upload_id', [None])[0])
+    if name is None:
+      continue
+    if request['location']:  # A resumable upload's start: data comes next.
+      location = urllib.parse.urlsplit(request['location'])
+      names[urllib.parse.parse_qs(location.query)['upload_id'][0]] = name
+    uploaded[name] = uploaded.get(name, 0) + request['sent']
+  return uploaded
+
+
+@pytest.mark.parametrize('use_async', [False, True], ids=['sync', 'async'])
+def test_a_fast_export_on_gcs_uploads_no_variable_byte(emulator, gcs_dir,
+                                                       use_async):
+  """The export's variables are a server-side copy of the checkpoint's shard.
+
+  Measured and printed (`pytest -s`): requests and bytes of one fast save
+  (and its `sync()`); with async checkpointing the copy is made in TF's
+  checkpoint thread.
+  """
+  module = Wide()
+  manager = ckpt_export.SavedModelCheckpointManager(
+      tf.train.Checkpoint(module=module), gcs_dir, max_to_keep=2,
+      modules_to_export={'m': module})
+  module.w.assign(tf.fill([WIDE], 1.0))
+  manager.save(checkpoint_number=1)  # Full; learns the checkpoint's keys.
+  before = len(emulator.requests())
+  module.w.assign(tf.fill([WIDE], 2.0))
+  manager.save(checkpoint_number=2, options=tf.train.CheckpointOptions(
+      enable_async=use_async))
+  module.w.assign(tf.fill([WIDE], -1.0))
+  manager.sync()
+  requests = emulator.requests()[before:]
+  exporter, = manager._exporter.modules  # pylint: disable=protected-access
+  assert (exporter.full_exports, exporter.fast_exports,
+          exporter.linked_exports) == (1, 1, 1)
+  prefix = gcs_dir[len(f'gs://{emulator.bucket}/'):]
+  uploads = _uploads(requests, emulator.bucket)
+  # The export is staged in `.<export>.tmp-<token>/`, then renamed (on
+  # gs://, TF renames objects with a server-side rewrite too).
+  export_name = paths.export_basename('ckpt', 2)
+  exported = sum(n for name, n in uploads.items()
+                 if name.startswith((f'{prefix}/{export_name}/',
+                                     f'{prefix}/.{export_name}.tmp-')))
+  checkpointed = sum(n for name, n in uploads.items()
+                     if name.startswith(f'{prefix}/ckpt-2.') or
+                     name.startswith(f'{prefix}/ckpt-2_temp/'))
+  variable_bytes = WIDE * 4
+  rewrites = [r for r in requests if '/rewriteTo/' in r['path']]
+  print(f'gs:// fast save (async: {use_async}) of {variable_bytes} variable '
+        'bytes: '
+        f'{len(requests)} requests ({len(rewrites)} rewrites), '
+        f'{sum(r["sent"] for r in requests)} bytes up, '
+        f'{sum(r["received"] for r in requests)} down; uploaded into the '
+        f'checkpoint {checkpointed}, into the export {exported}; by method '
+        + str({m: sum(r['method'] == m for r in requests)
+               for m in sorted({r['method'] for r in requests})}))
+  # The checkpoint uploads the variables once; the export only its graph
+  # files (`saved_model.pb`: about 11 KB here), index and object graph.
+  assert variable_bytes <= checkpointed < variable_bytes + 4096
+  assert exported < 64 * 1024
+  assert sum(r['sent'] for r in requests) < variable_bytes + 64 * 1024
+  # A standard SavedModel of step 2, also once its checkpoint is gone.
+  export_dir = manager.latest_savedmodel
+  with tf.io.gfile.GFile(f'{export_dir}/m/variables/variables.index',
+                         'rb') as f:
+    assert f.read()  # Written by ckpt_export, read by TF below.
+  for name in tf.io.gfile.glob(f'{gcs_dir}/ckpt-2.*'):
+    tf.io.gfile.remove(name)
+  assert served_value(export_dir, 'm') == 2.0
+  reader = tf.compat.v1.train.NewCheckpointReader(
+      f'{export_dir}/m/variables/variables')
+  assert reader.get_tensor('w/.ATTRIBUTES/VARIABLE_VALUE').tolist() == [
+      2.0] * WIDE
+
+
+def test_a_failed_server_side_copy_falls_back_to_uploading(
+    emulator, gcs_dir, monkeypatch, caplog):
+  """A rewrite that fails (here: TLS, with a CA bundle that lacks the
+  emulator's) leaves the export to upload its variables, with a warning."""
+  module = Wide()
+  manager = ckpt_export.SavedModelCheckpointManager(
+      tf.train.Checkpoint(module=module), gcs_dir, max_to_keep=2,
+      modules_to_export={'m': module})
+  module.w.assign(tf.fill([WIDE], 1.0))
+  manager.save(checkpoint_number=1)
+  monkeypatch.setenv('REQUESTS_CA_BUNDLE', requests.certs.where())
+  before = len(emulator.requests())
+  module.w.assign(tf.fill([WIDE], 2.0))
+  manager.save(checkpoint_number=2)
+  uploads = _uploads(emulator.requests()[before:], emulator.bucket)
+  exporter, = manager._exporter.modules  # pylint: disable=protected-access
+  assert (exporter.full_exports, exporter.fast_exports,
+          exporter.linked_exports) == (1, 1, 0)
+  assert any('CERTIFICATE_VERIFY_FAILED' in r.getMessage()
+             for r in caplog.records), 'no warning names the failure'
+  export_name = paths.export_basename('ckpt', 2)
+  assert sum(n for name, n in uploads.items()
+             if f'/.{export_name}.tmp-' in name) >= WIDE * 4
+  module.w.assign(tf.fill([WIDE], -1.0))
+  assert served_value(manager.latest_savedmodel, 'm') == 2.0
 
 
 def _serves_its_step(export_dir: str) -> bool:

@@ -158,3 +158,29 @@ def test_without_keras_signature_attributes_keras_models_still_export(
     ckpt_export.SavedModelCheckpointManager(
         tf.train.Checkpoint(), local_dir, 1, modules_to_export={
             'plain': tf.Module()})
+
+
+@pytest.mark.parametrize('missing, full, fast', [(True, 3, 0), (False, 1, 2)])
+def test_keras3_fast_exports_or_their_fallback_serve_each_step(
+    monkeypatch, caplog, local_dir, missing, full, fast):
+  if missing:
+    fake_missing(monkeypatch, 'fast exports of Keras 3 models')
+  model = keras.Sequential([keras.Input((N_FEATURES,)), keras.layers.Dense(1)])
+  manager = ckpt_export.SavedModelCheckpointManager(
+      tf.train.Checkpoint(model=model), local_dir, max_to_keep=3,
+      modules_to_export={'model': model})
+  for step in (1, 2, 3):
+    for v in model.trainable_variables:
+      v.assign(tf.fill(v.shape, float(step)))
+    manager.save(checkpoint_number=step)
+  exporter = manager._exporter.modules[0]  # pylint: disable=protected-access
+  assert (exporter.full_exports, exporter.fast_exports) == (full, fast)
+  for step, export_dir in enumerate(manager.savedmodels, start=1):
+    loaded = tf.saved_model.load(os.path.join(export_dir, 'model'))
+    out, = loaded.signatures['serving_default'](
+        tf.ones([1, N_FEATURES])).values()
+    assert out.numpy().tolist() == [[step * (N_FEATURES + 1)]]
+  warnings = fallback_warnings(caplog)
+  assert len(warnings) == int(missing), warnings
+  if missing:
+    assert 'Keras 3' in warnings[0] and tf.__version__ in warnings[0]
