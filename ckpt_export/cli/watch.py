@@ -8,6 +8,7 @@ import sys
 
 from absl import logging
 
+from ckpt_export import commit
 from ckpt_export import leases
 from ckpt_export import paths
 from ckpt_export import readers
@@ -42,11 +43,15 @@ def _run_step(args: argparse.Namespace, export_dir: str, step: int,
 
 def _retry_failed(args: argparse.Namespace,
                   state: _watch_state.WatchState) -> None:
-  """Runs COMMAND again on each recorded failed step whose export remains."""
+  """Runs COMMAND again on each recorded failed step whose export remains.
+
+  The export is leased meanwhile, unless --no-lease (then it only has to be
+  published when the retry starts).
+  """
   for step in sorted(map(int, state.failed)):
     export_dir = paths.export_path(args.model_dir, args.checkpoint_name, step)
-    lease = leases.acquire(export_dir, holder=f'{_common.PROG} watch')
-    if lease is None:
+    lease = _model_dir.lease(export_dir, args)
+    if lease is None or not commit.is_published(export_dir):
       print(f'{_common.PROG}: step {step}: cannot retry, its export is gone; '
             'dropping its failure', file=sys.stderr)
       state.finish(step, 0, advance=False)
