@@ -175,6 +175,38 @@ def test_failed_steps_are_reported_at_every_run_and_retried(finished_dir,
   assert _state(state)['failed'] == {} and _state(state)['last_step'] == 3
 
 
+# Appends "<step> <number of live leases on the export>" to LOG; exits 3.
+_LEASE_COUNTING_COMMAND = """
+import sys
+from ckpt_export import leases
+log, step, path = sys.argv[1:]
+with open(log, 'a') as f:
+  f.write(f'{step} {len(leases.holders(path))}\\n')
+sys.exit(3)
+"""
+
+
+def test_retry_failed_leases_unless_no_lease(finished_dir, tmp_path):
+  log, state = str(tmp_path / 'log'), str(tmp_path / 'state.json')
+  command = [sys.executable, '-c', _LEASE_COUNTING_COMMAND, log, '{step}',
+             '{path}']
+  result = run_cli('watch', finished_dir, '--state-file', state, '--timeout',
+                   '0', '--until-step', '1', '--', *command)
+  assert result.returncode == 1, result.stderr
+  for flags, leases_held in ((['--no-lease'], 0), ([], 1)):
+    result = run_cli('watch', finished_dir, '--state-file', state,
+                     '--retry-failed', '--until-step', '1', *flags, '--',
+                     *command)
+    assert result.returncode == 1, result.stderr
+    with open(log) as f:
+      assert f.read().splitlines()[-1] == f'1 {leases_held}', flags
+  with open(log) as f:
+    assert f.read().splitlines() == ['1 1', '1 0', '1 1']
+  assert _state(state)['failed'] == {'1': 3}
+  assert not leases.holders(ckpt_export.paths.export_path(finished_dir, 'ckpt',
+                                                          1))
+
+
 def _pid_gone(pid: int) -> bool:
   """Whether `pid` ended (a zombie not yet reaped by init counts)."""
   try:

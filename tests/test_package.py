@@ -35,8 +35,32 @@ ALLOWED = {
     'serving': {'best', 'commit', 'leases', 'paths', 'readers'},
     '__init__': {'best', 'evaluation', 'leases', 'manager', 'orbit_actions',
                  'paths', 'readers', 'serving'},
-    'cli': {'commit', 'decoupled', 'leases', 'paths', 'readers', 'serving'},
+    # The command line: the top layer, a package of one module per subcommand.
+    'cli._common': set(),
+    'cli._parsers': {'cli._common', 'paths'},
+    'cli': {'cli._common', 'cli._parsers'},
+    'cli.__main__': {'cli'},
+    'cli._model_dir': {'cli._common', 'commit', 'leases'},
+    'cli._command': {'cli._common'},
+    'cli._watch_state': {'cli._common', 'cli._model_dir', 'commit', 'leases',
+                         'readers'},
+    'cli.ls': {'cli._common', 'cli._model_dir', 'commit', 'leases', 'paths'},
+    'cli.verify': {'cli._common', 'cli._model_dir', 'commit', 'leases',
+                   'readers'},
+    'cli.watch': {'cli._command', 'cli._common', 'cli._model_dir',
+                  'cli._watch_state', 'commit', 'leases', 'paths', 'readers'},
+    'cli.export': {'cli._common', 'cli._model_dir', 'decoupled'},
+    'cli.serve': {'cli._common', 'cli._model_dir', 'serving'},
 }
+
+
+def _modules():
+  """(module name relative to the package, source path) of every module."""
+  for source in sorted(PACKAGE.rglob('*.py')):
+    parts = source.relative_to(PACKAGE).with_suffix('').parts
+    if parts[-1] == '__init__' and len(parts) > 1:
+      parts = parts[:-1]
+    yield '.'.join(parts), source
 
 
 def test_import_loads_neither_orbit_nor_model_garden_nor_keras():
@@ -51,20 +75,26 @@ def test_import_loads_neither_orbit_nor_model_garden_nor_keras():
 
 def test_modules_import_only_lower_layers():
   found = {}
-  for source in PACKAGE.glob('*.py'):
+  for name, source in _modules():
     imported = set()
     for node in ast.walk(ast.parse(source.read_text())):
-      if isinstance(node, ast.ImportFrom) and node.module == 'ckpt_export':
+      if not isinstance(node, ast.ImportFrom):
+        continue
+      assert not node.level, f'{source}: a relative import'
+      if node.module == 'ckpt_export':
         imported |= {alias.name for alias in node.names}
-      elif isinstance(node, ast.ImportFrom) and (node.module or '').startswith(
-          'ckpt_export.'):
-        imported.add(node.module.split('.')[1])
-    found[source.stem] = imported
+      elif node.module == 'ckpt_export.cli':  # Its modules, or `cli` itself.
+        imported |= {f'cli.{alias.name}'
+                     if (PACKAGE / 'cli' / f'{alias.name}.py').exists()
+                     else 'cli' for alias in node.names}
+      elif (node.module or '').startswith('ckpt_export.'):
+        imported.add(node.module.split('.', 1)[1])
+    found[name] = imported
   assert found == ALLOWED
 
 
 def test_modules_parse_as_the_oldest_python_allowed():
   # pyproject.toml allows Python 3.9 (TensorFlow 2.18's oldest wheel); only
   # 3.11 runs here, so at least the grammar of 3.9 is checked.
-  for source in PACKAGE.glob('*.py'):
+  for _, source in _modules():
     ast.parse(source.read_text(), str(source), feature_version=(3, 9))
