@@ -21,8 +21,8 @@ save into scratch directories they delete (`distribution.py`).
 import copy
 import numbers
 import os
-from typing import (Any, Callable, Iterable, Iterator, List, Mapping, Optional,
-                    Set)
+import threading
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Set
 
 from absl import logging
 import tensorflow as tf
@@ -36,6 +36,22 @@ from ckpt_export import housekeeping
 from ckpt_export import leases
 from ckpt_export import paths
 from ckpt_export import readers
+
+
+# How long `sync()` waits for background housekeeping, in seconds.
+_HOUSEKEEPING_SECONDS = 300.0
+
+
+def _validate_settings(max_to_keep: Any, directory: str, checkpoint_name: str,
+                       modules_to_export: Any) -> None:
+  """Raises ValueError for a bad constructor argument, naming it."""
+  if max_to_keep is not None and (
+      isinstance(max_to_keep, bool) or
+      not isinstance(max_to_keep, numbers.Integral) or max_to_keep <= 0):
+    raise ValueError('max_to_keep must be a positive integer or None, got '
+                     f'{max_to_keep!r}.')
+  paths.validate_location(directory, 'checkpoint_name', checkpoint_name)
+  export.validate_modules(modules_to_export)
 
 
 def _as_step(value: Any) -> int:
@@ -82,13 +98,8 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
       ValueError: For a bad `max_to_keep`, directory, checkpoint name or
         module; nothing is written then.
     """
-    if max_to_keep is not None and (
-        isinstance(max_to_keep, bool) or
-        not isinstance(max_to_keep, numbers.Integral) or max_to_keep <= 0):
-      raise ValueError('max_to_keep must be a positive integer or None, got '
-                       f'{max_to_keep!r}.')
-    paths.validate_location(directory, 'checkpoint_name', checkpoint_name)
-    export.validate_modules(modules_to_export)
+    _validate_settings(max_to_keep, directory, checkpoint_name,
+                       modules_to_export)
     super().__init__(
         checkpoint=checkpoint,
         directory=directory,
@@ -114,7 +125,12 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     self._strategy_resolved = False
     # Whether a non-chief removed dead workers' scratch directories yet.
     self._scratch_swept = False
-    self._savedmodels = self._managed_savedmodels()
+    # Held while this manager writes the directory, and by housekeeping,
+    # which runs in the background (see `_collect_garbage`).
+    self._directory_lock = threading.Lock()
+    self._housekeeping = housekeeping.BackgroundCollector(
+        self._collect_garbage_now, self._directory_lock)
+    self._savedmodels = None  # Listed when next asked for.
 
   def save(self,
            checkpoint_number: Optional[Any] = None,
@@ -156,29 +172,60 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     self._strategy_resolved = True
     if not chief:
       return self._save_as_worker(step, options)
+    with self._directory_lock:
+      options = self._export_before_checkpoint(step, options)
+      checkpoint_path = self._save_checkpoint(step, check_interval, options)
+      self._last_saved_step = step
+      self._savedmodels = None
+    self._collect_garbage()
+    return checkpoint_path
+
+  def _export_before_checkpoint(
+      self, step: int, options: Optional[tf.train.CheckpointOptions]
+  ) -> Optional[tf.train.CheckpointOptions]:
+    """Exports step `step`, or prepares its export after the checkpoint.
+
+    Args:
+      step: The step being saved.
+      options: The caller's checkpoint options.
+
+    Returns:
+      The options to write the checkpoint with (with the callback that
+      publishes a fast export once the checkpoint's data is written).
+
+    Raises:
+      ValueError: If something that is not an export is in the way.
+    """
     export_dir = paths.export_path(self._directory, self._checkpoint_name, step)
     # TF writes checkpoint N into this directory first: never through a link.
     commit.refuse_link(os.path.join(self._directory,
                                     f'{self._checkpoint_name}-{step}_temp'))
-    if self._modules_to_export:
-      if not commit.is_replaceable(export_dir):
-        raise ValueError(
-            f'Cannot export step {step}: {export_dir!r} exists and is not an '
-            'export (no SavedModels in it); move it away, it is left as is.')
-      commit_info = {'step': step, 'modules': list(self._modules_to_export)}
-      if self._strategy is None:
-        asynchronous = bool(
-            options and options.experimental_enable_async_checkpoint)
-        self._exporter.export(export_dir, commit_info, after_checkpoint=True,
-                              keep_values=asynchronous)
-        options = self._exporter.checkpoint_options(options,
-                                                     self._directory)
-      else:
-        # The operations every worker runs (see `_save_as_worker`) must match.
-        with commit.staged_export(export_dir, commit_info) as tmp:
-          export.write_modules(self._modules_to_export, tmp)
-    else:
+    if not self._modules_to_export:
       logging.info('No modules_to_export: saving a checkpoint only.')
+      return options
+    if not commit.is_replaceable(export_dir):
+      raise ValueError(
+          f'Cannot export step {step}: {export_dir!r} exists and is not an '
+          'export (no SavedModels in it); move it away, it is left as is.')
+    commit_info = {'step': step, 'modules': list(self._modules_to_export)}
+    if self._strategy is not None:
+      # The operations every worker runs (see `_save_as_worker`) must match.
+      with commit.staged_export(export_dir, commit_info) as tmp:
+        export.write_modules(self._modules_to_export, tmp)
+      return options
+    self._exporter.export(
+        export_dir, commit_info, after_checkpoint=True,
+        keep_values=bool(options and
+                         options.experimental_enable_async_checkpoint))
+    return self._exporter.checkpoint_options(options, self._directory)
+
+  def _save_checkpoint(self, step: int, check_interval: bool,
+                       options: Optional[tf.train.CheckpointOptions]) -> str:
+    """Writes checkpoint `step` with the base class; undoes its export if not.
+
+    Returns:
+      The checkpoint path.
+    """
     try:
       checkpoint_path = super().save(
           checkpoint_number=step, check_interval=check_interval,
@@ -191,12 +238,12 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
                                     by_base=True)
     except BaseException:
       self._exporter.wait(raise_errors=False)
+      export_dir = paths.export_path(self._directory, self._checkpoint_name,
+                                     step)
       if self._modules_to_export and commit.is_ours(export_dir):
         commit.attempt(export_dir, 'delete the export of the failed save',
                        leases.remove_export_unless_leased, export_dir)
       raise
-    self._last_saved_step = step
-    self._collect_garbage()
     return checkpoint_path
 
   def _step_to_save(self, checkpoint_number: Any,
@@ -271,22 +318,34 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     _tf_internals.note_checkpoint(self, checkpoint_path, self._interval_step(),
                                   by_base=False)
     self._last_saved_step = step
-    self._savedmodels = self._managed_savedmodels()
+    self._savedmodels = None
     return checkpoint_path
 
   def _collect_garbage(self) -> None:
+    """Starts housekeeping in the background; see `_collect_garbage_now`.
+
+    It runs while training goes on; `sync()` waits for it, and the next
+    save's write waits for it if it is still under way.
+    """
+    self._housekeeping.request()
+
+  def _collect_garbage_now(self) -> None:
     """Housekeeping (`housekeeping.collect`); never raises.
 
     Keeps the exports of the checkpoints whose `.index` is there, and the
     latest save's (its checkpoint may be in flight); an export a reader
-    leases stays until released (see `leases.py`).
+    leases stays until released (see `leases.py`). Runs holding
+    `_directory_lock`, so that no write of this manager is half done.
     """
-    names = housekeeping.collect(self._directory, self._checkpoint_name,
-                                 self._kept_steps, self._crash_leftover)
-    try:
-      self._savedmodels = self._managed_savedmodels(names)
-    except commit.HOUSEKEEPING_ERRORS as e:
-      commit.warn_failure(self._directory, 'list the exports in', e)
+    housekeeping.collect(self._directory, self._checkpoint_name,
+                         self._kept_steps, self._crash_leftover)
+
+  def _wait_for_housekeeping(self) -> None:
+    """Waits (up to `_HOUSEKEEPING_SECONDS`) for background housekeeping."""
+    if not self._housekeeping.wait(_HOUSEKEEPING_SECONDS):
+      logging.warning('Housekeeping of %s still runs after %s s; it goes on '
+                      'in the background.', self._directory,
+                      _HOUSEKEEPING_SECONDS)
 
   def _kept_steps(self, names: Set[str], steps: List[int]) -> Set[int]:
     """The steps whose checkpoint's `.index` is in `names`, and the latest."""
@@ -319,15 +378,18 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     return (self._last_saved_step is None and
             _tf_internals.is_state_temp_file(name))
 
-  def _managed_savedmodels(self, names: Optional[Iterable[str]] = None
-                          ) -> List[str]:
+  def _managed_savedmodels(self) -> List[str]:
     """Published exports of the managed checkpoints and the latest save."""
     steps = {paths.parse_checkpoint_step(path, self._checkpoint_name)
              for path in self.checkpoints}
     steps.add(self._last_saved_step)
-    return [path for step, path in readers.export_candidates(
-        self._directory, self._checkpoint_name, names)
-            if step in steps and commit.is_published(path)]
+    try:
+      return [path for step, path in readers.export_candidates(
+          self._directory, self._checkpoint_name)
+              if step in steps and commit.is_published(path)]
+    except commit.HOUSEKEEPING_ERRORS as e:
+      commit.warn_failure(self._directory, 'list the exports in', e)
+      return []
 
   def restore_or_initialize(self) -> Optional[str]:
     """Cleans up after crashed saves, then restores; see the base class.
@@ -343,6 +405,7 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     """
     if self._is_chief():
       self._collect_garbage()
+      self._wait_for_housekeeping()
     checkpoint_path = super().restore_or_initialize()
     if checkpoint_path is not None:
       _tf_internals.note_checkpoint(self, None, self._interval_step(),
@@ -357,13 +420,19 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
           export_dir):
         logging.warning('Checkpoint %s has no export: exporting it now.',
                         checkpoint_path)
-        self._exporter.export(export_dir, {
-            'step': step, 'modules': list(self._modules_to_export)})
-        self._savedmodels = self._managed_savedmodels()
+        with self._directory_lock:
+          self._exporter.export(export_dir, {
+              'step': step, 'modules': list(self._modules_to_export)})
+        self._savedmodels = None
     return checkpoint_path
 
   def sync(self) -> None:
-    """Waits for pending checkpoint writes and exports, collects garbage.
+    """Waits for pending checkpoint writes and exports, and housekeeping.
+
+    Housekeeping runs once more after the writes (with async checkpointing,
+    an old checkpoint's export can go only once its successor is written);
+    `sync()` waits up to `_HOUSEKEEPING_SECONDS` for it, then leaves it to
+    the background with a warning.
 
     Raises:
       Exception: The error of a background export.
@@ -372,6 +441,7 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     super().sync()
     if self._last_saved_step is not None and self._is_chief():
       self._collect_garbage()
+    self._wait_for_housekeeping()
 
   def _wait_for_exports(self) -> None:
     """Waits for background exports and their checkpoints; raises an error."""
@@ -388,18 +458,26 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     """Returns all published exports in the directory, by step.
 
     Includes exports of checkpoints kept by `keep_checkpoint_every_n_hours`
-    and exports written by the reference implementation.
+    and exports written by the reference implementation. Waits for this
+    manager's housekeeping first, so that exports it is deleting are gone.
     """
+    self._wait_for_housekeeping()
     return readers.list_savedmodels(self._directory, self._checkpoint_name)
 
   @property
   def latest_savedmodel(self) -> Optional[str]:
     """The export of the newest managed checkpoint, or None."""
-    return self._savedmodels[-1] if self._savedmodels else None
+    savedmodels = self.savedmodels
+    return savedmodels[-1] if savedmodels else None
 
   @property
   def savedmodels(self) -> List[str]:
-    """Exports of the managed checkpoints, oldest (lowest step) first."""
+    """Exports of the managed checkpoints, oldest (lowest step) first.
+
+    Listed at the first look after a save (not by the save itself).
+    """
+    if self._savedmodels is None:
+      self._savedmodels = self._managed_savedmodels()
     return list(self._savedmodels)
 
   @property

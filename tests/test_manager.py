@@ -74,6 +74,7 @@ def test_max_to_keep_leaves_exactly_the_kept_directories(model_dir, scale):
   manager = _manager(model_dir, scale, max_to_keep=2)
   for step in range(1, 6):
     save_step(manager, scale, step)
+  manager.sync()  # Old exports are deleted in the background.
   assert entries(model_dir) == [
       'checkpoint',
       'ckpt-4.data-*', 'ckpt-4.index', 'ckpt-4_saved_modules',
@@ -497,5 +498,6 @@ def test_crash_leftovers_are_removed_on_restore_and_save(local_dir, scale):
   assert set(kept) | {not_tf} <= set(entries(local_dir))
   os.makedirs(os.path.join(local_dir, 'ckpt-3_temp'))
   save_step(restarted, scale, 2)
+  restarted.sync()  # Housekeeping runs in the background.
   assert 'ckpt-3_temp' not in entries(local_dir)
   assert steps_of(restarted.savedmodels) == [1, 2]
