@@ -67,17 +67,10 @@ _FINGERPRINT = 'fingerprint.pb'
 
 # Names of the class attributes that are tf.functions, by class.
 _class_functions = weakref.WeakKeyDictionary()
-# Whether instances of a type are tf.functions (an ABC check, slow), by type.
-_is_function_type = weakref.WeakKeyDictionary()
-
-
-def _is_function(value: Any) -> bool:
-  kind = type(value)
-  result = _is_function_type.get(kind)
-  if result is None:
-    result = isinstance(value, tf.types.experimental.PolymorphicFunction)
-    _is_function_type[kind] = result
-  return result
+# Whether instances of a type are tf.functions (an ABC check, slow), by type:
+# a plain dict, looked up for every attribute of every object at each save
+# (a weak one costs a weak reference per lookup); it holds the few types seen.
+_is_function_type: Dict[type, bool] = {}
 
 
 def _function_names_of_class(cls: type) -> Tuple[str, ...]:
@@ -92,8 +85,15 @@ def _function_names_of_class(cls: type) -> Tuple[str, ...]:
 
 def _functions_of(obj: Any) -> List[Tuple[str, Any]]:
   """The tf.functions reachable as attributes of `obj`, by name."""
-  found = [(name, value) for name, value in getattr(obj, '__dict__', {}).items()
-           if _is_function(value)]
+  found = []
+  for name, value in getattr(obj, '__dict__', {}).items():
+    kind = type(value)
+    is_function = _is_function_type.get(kind)
+    if is_function is None:
+      is_function = isinstance(value, tf.types.experimental.PolymorphicFunction)
+      _is_function_type[kind] = is_function
+    if is_function:
+      found.append((name, value))
   for name in _function_names_of_class(type(obj)):
     found.append((name, getattr(obj, name)))
   return found
