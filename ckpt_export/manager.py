@@ -248,22 +248,29 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
 
   def _step_to_save(self, checkpoint_number: Any,
                     check_interval: bool) -> Optional[int]:
-    """The step `save()` will write, or None where the base class would skip."""
+    """The step `save()` will write, or None where the base class would skip.
+
+    Known before TF writes anything: a full export precedes its checkpoint
+    and is named by its step. TF's own interval decision reads a private
+    record of the last checkpoint's step, read here through `_tf_internals`
+    (TF has no public accessor; the step of the path TF's save returns, or
+    that a write callback gets, comes after the full export).
+    """
     if checkpoint_number is not None:
       checkpoint_number = _as_step(checkpoint_number)
-    if self._checkpoint_interval is not None:
+    if self.checkpoint_interval is not None:
       current = _as_step(self._step_counter)
-      last = self._last_checkpoint_step
+      last = _tf_internals.last_checkpoint_step(self)
       if last is not None and (current == last or (
-          check_interval and current < last + self._checkpoint_interval)):
+          check_interval and current < last + self.checkpoint_interval)):
         return None
     if checkpoint_number is None:
-      return int(self._checkpoint.save_counter.numpy()) + 1
+      return int(self.checkpoint.save_counter.numpy()) + 1
     return checkpoint_number
 
   def _interval_step(self) -> Optional[int]:
     """The step counter's value if saves have an interval, else None."""
-    if self._checkpoint_interval is None:
+    if self.checkpoint_interval is None:
       return None
     return _as_step(self._step_counter)
 
