@@ -13,6 +13,9 @@ clean up with `collect`, differing only in which of their exports they keep:
    the reference implementation wrote and that `keep` does not keep is
    deleted, unless a reader leases it.
 
+The manager runs it in a background thread (`BackgroundCollector`), off the
+training thread.
+
 Housekeeping never fails a save: each failure (an entry of another user, a
 directory where a file should be, a read-only directory) is logged once per
 path with what to do about it, and tried again at the next call. It never

@@ -12,7 +12,9 @@ checkpoint's data is written (in TF's checkpoint thread with async
 checkpointing), sharing that data on local disk. An export then lives exactly as
 long as its checkpoint's files: garbage collection removes the exports (made
 by ckpt_export) whose checkpoint is gone, which also keeps the exports of
-checkpoints preserved by `keep_checkpoint_every_n_hours`.
+checkpoints preserved by `keep_checkpoint_every_n_hours`. It runs in a
+background thread after each save (`housekeeping.BackgroundCollector`);
+`sync()` waits for it.
 
 In a multi-worker job only the chief writes the directory; the other workers
 save into scratch directories they delete (`distribution.py`).

@@ -255,18 +255,24 @@ def _export_after(exporter, checkpoint, directory, step, sharding_callback):
   return export_dir
 
 
+def _exported_step_1(directory):
+  """A module, its checkpoint and exporter, after step 1's full export."""
+  module = Affine()
+  checkpoint = tf.train.Checkpoint(module=module, optimizer=_trained(module))
+  exporter = fast_export.Exporter({'m': module}, checkpoint)
+  module.set_step(1)
+  exporter.export(paths.export_path(directory, 'ckpt', 1), {'step': 1})
+  checkpoint.write(os.path.join(directory, 'ckpt-1'),
+                   options=exporter.checkpoint_options(None, directory))
+  return module, checkpoint, exporter
+
+
 @pytest.mark.parametrize('sharding_callback', [
     tf.train.experimental.MaxShardSizePolicy(max_shard_size=32),
     None], ids=['sliced', 'shared_shard'])
 def test_a_checkpoint_that_slices_or_mixes_the_variables_is_not_shared(
     local_dir, sharding_callback):
-  module = Affine()
-  checkpoint = tf.train.Checkpoint(module=module, optimizer=_trained(module))
-  exporter = fast_export.Exporter({'m': module}, checkpoint)
-  module.set_step(1)
-  exporter.export(paths.export_path(local_dir, 'ckpt', 1), {'step': 1})
-  checkpoint.write(os.path.join(local_dir, 'ckpt-1'),
-                   options=exporter.checkpoint_options(None, local_dir))
+  module, checkpoint, exporter = _exported_step_1(local_dir)
   module.set_step(2)
   export_dir = _export_after(exporter, checkpoint, local_dir, 2,
                              sharding_callback)
@@ -297,13 +303,7 @@ def test_an_async_export_that_cannot_link_reads_its_values_back(local_dir):
   # In async mode a snapshot of the values would cost a copy of the variables
   # at their next update; where the checkpoint holds them, an export that
   # cannot share its data (here: the variables sliced) reads them back.
-  module = Affine()
-  checkpoint = tf.train.Checkpoint(module=module, optimizer=_trained(module))
-  exporter = fast_export.Exporter({'m': module}, checkpoint)
-  module.set_step(1)
-  exporter.export(paths.export_path(local_dir, 'ckpt', 1), {'step': 1})
-  checkpoint.write(os.path.join(local_dir, 'ckpt-1'),
-                   options=exporter.checkpoint_options(None, local_dir))
+  module, checkpoint, exporter = _exported_step_1(local_dir)
   module.set_step(2)
   export_dir = paths.export_path(local_dir, 'ckpt', 2)
   exporter.export(export_dir, {'step': 2}, after_checkpoint=True,
