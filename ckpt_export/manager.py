@@ -119,6 +119,10 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     self._modules_to_export = modules_to_export
     self._exporter = fast_export.Exporter(modules_to_export or {},
                                           checkpoint)
+    self._init_bookkeeping()
+
+  def _init_bookkeeping(self) -> None:
+    """Sets up what the manager tracks between saves, and its housekeeping."""
     # The step of this manager's latest save: its checkpoint may still be
     # in flight (async), so its export is kept regardless.
     self._last_saved_step = None
