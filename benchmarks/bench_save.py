@@ -104,6 +104,7 @@ class Sample(NamedTuple):
   """The cost of one save, and whether its export was there."""
 
   save_s: float
+  update_s: float
   sync_s: float
   rss_mb: float
   new_files_mb: float
@@ -124,13 +125,14 @@ class Variant:
   exports: bool
   manager: Any = None
   directory: str = ''
+  first_save_s: float = 0.0
   samples: List[Sample] = dataclasses.field(default_factory=list)
 
   def values(self, field: str) -> List[float]:
     return [getattr(sample, field) for sample in self.samples]
 
-  def save(self) -> Sample:
-    """Saves once, then syncs; returns what that cost."""
+  def save(self, train: Callable[[], None]) -> Sample:
+    """Saves once, trains a step (`train`), then syncs; returns the costs."""
     options = tf.train.CheckpointOptions(enable_async=self.enable_async)
     before = _file_sizes(self.directory)
     written = _PROCESS.io_counters().write_chars
@@ -139,11 +141,13 @@ class Variant:
       checkpoint = self.manager.save(options=options)
       returned = time.perf_counter()
       exported_at_return = _has_export(checkpoint)
+      train()
       sync_start = time.perf_counter()
       self.manager.sync()
       synced = time.perf_counter()
     return Sample(
         save_s=returned - start,
+        update_s=sync_start - returned,
         sync_s=synced - sync_start,
         rss_mb=rss.increase / MB,
         new_files_mb=sum(
@@ -324,6 +328,8 @@ class Summary(NamedTuple):
   label: str
   save_s: List[float]
   total_s: List[float]
+  update_s: List[float]
+  first_save_s: float
   plain_save_s: float
   plain_total_s: float
   written_mb: float
@@ -352,11 +358,11 @@ def bench_save(root: str, repeats: int, params: int,
   start = time.perf_counter()
   for variant in variants:
     train_a_little()
-    variant.save()
+    variant.first_save_s = variant.save(train_a_little).save_s
   for i in range(repeats):
     for variant in variants[i % len(variants):] + variants[:i % len(variants)]:
       train_a_little()
-      variant.samples.append(variant.save())
+      variant.samples.append(variant.save(train_a_little))
   print(f'({len(variants) * (repeats + 1)} saves took '
         f'{time.perf_counter() - start:.0f} s)\n')
 
@@ -407,6 +413,7 @@ def bench_save(root: str, repeats: int, params: int,
             f'({module.linked_exports} sharing the checkpoint\'s data).')
   plain = variants[0]
   return [Summary(variables_mb, v.label, v.values('save_s'), totals(v),
+                  v.values('update_s'), v.first_save_s,
                   statistics.median(plain.values('save_s')),
                   statistics.median(totals(plain)),
                   statistics.median(v.values('write_calls_mb')),
@@ -425,13 +432,15 @@ def print_summary(summaries: Sequence[Summary]) -> None:
         '(a) at the same size; MB written per save by write() calls; space '
         'held by exports on disk alone, MB).')
   print(f'| variables MB | variant | save() | x plain | save+sync | x plain '
-        f'| MB written/save | export space MB |')
-  print('|---|---|---|---|---|---|---|---|')
+        f'| update after save() | first save() | MB written/save '
+        f'| export space MB |')
+  print('|---|---|---|---|---|---|---|---|---|---|')
   for s in summaries:
     print(f'| {s.variables_mb:.1f} | {s.label} | {_spread(s.save_s)} | '
           f'{statistics.median(s.save_s) / s.plain_save_s:.2f} | '
           f'{_spread(s.total_s)} | '
           f'{statistics.median(s.total_s) / s.plain_total_s:.2f} | '
+          f'{statistics.median(s.update_s):.3f} | {s.first_save_s:.3f} | '
           f'{s.written_mb:.1f} | {s.export_space_mb:.1f} |')
 
 

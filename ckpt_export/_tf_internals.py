@@ -378,6 +378,15 @@ def adopt_manager_settings(manager: tf.train.CheckpointManager,
     manager._last_checkpoint_step = None  # pylint: disable=protected-access
 
 
+def last_checkpoint_step(manager: tf.train.CheckpointManager) -> Optional[int]:
+  """The step counter's value at `manager`'s last checkpoint, or None.
+
+  TF's own record where it is (see `adopt_manager_settings`), else the copy
+  `note_checkpoint` keeps.
+  """
+  return manager._last_checkpoint_step  # pylint: disable=protected-access
+
+
 def note_checkpoint(manager: tf.train.CheckpointManager,
                     checkpoint_path: Optional[str], step: Optional[int],
                     by_base: bool) -> None:

@@ -48,7 +48,8 @@ import tempfile
 import urllib.parse
 import uuid
 import weakref
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import (Any, Callable, Dict, List, Mapping, Optional, Sequence,
+                    Tuple, Union)
 
 from absl import logging
 import numpy as np
@@ -60,26 +61,21 @@ from tensorflow.core.protobuf import trackable_object_graph_pb2
 from ckpt_export import _tf_internals
 from ckpt_export import bundle
 from ckpt_export import commit
-from ckpt_export import savedmodel as export
+from ckpt_export import savedmodel
 
 _OBJECT_GRAPH_KEY = _tf_internals.OBJECT_GRAPH_KEY
 _VARIABLE_VALUE = 'VARIABLE_VALUE'
 _VARIABLES_DIR = 'variables'
 _FINGERPRINT = 'fingerprint.pb'
+# Instead of values kept for an export: they are read back from the checkpoint.
+_IN_CHECKPOINT = object()
 
 # Names of the class attributes that are tf.functions, by class.
 _class_functions = weakref.WeakKeyDictionary()
-# Whether instances of a type are tf.functions (an ABC check, slow), by type.
-_is_function_type = weakref.WeakKeyDictionary()
-
-
-def _is_function(value: Any) -> bool:
-  kind = type(value)
-  result = _is_function_type.get(kind)
-  if result is None:
-    result = isinstance(value, tf.types.experimental.PolymorphicFunction)
-    _is_function_type[kind] = result
-  return result
+# Whether instances of a type are tf.functions (an ABC check, slow), by type:
+# a plain dict, looked up for every attribute of every object at each save
+# (a weak one costs a weak reference per lookup); it holds the few types seen.
+_is_function_type: Dict[type, bool] = {}
 
 
 def _function_names_of_class(cls: type) -> Tuple[str, ...]:
@@ -94,8 +90,15 @@ def _function_names_of_class(cls: type) -> Tuple[str, ...]:
 
 def _functions_of(obj: Any) -> List[Tuple[str, Any]]:
   """The tf.functions reachable as attributes of `obj`, by name."""
-  found = [(name, value) for name, value in getattr(obj, '__dict__', {}).items()
-           if _is_function(value)]
+  found = []
+  for name, value in getattr(obj, '__dict__', {}).items():
+    kind = type(value)
+    is_function = _is_function_type.get(kind)
+    if is_function is None:
+      is_function = isinstance(value, tf.types.experimental.PolymorphicFunction)
+      _is_function_type[kind] = is_function
+    if is_function:
+      found.append((name, value))
   for name in _function_names_of_class(type(obj)):
     found.append((name, getattr(obj, name)))
   return found
@@ -398,7 +401,7 @@ class ModuleExporter:
   def write_full(self, export_dir: str) -> None:
     """Exports in full with `tf.saved_model.save`; makes it the template."""
     module_dir = os.path.join(export_dir, self.name)
-    export.write_module(self.name, self.module, module_dir)
+    savedmodel.write_module(self.name, self.module, module_dir)
     self.full_exports += 1
     # Taken after the export, which may trace functions it then includes.
     self._structure = _Structure(self.module)
@@ -659,9 +662,11 @@ class Exporter:
       after_checkpoint: Whether the export may wait for the step's checkpoint
         data (only if every module can be exported fast): it is then written
         by the callback `checkpoint_options()` adds.
-      keep_values: Whether to take the variables' values now, for an export
+      keep_values: Whether the values must be those of now, for an export
         after the checkpoint that cannot share its data (the values may
-        change meanwhile: an async checkpoint).
+        change meanwhile: an async checkpoint). They are then read back from
+        the checkpoint where it holds them, else taken now (a snapshot, which
+        costs a copy of the variables at their next update while it lives).
 
     Returns:
       The future of the export after the checkpoint (its result is None once
@@ -673,7 +678,7 @@ class Exporter:
     self.wait()
     if (after_checkpoint and all(m.can_export_fast() for m in self.modules)
         and _tf_internals.background_exports_supported()):
-      values = [m.current_values() if keep_values else None
+      values = [self._values_to_keep(m) if keep_values else None
                 for m in self.modules]
       future = concurrent.futures.Future()
       future.set_running_or_notify_cancel()
@@ -760,9 +765,12 @@ class Exporter:
 
   def _export_checkpoint(self, export_dir: str,
                          commit_info: Mapping[str, Any],
-                         values: Sequence[Optional[List[tf.Tensor]]],
-                         save_path: str) -> None:
-    """Publishes the export of checkpoint `save_path`, written just now."""
+                         values: Sequence[Any], save_path: str) -> None:
+    """Publishes the export of checkpoint `save_path`, written just now.
+
+    `values` holds, per module, its kept values, `_IN_CHECKPOINT`, or None
+    (the values of now).
+    """
     links = self._link(save_path)
     sharer = _sharer(save_path)
     with commit.staged_export(export_dir, dict(commit_info)) as tmp:
@@ -774,7 +782,46 @@ class Exporter:
           except (OSError, tf.errors.OpError) as e:
             self._fall_back(f'sharing {link.shard_path} failed: {e}')
             tf.io.gfile.rmtree(os.path.join(tmp, module.name))
+        if module_values is _IN_CHECKPOINT:
+          module_values = self._read_values(module, save_path)
         module.write_fast(tmp, module_values)
+
+  def _values_to_keep(self, module: ModuleExporter
+                     ) -> Union[List[tf.Tensor], object]:
+    """A snapshot of `module`'s values, or `_IN_CHECKPOINT`.
+
+    `_IN_CHECKPOINT` where the checkpoint about to be written holds each of
+    the module's variables (each has a checkpoint key, learned from the last
+    checkpoint of this directory on local disk): its values are read back
+    from there if the export cannot share them.
+    """
+    if self._checkpoint_keys and all(
+        id(v) in self._checkpoint_keys for v in module.variables):
+      return _IN_CHECKPOINT
+    return module.current_values()
+
+  def _read_values(self, module: ModuleExporter, save_path: str
+                  ) -> List[np.ndarray]:
+    """`module`'s values as checkpoint `save_path` holds them.
+
+    Raises:
+      ValueError: If the checkpoint lacks one, or holds another dtype or
+        shape (the checkpoint then fails: its export cannot be made).
+    """
+    reader = tf.train.load_checkpoint(save_path)
+    values = []
+    for variable in module.variables:
+      key = self._checkpoint_keys.get(id(variable))
+      value = (reader.get_tensor(key)
+               if key is not None and reader.has_tensor(key) else None)
+      if (value is None or tf.as_dtype(value.dtype) != variable.dtype or
+          list(np.shape(value)) != variable.shape.as_list()):
+        raise ValueError(
+            f'Cannot export {module.name!r} from checkpoint {save_path}: it '
+            f'does not hold variable {variable.name} ({key}) as the module '
+            'does. Was the tf.train.Checkpoint changed during training?')
+      values.append(value)
+    return values
 
   def _exported_keys(self) -> frozenset:
     """The checkpoint keys of the exported variables, as last learned."""

@@ -13,6 +13,9 @@ clean up with `collect`, differing only in which of their exports they keep:
    the reference implementation wrote and that `keep` does not keep is
    deleted, unless a reader leases it.
 
+The manager runs it in a background thread (`BackgroundCollector`), off the
+training thread.
+
 Housekeeping never fails a save: each failure (an entry of another user, a
 directory where a file should be, a read-only directory) is logged once per
 path with what to do about it, and tried again at the next call. It never
@@ -21,8 +24,12 @@ taken for an export, a work directory or a leftover. Directories that are not
 exports (no SavedModel in them) are never touched.
 """
 
+import atexit
 import os
-from typing import Callable, Container, List, Optional, Set
+import threading
+import time
+from typing import Any, Callable, Container, List, Optional, Set
+import weakref
 
 from absl import logging
 import tensorflow as tf
@@ -180,3 +187,84 @@ def clean_scratch() -> None:
     distribution.remove_stale_scratch_directories()
   except commit.HOUSEKEEPING_ERRORS as e:
     commit.warn_failure('scratch directories', 'remove', e)
+
+
+# How long interpreter exit waits for pending background passes, in seconds.
+EXIT_SECONDS = 30.0
+# The collectors whose passes interpreter exit waits for.
+_collectors = weakref.WeakSet()
+
+
+class BackgroundCollector:
+  """Runs a caller's housekeeping off its thread, one pass at a time.
+
+  `request()` returns at once; a daemon thread then runs `collect_fn` holding
+  `lock`, which the caller holds while it writes the directory, so that a pass
+  never sees one of the caller's writes half done (and a write waits for a
+  pass under way). Requests made while a pass waits to start are merged into
+  it. The thread ends when no pass is pending. An error of a pass is logged,
+  never raised: housekeeping never fails the caller. Interpreter exit waits
+  up to `EXIT_SECONDS` for the passes requested.
+
+  Args:
+    collect_fn: One housekeeping pass (such as a call of `collect`).
+    lock: The caller's lock of the directory.
+  """
+
+  def __init__(self, collect_fn: Callable[[], Any], lock: threading.Lock):
+    self._collect_fn = collect_fn
+    self._lock = lock
+    self._condition = threading.Condition()
+    self._requested = 0  # Passes requested so far.
+    self._finished = 0  # Of those, the passes known to be finished.
+    self._thread = None
+    _collectors.add(self)
+
+  def request(self) -> None:
+    """Asks for a pass after this call; returns at once."""
+    with self._condition:
+      self._requested += 1
+      if self._thread is None:
+        self._thread = threading.Thread(
+            target=self._run, name='ckpt_export-housekeeping', daemon=True)
+        self._thread.start()
+
+  def wait(self, timeout: Optional[float] = None) -> bool:
+    """Waits for the passes requested so far; False if `timeout` passed."""
+    with self._condition:
+      target = self._requested
+      return self._condition.wait_for(lambda: self._finished >= target,
+                                      timeout)
+
+  @property
+  def pending(self) -> bool:
+    """Whether a pass is requested and not finished."""
+    with self._condition:
+      return self._finished < self._requested
+
+  def _run(self) -> None:
+    while True:
+      with self._condition:
+        if self._finished >= self._requested:
+          self._thread = None
+          return
+        target = self._requested
+      try:
+        with self._lock:
+          self._collect_fn()
+      except Exception:  # pylint: disable=broad-except
+        logging.exception('Housekeeping failed; it runs again after the next '
+                          'save.')
+      with self._condition:
+        self._finished = target
+        self._condition.notify_all()
+
+
+@atexit.register
+def _wait_at_exit() -> None:
+  """Gives pending background passes `EXIT_SECONDS` at interpreter exit."""
+  deadline = time.monotonic() + EXIT_SECONDS
+  for collector in list(_collectors):
+    if not collector.wait(max(0.0, deadline - time.monotonic())):
+      logging.warning('Housekeeping still running at exit after %s s: left '
+                      'for the next run.', EXIT_SECONDS)

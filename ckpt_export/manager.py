@@ -12,7 +12,9 @@ checkpoint's data is written (in TF's checkpoint thread with async
 checkpointing), sharing that data on local disk. An export then lives exactly as
 long as its checkpoint's files: garbage collection removes the exports (made
 by ckpt_export) whose checkpoint is gone, which also keeps the exports of
-checkpoints preserved by `keep_checkpoint_every_n_hours`.
+checkpoints preserved by `keep_checkpoint_every_n_hours`. It runs in a
+background thread after each save (`housekeeping.BackgroundCollector`);
+`sync()` waits for it.
 
 In a multi-worker job only the chief writes the directory; the other workers
 save into scratch directories they delete (`distribution.py`).
@@ -21,8 +23,8 @@ save into scratch directories they delete (`distribution.py`).
 import copy
 import numbers
 import os
-from typing import (Any, Callable, Iterable, Iterator, List, Mapping, Optional,
-                    Set)
+import threading
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Set
 
 from absl import logging
 import tensorflow as tf
@@ -30,12 +32,28 @@ import tensorflow as tf
 from ckpt_export import _tf_internals
 from ckpt_export import commit
 from ckpt_export import distribution
-from ckpt_export import savedmodel as export
 from ckpt_export import fast_export
 from ckpt_export import housekeeping
 from ckpt_export import leases
 from ckpt_export import paths
 from ckpt_export import readers
+from ckpt_export import savedmodel
+
+
+# How long `sync()` waits for background housekeeping, in seconds.
+_HOUSEKEEPING_SECONDS = 300.0
+
+
+def _validate_settings(max_to_keep: Any, directory: str, checkpoint_name: str,
+                       modules_to_export: Any) -> None:
+  """Raises ValueError for a bad constructor argument, naming it."""
+  if max_to_keep is not None and (
+      isinstance(max_to_keep, bool) or
+      not isinstance(max_to_keep, numbers.Integral) or max_to_keep <= 0):
+    raise ValueError('max_to_keep must be a positive integer or None, got '
+                     f'{max_to_keep!r}.')
+  paths.validate_location(directory, 'checkpoint_name', checkpoint_name)
+  savedmodel.validate_modules(modules_to_export)
 
 
 def _as_step(value: Any) -> int:
@@ -82,13 +100,8 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
       ValueError: For a bad `max_to_keep`, directory, checkpoint name or
         module; nothing is written then.
     """
-    if max_to_keep is not None and (
-        isinstance(max_to_keep, bool) or
-        not isinstance(max_to_keep, numbers.Integral) or max_to_keep <= 0):
-      raise ValueError('max_to_keep must be a positive integer or None, got '
-                       f'{max_to_keep!r}.')
-    paths.validate_location(directory, 'checkpoint_name', checkpoint_name)
-    export.validate_modules(modules_to_export)
+    _validate_settings(max_to_keep, directory, checkpoint_name,
+                       modules_to_export)
     super().__init__(
         checkpoint=checkpoint,
         directory=directory,
@@ -106,6 +119,10 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     self._modules_to_export = modules_to_export
     self._exporter = fast_export.Exporter(modules_to_export or {},
                                           checkpoint)
+    self._init_bookkeeping()
+
+  def _init_bookkeeping(self) -> None:
+    """Sets up what the manager tracks between saves, and its housekeeping."""
     # The step of this manager's latest save: its checkpoint may still be
     # in flight (async), so its export is kept regardless.
     self._last_saved_step = None
@@ -114,7 +131,12 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     self._strategy_resolved = False
     # Whether a non-chief removed dead workers' scratch directories yet.
     self._scratch_swept = False
-    self._savedmodels = self._managed_savedmodels()
+    # Held while this manager writes the directory, and by housekeeping,
+    # which runs in the background (see `_collect_garbage`).
+    self._directory_lock = threading.Lock()
+    self._housekeeping = housekeeping.BackgroundCollector(
+        self._collect_garbage_now, self._directory_lock)
+    self._savedmodels = None  # Listed when next asked for.
 
   def save(self,
            checkpoint_number: Optional[Any] = None,
@@ -156,29 +178,60 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     self._strategy_resolved = True
     if not chief:
       return self._save_as_worker(step, options)
+    with self._directory_lock:
+      options = self._export_before_checkpoint(step, options)
+      checkpoint_path = self._save_checkpoint(step, check_interval, options)
+      self._last_saved_step = step
+      self._savedmodels = None
+    self._collect_garbage()
+    return checkpoint_path
+
+  def _export_before_checkpoint(
+      self, step: int, options: Optional[tf.train.CheckpointOptions]
+  ) -> Optional[tf.train.CheckpointOptions]:
+    """Exports step `step`, or prepares its export after the checkpoint.
+
+    Args:
+      step: The step being saved.
+      options: The caller's checkpoint options.
+
+    Returns:
+      The options to write the checkpoint with (with the callback that
+      publishes a fast export once the checkpoint's data is written).
+
+    Raises:
+      ValueError: If something that is not an export is in the way.
+    """
     export_dir = paths.export_path(self._directory, self._checkpoint_name, step)
     # TF writes checkpoint N into this directory first: never through a link.
     commit.refuse_link(os.path.join(self._directory,
                                     f'{self._checkpoint_name}-{step}_temp'))
-    if self._modules_to_export:
-      if not commit.is_replaceable(export_dir):
-        raise ValueError(
-            f'Cannot export step {step}: {export_dir!r} exists and is not an '
-            'export (no SavedModels in it); move it away, it is left as is.')
-      commit_info = {'step': step, 'modules': list(self._modules_to_export)}
-      if distribution.fast_exports_allowed(self._strategy):
-        asynchronous = bool(
-            options and options.experimental_enable_async_checkpoint)
-        self._exporter.export(export_dir, commit_info, after_checkpoint=True,
-                              keep_values=asynchronous)
-        options = self._exporter.checkpoint_options(options,
-                                                     self._directory)
-      else:
-        # The operations every worker runs (see `_save_as_worker`) must match.
-        with commit.staged_export(export_dir, commit_info) as tmp:
-          export.write_modules(self._modules_to_export, tmp)
-    else:
+    if not self._modules_to_export:
       logging.info('No modules_to_export: saving a checkpoint only.')
+      return options
+    if not commit.is_replaceable(export_dir):
+      raise ValueError(
+          f'Cannot export step {step}: {export_dir!r} exists and is not an '
+          'export (no SavedModels in it); move it away, it is left as is.')
+    commit_info = {'step': step, 'modules': list(self._modules_to_export)}
+    if not distribution.fast_exports_allowed(self._strategy):
+      # The operations every worker runs (see `_save_as_worker`) must match.
+      with commit.staged_export(export_dir, commit_info) as tmp:
+        savedmodel.write_modules(self._modules_to_export, tmp)
+      return options
+    self._exporter.export(
+        export_dir, commit_info, after_checkpoint=True,
+        keep_values=bool(options and
+                         options.experimental_enable_async_checkpoint))
+    return self._exporter.checkpoint_options(options, self._directory)
+
+  def _save_checkpoint(self, step: int, check_interval: bool,
+                       options: Optional[tf.train.CheckpointOptions]) -> str:
+    """Writes checkpoint `step` with the base class; undoes its export if not.
+
+    Returns:
+      The checkpoint path.
+    """
     try:
       checkpoint_path = super().save(
           checkpoint_number=step, check_interval=check_interval,
@@ -191,32 +244,39 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
                                     by_base=True)
     except BaseException:
       self._exporter.wait(raise_errors=False)
+      export_dir = paths.export_path(self._directory, self._checkpoint_name,
+                                     step)
       if self._modules_to_export and commit.is_ours(export_dir):
         commit.attempt(export_dir, 'delete the export of the failed save',
                        leases.remove_export_unless_leased, export_dir)
       raise
-    self._last_saved_step = step
-    self._collect_garbage()
     return checkpoint_path
 
   def _step_to_save(self, checkpoint_number: Any,
                     check_interval: bool) -> Optional[int]:
-    """The step `save()` will write, or None where the base class would skip."""
+    """The step `save()` will write, or None where the base class would skip.
+
+    Known before TF writes anything: a full export precedes its checkpoint
+    and is named by its step. TF's own interval decision reads a private
+    record of the last checkpoint's step, read here through `_tf_internals`
+    (TF has no public accessor; the step of the path TF's save returns, or
+    that a write callback gets, comes after the full export).
+    """
     if checkpoint_number is not None:
       checkpoint_number = _as_step(checkpoint_number)
-    if self._checkpoint_interval is not None:
+    if self.checkpoint_interval is not None:
       current = _as_step(self._step_counter)
-      last = self._last_checkpoint_step
+      last = _tf_internals.last_checkpoint_step(self)
       if last is not None and (current == last or (
-          check_interval and current < last + self._checkpoint_interval)):
+          check_interval and current < last + self.checkpoint_interval)):
         return None
     if checkpoint_number is None:
-      return int(self._checkpoint.save_counter.numpy()) + 1
+      return int(self.checkpoint.save_counter.numpy()) + 1
     return checkpoint_number
 
   def _interval_step(self) -> Optional[int]:
     """The step counter's value if saves have an interval, else None."""
-    if self._checkpoint_interval is None:
+    if self.checkpoint_interval is None:
       return None
     return _as_step(self._step_counter)
 
@@ -257,7 +317,7 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
         lambda: distribution.remove_scratch_directory(scratch)]
     try:
       if self._modules_to_export:
-        export.write_modules(self._modules_to_export, paths.export_path(
+        savedmodel.write_modules(self._modules_to_export, paths.export_path(
             scratch, self._checkpoint_name, step))
       # What tf.train.CheckpointManager.save does, with another prefix.
       self._checkpoint.save_counter.assign_add(1)
@@ -271,22 +331,34 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     _tf_internals.note_checkpoint(self, checkpoint_path, self._interval_step(),
                                   by_base=False)
     self._last_saved_step = step
-    self._savedmodels = self._managed_savedmodels()
+    self._savedmodels = None
     return checkpoint_path
 
   def _collect_garbage(self) -> None:
+    """Starts housekeeping in the background; see `_collect_garbage_now`.
+
+    It runs while training goes on; `sync()` waits for it, and the next
+    save's write waits for it if it is still under way.
+    """
+    self._housekeeping.request()
+
+  def _collect_garbage_now(self) -> None:
     """Housekeeping (`housekeeping.collect`); never raises.
 
     Keeps the exports of the checkpoints whose `.index` is there, and the
     latest save's (its checkpoint may be in flight); an export a reader
-    leases stays until released (see `leases.py`).
+    leases stays until released (see `leases.py`). Runs holding
+    `_directory_lock`, so that no write of this manager is half done.
     """
-    names = housekeeping.collect(self._directory, self._checkpoint_name,
-                                 self._kept_steps, self._crash_leftover)
-    try:
-      self._savedmodels = self._managed_savedmodels(names)
-    except commit.HOUSEKEEPING_ERRORS as e:
-      commit.warn_failure(self._directory, 'list the exports in', e)
+    housekeeping.collect(self._directory, self._checkpoint_name,
+                         self._kept_steps, self._crash_leftover)
+
+  def _wait_for_housekeeping(self) -> None:
+    """Waits (up to `_HOUSEKEEPING_SECONDS`) for background housekeeping."""
+    if not self._housekeeping.wait(_HOUSEKEEPING_SECONDS):
+      logging.warning('Housekeeping of %s still runs after %s s; it goes on '
+                      'in the background.', self._directory,
+                      _HOUSEKEEPING_SECONDS)
 
   def _kept_steps(self, names: Set[str], steps: List[int]) -> Set[int]:
     """The steps whose checkpoint's `.index` is in `names`, and the latest."""
@@ -319,15 +391,18 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     return (self._last_saved_step is None and
             _tf_internals.is_state_temp_file(name))
 
-  def _managed_savedmodels(self, names: Optional[Iterable[str]] = None
-                          ) -> List[str]:
+  def _managed_savedmodels(self) -> List[str]:
     """Published exports of the managed checkpoints and the latest save."""
     steps = {paths.parse_checkpoint_step(path, self._checkpoint_name)
              for path in self.checkpoints}
     steps.add(self._last_saved_step)
-    return [path for step, path in readers.export_candidates(
-        self._directory, self._checkpoint_name, names)
-            if step in steps and commit.is_published(path)]
+    try:
+      return [path for step, path in readers.export_candidates(
+          self._directory, self._checkpoint_name)
+              if step in steps and commit.is_published(path)]
+    except commit.HOUSEKEEPING_ERRORS as e:
+      commit.warn_failure(self._directory, 'list the exports in', e)
+      return []
 
   def restore_or_initialize(self) -> Optional[str]:
     """Cleans up after crashed saves, then restores; see the base class.
@@ -343,6 +418,7 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     """
     if self._is_chief():
       self._collect_garbage()
+      self._wait_for_housekeeping()
     checkpoint_path = super().restore_or_initialize()
     if checkpoint_path is not None:
       _tf_internals.note_checkpoint(self, None, self._interval_step(),
@@ -357,13 +433,19 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
           export_dir):
         logging.warning('Checkpoint %s has no export: exporting it now.',
                         checkpoint_path)
-        self._exporter.export(export_dir, {
-            'step': step, 'modules': list(self._modules_to_export)})
-        self._savedmodels = self._managed_savedmodels()
+        with self._directory_lock:
+          self._exporter.export(export_dir, {
+              'step': step, 'modules': list(self._modules_to_export)})
+        self._savedmodels = None
     return checkpoint_path
 
   def sync(self) -> None:
-    """Waits for pending checkpoint writes and exports, collects garbage.
+    """Waits for pending checkpoint writes and exports, and housekeeping.
+
+    Housekeeping runs once more after the writes (with async checkpointing,
+    an old checkpoint's export can go only once its successor is written);
+    `sync()` waits up to `_HOUSEKEEPING_SECONDS` for it, then leaves it to
+    the background with a warning.
 
     Raises:
       Exception: The error of a background export.
@@ -372,6 +454,7 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     super().sync()
     if self._last_saved_step is not None and self._is_chief():
       self._collect_garbage()
+    self._wait_for_housekeeping()
 
   def _wait_for_exports(self) -> None:
     """Waits for background exports and their checkpoints; raises an error."""
@@ -388,18 +471,26 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     """Returns all published exports in the directory, by step.
 
     Includes exports of checkpoints kept by `keep_checkpoint_every_n_hours`
-    and exports written by the reference implementation.
+    and exports written by the reference implementation. Waits for this
+    manager's housekeeping first, so that exports it is deleting are gone.
     """
+    self._wait_for_housekeeping()
     return readers.list_savedmodels(self._directory, self._checkpoint_name)
 
   @property
   def latest_savedmodel(self) -> Optional[str]:
     """The export of the newest managed checkpoint, or None."""
-    return self._savedmodels[-1] if self._savedmodels else None
+    savedmodels = self.savedmodels
+    return savedmodels[-1] if savedmodels else None
 
   @property
   def savedmodels(self) -> List[str]:
-    """Exports of the managed checkpoints, oldest (lowest step) first."""
+    """Exports of the managed checkpoints, oldest (lowest step) first.
+
+    Listed at the first look after a save (not by the save itself).
+    """
+    if self._savedmodels is None:
+      self._savedmodels = self._managed_savedmodels()
     return list(self._savedmodels)
 
   @property

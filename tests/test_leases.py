@@ -77,6 +77,7 @@ def test_a_doomed_export_takes_no_new_lease(model_dir, scale):
   export_dir = _export(model_dir, 1)
   with leases.leased(export_dir):
     save_step(manager, scale, 2)  # Deletion of step 1 deferred.
+    manager.sync()  # Housekeeping runs in the background.
     assert leases.acquire(export_dir) is None
     with pytest.raises(FileNotFoundError, match='ckpt-1_saved_modules'):
       with leases.leased(export_dir):
@@ -104,6 +105,7 @@ def test_gc_survives_a_release_deleting_the_export_under_it(
   save_step(manager, scale, 1)
   lease = leases.acquire(_export(model_dir, 1))
   save_step(manager, scale, 2)  # Deletion of the leased step 1 deferred.
+  manager.sync()  # Housekeeping runs in the background.
   created_time = commit.created_time
 
   def release_meanwhile(export_dir):
@@ -116,6 +118,7 @@ def test_gc_survives_a_release_deleting_the_export_under_it(
 
   monkeypatch.setattr(commit, 'created_time', release_meanwhile)
   save_step(manager, scale, 3)
+  manager.sync()
   assert commit.created_time is created_time  # The race did happen.
   # Nothing left where step 1 was (on ram://, listdir omits such a leftover).
   assert not tf.io.gfile.exists(_export(model_dir, 1))
@@ -210,8 +213,10 @@ def test_iterator_skips_and_logs_an_export_being_deleted(model_dir, scale,
   # Another reader holds step 2 while the trainer deletes it: still on disk,
   # but doomed, so the iterator moves on to step 3.
   save_step(manager, scale, 2)
+  manager.sync()  # Housekeeping runs in the background.
   other = leases.acquire(_export(model_dir, 2))
   save_step(manager, scale, 3)
+  manager.sync()
   assert steps_of([next(iterator)]) == [3]
   assert 'Skipping the export of step 2' in caplog.text
   other.release()

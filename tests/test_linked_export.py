@@ -255,18 +255,24 @@ def _export_after(exporter, checkpoint, directory, step, sharding_callback):
   return export_dir
 
 
+def _exported_step_1(directory):
+  """A module, its checkpoint and exporter, after step 1's full export."""
+  module = Affine()
+  checkpoint = tf.train.Checkpoint(module=module, optimizer=_trained(module))
+  exporter = fast_export.Exporter({'m': module}, checkpoint)
+  module.set_step(1)
+  exporter.export(paths.export_path(directory, 'ckpt', 1), {'step': 1})
+  checkpoint.write(os.path.join(directory, 'ckpt-1'),
+                   options=exporter.checkpoint_options(None, directory))
+  return module, checkpoint, exporter
+
+
 @pytest.mark.parametrize('sharding_callback', [
     tf.train.experimental.MaxShardSizePolicy(max_shard_size=32),
     None], ids=['sliced', 'shared_shard'])
 def test_a_checkpoint_that_slices_or_mixes_the_variables_is_not_shared(
     local_dir, sharding_callback):
-  module = Affine()
-  checkpoint = tf.train.Checkpoint(module=module, optimizer=_trained(module))
-  exporter = fast_export.Exporter({'m': module}, checkpoint)
-  module.set_step(1)
-  exporter.export(paths.export_path(local_dir, 'ckpt', 1), {'step': 1})
-  checkpoint.write(os.path.join(local_dir, 'ckpt-1'),
-                   options=exporter.checkpoint_options(None, local_dir))
+  module, checkpoint, exporter = _exported_step_1(local_dir)
   module.set_step(2)
   export_dir = _export_after(exporter, checkpoint, local_dir, 2,
                              sharding_callback)
@@ -291,3 +297,38 @@ def test_the_best_export_copy_holds_the_module_bytes_only(local_dir):
   copied = os.path.join(best.best_export, 'm', DATA)
   assert os.path.getsize(copied) == module.nbytes
   assert _served(best.best_export) == 2
+
+
+def test_an_async_export_that_cannot_link_reads_its_values_back(local_dir):
+  # In async mode a snapshot of the values would cost a copy of the variables
+  # at their next update; where the checkpoint holds them, an export that
+  # cannot share its data (here: the variables sliced) reads them back.
+  module, checkpoint, exporter = _exported_step_1(local_dir)
+  module.set_step(2)
+  export_dir = paths.export_path(local_dir, 'ckpt', 2)
+  exporter.export(export_dir, {'step': 2}, after_checkpoint=True,
+                  keep_values=True)
+  kept = exporter._deferred[1].args[2]  # pylint: disable=protected-access
+  assert kept == [fast_export._IN_CHECKPOINT]  # pylint: disable=protected-access
+  options = exporter.checkpoint_options(ASYNC, local_dir)
+  options.experimental_sharding_callback = (
+      tf.train.experimental.MaxShardSizePolicy(max_shard_size=32))
+  checkpoint.write(os.path.join(local_dir, 'ckpt-2'), options=options)
+  module.set_step(-1)  # Training goes on while the checkpoint is written.
+  checkpoint.sync()
+  exporter.wait()
+  (module_exporter,) = exporter.modules
+  assert (module_exporter.fast_exports, module_exporter.linked_exports) == (
+      1, 0)
+  assert _served(export_dir) == 2
+
+
+def test_an_async_export_snapshots_what_the_checkpoint_does_not_hold(
+    local_dir):
+  module = Affine()
+  checkpoint = tf.train.Checkpoint(w=module.w, b=module.b)  # No `count`.
+  manager = _manager(local_dir, module, checkpoint)
+  _save_steps(manager, module, [1, 2, 3], ASYNC)
+  assert _counts(manager) == (1, 2, 0)
+  for export_dir in manager.savedmodels:
+    assert _served(export_dir) == paths.parse_export_step(export_dir)

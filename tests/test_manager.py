@@ -2,6 +2,7 @@
 
 import inspect
 import os
+import threading
 import time
 
 import keras
@@ -11,6 +12,7 @@ import tf_keras
 
 import ckpt_export
 from ckpt_export import commit
+from ckpt_export import housekeeping
 from ckpt_export import leases
 from ckpt_export import paths
 from conftest import N_FEATURES, Scale, entries, save_step, served_value, steps_of
@@ -74,6 +76,7 @@ def test_max_to_keep_leaves_exactly_the_kept_directories(model_dir, scale):
   manager = _manager(model_dir, scale, max_to_keep=2)
   for step in range(1, 6):
     save_step(manager, scale, step)
+  manager.sync()  # Old exports are deleted in the background.
   assert entries(model_dir) == [
       'checkpoint',
       'ckpt-4.data-*', 'ckpt-4.index', 'ckpt-4_saved_modules',
@@ -497,5 +500,86 @@ def test_crash_leftovers_are_removed_on_restore_and_save(local_dir, scale):
   assert set(kept) | {not_tf} <= set(entries(local_dir))
   os.makedirs(os.path.join(local_dir, 'ckpt-3_temp'))
   save_step(restarted, scale, 2)
+  restarted.sync()  # Housekeeping runs in the background.
   assert 'ckpt-3_temp' not in entries(local_dir)
   assert steps_of(restarted.savedmodels) == [1, 2]
+
+
+# Housekeeping in the background.
+
+
+class _HeldCollect:
+  """`housekeeping.collect`, held back until `release()` (with a deadline)."""
+
+  def __init__(self, monkeypatch):
+    self._real = housekeeping.collect
+    self._go = threading.Event()
+    self.started = threading.Event()
+    monkeypatch.setattr(housekeeping, 'collect', self)
+
+  def __call__(self, *args, **kwargs):
+    self.started.set()
+    assert self._go.wait(60), 'never released'
+    return self._real(*args, **kwargs)
+
+  def release(self):
+    self._go.set()
+
+
+def test_old_exports_are_deleted_off_the_training_thread(
+    local_dir, scale, monkeypatch):
+  manager = _manager(local_dir, scale, max_to_keep=1)
+  save_step(manager, scale, 1)
+  manager.sync()
+  held = _HeldCollect(monkeypatch)
+  save_step(manager, scale, 2)  # Returns while its housekeeping is held.
+  assert held.started.wait(60)
+  assert 'ckpt-1_saved_modules' in entries(local_dir)
+  assert 'ckpt-1.index' not in entries(local_dir)
+  assert steps_of(manager.savedmodels) == [2]
+  releaser = threading.Timer(0.3, held.release)
+  releaser.start()
+  manager.sync()  # Waits for the housekeeping under way.
+  releaser.join(60)
+  assert [n for n in entries(local_dir) if n.endswith('_saved_modules')] == [
+      'ckpt-2_saved_modules']
+  assert not [t for t in threading.enumerate()
+              if t.name == 'ckpt_export-housekeeping']
+
+
+def test_background_housekeeping_never_deletes_a_leased_export(
+    local_dir, scale):
+  manager = _manager(local_dir, scale, max_to_keep=1)
+  save_step(manager, scale, 1)
+  manager.sync()
+  lease = leases.acquire(paths.export_path(local_dir, 'ckpt', 1))
+  for step in (2, 3):
+    save_step(manager, scale, step)
+  manager.sync()
+  assert served_value(lease.export_dir) == 1.0
+  lease.release()  # Carries out the deletion deferred while it was held.
+  save_step(manager, scale, 4)
+  manager.sync()
+  assert [n for n in entries(local_dir) if n.endswith('_saved_modules')] == [
+      'ckpt-4_saved_modules']
+
+
+def test_a_housekeeping_failure_is_logged_not_raised(
+    local_dir, scale, monkeypatch, caplog):
+  manager = _manager(local_dir, scale, max_to_keep=1)
+
+  def broken(*args, **kwargs):
+    raise RuntimeError('housekeeping bug')
+
+  monkeypatch.setattr(housekeeping, 'collect', broken)
+  for step in (1, 2):
+    save_step(manager, scale, step)
+  manager.sync()
+  assert 'housekeeping bug' in caplog.text
+  assert 'ckpt-1_saved_modules' in entries(local_dir)
+  monkeypatch.undo()
+  save_step(manager, scale, 3)  # The next pass catches up.
+  manager.sync()
+  assert [n for n in entries(local_dir) if n.endswith('_saved_modules')] == [
+      'ckpt-3_saved_modules']
+  assert served_value(manager.latest_savedmodel) == 3.0
