@@ -22,9 +22,9 @@ import tf_keras
 
 import ckpt_export
 from ckpt_export import commit
-from ckpt_export import export
 from ckpt_export import fast_export
 from ckpt_export import paths
+from ckpt_export import savedmodel
 from conftest import N_FEATURES, Scale, served_value, steps_of
 
 ASYNC = tf.train.CheckpointOptions(enable_async=True)
@@ -206,7 +206,7 @@ def test_a_keras3_model_trained_by_fit_gets_fast_exports_of_its_steps(
   tf.train.Checkpoint(model=model, optimizer=model.optimizer).read(
       manager.latest_checkpoint).assert_existing_objects_matched()
   full = str(tmp_path / 'full')
-  export.write_module('m', model, full)
+  savedmodel.write_module('m', model, full)
   want = _variables(full)
   got = _variables(os.path.join(manager.latest_savedmodel, 'm'))
   assert sorted(got) == sorted(want)
