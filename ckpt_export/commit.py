@@ -84,21 +84,12 @@ def warn_once(key: str, message: str, *args: Any) -> None:
 
 def has_atomic_rename(path: str) -> bool:
   """Whether a directory rename under `path` is atomic (local file systems)."""
-  scheme, sep, _ = path.partition('://')
-  return not sep or scheme == 'file'
-
-
-def local_path(path: str) -> Optional[str]:
-  """The operating system's path of a local `path` or `file://` URL, or None."""
-  path = os.fspath(path)
-  if path.startswith('file://'):
-    return path[len('file://'):]
-  return None if '://' in path else path
+  return paths.local_path(path) is not None
 
 
 def _lstat(path: str) -> Optional[os.stat_result]:
   """`os.lstat` of a local path; None if absent or not local."""
-  local = local_path(path)
+  local = paths.local_path(path)
   if local is None:
     return None
   try:
@@ -144,7 +135,7 @@ def remove_tree(path: str) -> None:
     ValueError: If `path` is a symbolic link.
     tf.errors.OpError: As `tf.io.gfile.rmtree` (NotFoundError if absent).
   """
-  local = local_path(path)
+  local = paths.local_path(path)
   if local is None:
     tf.io.gfile.rmtree(path)
     return
@@ -266,7 +257,7 @@ def write_new_file(path: str, content: str) -> None:
     tf.errors.AlreadyExistsError: If something is at a local `path`.
     tf.errors.OpError: For any other failure.
   """
-  local = local_path(path)
+  local = paths.local_path(path)
   if local is None:
     with tf.io.gfile.GFile(path, 'w') as f:
       f.write(content)

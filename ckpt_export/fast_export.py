@@ -59,6 +59,7 @@ from ckpt_export import _tf_internals
 from ckpt_export import bundle
 from ckpt_export import commit
 from ckpt_export import export
+from ckpt_export import paths
 
 _OBJECT_GRAPH_KEY = _tf_internals.OBJECT_GRAPH_KEY
 _VARIABLE_VALUE = 'VARIABLE_VALUE'
@@ -489,8 +490,8 @@ class _ModuleShard(tf.train.experimental.ShardingCallback):
 
 
 def _can_link(path: str) -> bool:
-  """Whether files under `path` can be hard-linked (a local path)."""
-  return '://' not in path
+  """Whether files under `path` can be hard-linked (a local path, no URL)."""
+  return paths.local_path(path) == path
 
 
 class Exporter:

@@ -70,12 +70,13 @@ def _published_exports(directory: str, checkpoint_name: str,
     after_step: Only exports of higher steps are yielded.
     newest_first: Whether to yield by decreasing step, not increasing.
   """
-  if '://' in directory:
+  local = paths.local_path(directory)
+  if local is None:
     candidates = export_candidates(directory, checkpoint_name)
     is_published = commit.is_published
   else:
     try:
-      with os.scandir(directory) as scan:  # Links are never exports.
+      with os.scandir(local) as scan:  # Links are never exports.
         names = [entry.name for entry in scan
                  if entry.is_dir(follow_symlinks=False)]
     except (FileNotFoundError, NotADirectoryError):

@@ -238,7 +238,7 @@ class ServingView:
     lines = ['model_config_list {']
     for module, module_versions in sorted(kept.items()):
       base_path = os.path.join(self._dir, module)
-      if '://' not in base_path:
+      if paths.local_path(base_path) == base_path:  # Not a URL.
         base_path = os.path.abspath(base_path)
       listed = ' '.join(f'versions: {v}' for v in module_versions)
       lines += ['  config {', f'    name: "{module}"',

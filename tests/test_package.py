@@ -19,7 +19,7 @@ ALLOWED = {
     'export': {'_tf_internals', 'paths'},
     'leases': {'commit', 'paths'},
     'readers': {'commit', 'leases', 'paths'},
-    'fast_export': {'_tf_internals', 'bundle', 'commit', 'export'},
+    'fast_export': {'_tf_internals', 'bundle', 'commit', 'export', 'paths'},
     'housekeeping': {'commit', 'distribution', 'leases', 'paths', 'readers'},
     'exporter': {'commit', 'export', 'fast_export', 'housekeeping', 'paths',
                  'readers'},
