@@ -81,7 +81,8 @@ def collect(directory: str, checkpoint_name: str, keep: KeepFn,
   try:
     exports = [(step, path) for step, path in readers.export_candidates(
         directory, checkpoint_name, names)
-               if commit.is_ours(path) or commit.is_reference_export(path)]
+               if commit.has_commit_marker(path) or
+               commit.is_reference_export(path)]
     kept = keep(names, [step for step, _ in exports])
   except commit.HOUSEKEEPING_ERRORS as e:
     commit.warn_failure(directory, 'decide which exports to keep in', e)

@@ -191,7 +191,7 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
                                     by_base=True)
     except BaseException:
       self._exporter.wait(raise_errors=False)
-      if self._modules_to_export and commit.is_ours(export_dir):
+      if self._modules_to_export and commit.has_commit_marker(export_dir):
         commit.attempt(export_dir, 'delete the export of the failed save',
                        leases.remove_export_unless_leased, export_dir)
       raise

@@ -174,7 +174,7 @@ class ExportSavedModel:
   def _own_exports(self) -> List[Tuple[int, str]]:
     """(step, path) of the exports of this name that ckpt_export wrote."""
     return [(step, path) for step, path in readers.export_candidates(
-        self._directory, self._export_name) if commit.is_ours(path)]
+        self._directory, self._export_name) if commit.has_commit_marker(path)]
 
   def _check_and_recover(self) -> None:
     """Checks the name is free, then removes dead writers' leftovers.

@@ -47,13 +47,14 @@ from ckpt_export import commit
 from ckpt_export import leases
 from ckpt_export import paths
 from ckpt_export import readers
+from ckpt_export import writers
 
 CONFIG_FILE = 'models.config'
 DEFAULT_MAX_VERSIONS = 2
 
 _VERSION_RE = re.compile(r'[0-9]+')
 _WORK_RE = re.compile(r'\.(?P<version>[0-9]+)\.(?P<kind>tmp|old|del)-'
-                      r'(?P<token>' + commit.TOKEN_PATTERN + r')')
+                      r'(?P<token>' + writers.TOKEN_PATTERN + r')')
 
 
 def _link_or_copy_tree(source: str, target: str) -> None:
@@ -267,7 +268,7 @@ class ServingView:
       path = os.path.join(module_dir, name)
       match = _WORK_RE.fullmatch(name)
       if match is not None:
-        if commit.token_alive(match.group('token')):
+        if writers.token_alive(match.group('token')):
           continue
         version = match.group('version')
         if match.group('kind') == 'old' and atomic and version not in names:
@@ -285,7 +286,7 @@ class ServingView:
         except tf.errors.NotFoundError:
           continue
         match = _WORK_RE.fullmatch(writer)
-        if match is None or not commit.token_alive(match.group('token')):
+        if match is None or not writers.token_alive(match.group('token')):
           logging.info('Removing %s, left half-written by a process that is '
                        'gone.', path)
           tf.io.gfile.rmtree(path)

@@ -104,19 +104,19 @@ def test_gc_survives_a_release_deleting_the_export_under_it(
   save_step(manager, scale, 1)
   lease = leases.acquire(_export(model_dir, 1))
   save_step(manager, scale, 2)  # Deletion of the leased step 1 deferred.
-  created_time = commit.created_time
+  export_identity = commit.export_identity
 
   def release_meanwhile(export_dir):
     # The reader releases (and so deletes) step 1 just as the next garbage
     # collection has found it there and is about to request its deletion.
-    monkeypatch.setattr(commit, 'created_time', created_time)
-    result = created_time(export_dir)
+    monkeypatch.setattr(commit, 'export_identity', export_identity)
+    result = export_identity(export_dir)
     lease.release()
     return result
 
-  monkeypatch.setattr(commit, 'created_time', release_meanwhile)
+  monkeypatch.setattr(commit, 'export_identity', release_meanwhile)
   save_step(manager, scale, 3)
-  assert commit.created_time is created_time  # The race did happen.
+  assert commit.export_identity is export_identity  # The race did happen.
   # Nothing left where step 1 was (on ram://, listdir omits such a leftover).
   assert not tf.io.gfile.exists(_export(model_dir, 1))
   assert entries(model_dir) == [
