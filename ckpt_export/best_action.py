@@ -18,7 +18,6 @@ output; the action offers the export of the current global step, with those
 metrics, to `BestExport.update`.
 """
 
-import numbers
 import os
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
@@ -28,6 +27,7 @@ import tensorflow as tf
 from ckpt_export import best as best_lib
 from ckpt_export import commit
 from ckpt_export import paths
+from ckpt_export import validate
 
 
 def flatten_scalars(output: Mapping[str, Any]) -> Dict[str, float]:
@@ -115,7 +115,7 @@ class BestExportAction:
     if tf.is_tensor(step) or isinstance(step, tf.Variable):
       step = step.numpy()
     step = getattr(step, 'item', lambda: step)()  # NumPy scalars.
-    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+    if not validate.is_integer(step):
       raise ValueError(f'The global step must be an integer, got {step!r}.')
     return int(step)
 

@@ -502,6 +502,12 @@ def publisher_for(path: str) -> Publisher:
   return _ATOMIC_RENAME if has_atomic_rename(path) else _COMMIT_MARKER
 
 
+def work_dir_export(name: str) -> Optional[str]:
+  """Returns the export name a work directory name belongs to, or None."""
+  work = writers.parse_work_name(name)
+  return None if work is None else work.target
+
+
 def _walk_files(root: str) -> List[str]:
   return [os.path.join(d, f) for d, _, files in tf.io.gfile.walk(root)
           for f in files]

@@ -14,8 +14,6 @@ evaluator writes a given record at a time (a writer lease, see
 `leases.acquire_writer`).
 """
 
-import json
-import numbers
 import os
 import sys
 import threading
@@ -30,6 +28,7 @@ from ckpt_export import leases
 from ckpt_export import paths
 from ckpt_export import readers
 from ckpt_export import strict_json
+from ckpt_export import validate
 
 SUMMARY_SUBDIR = 'eval_exports'
 METRICS_FILE = 'metrics.json'
@@ -92,13 +91,13 @@ class Record(dict):
     self.attempts.pop(step, None)
     logging.warning('Step %d not evaluated: %s.', step, message)
 
-  def to_json(self) -> str:
+  def to_content(self) -> Dict[str, Any]:
+    """The record as `metrics.json` holds it (steps as strings)."""
     def by_step(values: Dict[int, Any]) -> Dict[str, Any]:
       return {str(step): values[step] for step in sorted(values)}
-    return strict_json.dumps(
-        {'checkpoint_name': self.checkpoint_name, 'metrics': by_step(self),
-         'skipped': by_step(self.skipped), 'attempts': by_step(self.attempts)},
-        indent=1, sort_keys=True)
+    return {'checkpoint_name': self.checkpoint_name, 'metrics': by_step(self),
+            'skipped': by_step(self.skipped),
+            'attempts': by_step(self.attempts)}
 
 
 def _parse_steps(value: Any, parse: Callable[[Any], Any]) -> Dict[int, Any]:
@@ -163,12 +162,9 @@ def read_metrics(summary_dir: str,
   """
   path = os.path.join(summary_dir, METRICS_FILE)
   try:
-    with tf.io.gfile.GFile(path) as f:
-      content = f.read()
+    record = _parse_record(strict_json.load_file(path))
   except tf.errors.NotFoundError:
     return Record()
-  try:
-    record = _parse_record(json.loads(content))
   except ValueError as e:
     raise ValueError(f'{path} is not a metrics record of ckpt_export ({e}); '
                      'move it away to evaluate again.') from None
@@ -182,8 +178,8 @@ def read_metrics(summary_dir: str,
 
 
 def _write_record(summary_dir: str, record: Record) -> None:
-  commit.write_file_atomically(os.path.join(summary_dir, METRICS_FILE),
-                               record.to_json())
+  commit.write_json(os.path.join(summary_dir, METRICS_FILE),
+                    record.to_content(), indent=1, sort_keys=True)
 
 
 def _module_names(export_dir: str) -> Sequence[str]:
@@ -237,13 +233,8 @@ def _check_arguments(eval_fn: Any, modules: Any, best: Any,
         f'best keeps the best of the {best.checkpoint_name!r} exports, not of '
         f'the {checkpoint_name!r} ones evaluated; make it with '
         f'checkpoint_name={checkpoint_name!r}.')
-  for name, value, low in (('until_step', until_step, 0),
-                           ('max_attempts', max_attempts, 1)):
-    if value is not None and (
-        isinstance(value, bool) or not isinstance(value, numbers.Integral) or
-        value < low):
-      raise ValueError(f'{name} must be an integer >= {low} or None, got '
-                       f'{value!r}.')
+  validate.integer('until_step', until_step, allow_none=True)
+  validate.integer('max_attempts', max_attempts, 1, allow_none=True)
 
 
 class _Deleted(Exception):

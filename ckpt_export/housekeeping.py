@@ -92,7 +92,7 @@ def collect(directory: str, checkpoint_name: str, keep: KeepFn,
       continue
     logging.info('Removing export %s: it is not kept.', path)
     try:
-      if leases.remove_export_unless_leased(path):
+      if leases.delete_export_unless_leased(path):
         names.discard(paths.basename(path))
     except commit.HOUSEKEEPING_ERRORS as e:
       commit.warn_failure(path, 'delete the export', e)

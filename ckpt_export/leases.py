@@ -175,7 +175,7 @@ def _valid_record(record: Any, name: str, token: str) -> bool:
           expires <= time.time() + seconds + CLOCK_SKEW_SECONDS)
 
 
-def _remove_file(path: str) -> None:
+def _remove_if_present(path: str) -> None:
   try:
     tf.io.gfile.remove(path)
   except tf.errors.NotFoundError:
@@ -239,11 +239,12 @@ def is_leased(export_dir: str) -> bool:
   return bool(holders(export_dir))
 
 
-def _delete(model_dir: str, name: str, created: Optional[float]) -> bool:
-  """Deletes the export `created` at that time, if still there."""
+def _delete_if_same(model_dir: str, name: str,
+                    identity: Optional[float]) -> bool:
+  """Deletes the export of `identity` (`commit.export_identity`), if there."""
   export_dir = os.path.join(model_dir, name)
   try:
-    deleted = commit.delete_export_if_same(export_dir, created)
+    deleted = commit.delete_export_if_same(export_dir, identity)
   except tf.errors.NotFoundError:  # Deleted concurrently by another process.
     return False
   if deleted:
@@ -251,8 +252,8 @@ def _delete(model_dir: str, name: str, created: Optional[float]) -> bool:
   return deleted
 
 
-def remove_export_unless_leased(export_dir: str) -> bool:
-  """Deletes an export (as `commit.remove_export` does) unless it is leased.
+def delete_export_unless_leased(export_dir: str) -> bool:
+  """Deletes an export (as `commit.delete_export` does) unless it is leased.
 
   If a live lease holds the export, its deletion is recorded as requested and
   carried out when the last lease on it is released (or by a `sweep` once the
@@ -272,7 +273,7 @@ def remove_export_unless_leased(export_dir: str) -> bool:
   commit.refuse_link(export_dir)
   if not tf.io.gfile.exists(export_dir):
     return True
-  created = commit.export_identity(export_dir)
+  identity = commit.export_identity(export_dir)
   request = _request_path(model_dir, name)
   if not _requested(model_dir, name):
     try:  # Replaces (never writes through) whatever foreign entry is there.
@@ -284,15 +285,15 @@ def remove_export_unless_leased(export_dir: str) -> bool:
     logging.info('Deferring the deletion of %s: leased by %s.', export_dir,
                  ', '.join(str(r.get('holder')) for r in live))
     return False
-  if (not _delete(model_dir, name, created) and created is not None and
-      commit.export_identity(export_dir) is None):
+  if (not _delete_if_same(model_dir, name, identity) and
+      identity is not None and commit.export_identity(export_dir) is None):
     # Deleted meanwhile; on object stores the request written above may have
     # outlived the deletion, as a stray object where the export was.
-    _remove_file(request)
+    _remove_if_present(request)
   return True
 
 
-def _carry_out_request(model_dir: str, name: str) -> bool:
+def _delete_if_requested(model_dir: str, name: str) -> bool:
   """Deletes an export whose deletion was requested, if no lease holds it.
 
   Returns:
@@ -300,15 +301,15 @@ def _carry_out_request(model_dir: str, name: str) -> bool:
   """
   export_dir = os.path.join(model_dir, name)
   # The identity first: a newer export replacing this one after this line has
-  # no request, and one replacing it later is not `created` then.
-  created = commit.export_identity(export_dir)
+  # no request, and one replacing it later is not `identity` then.
+  identity = commit.export_identity(export_dir)
   if not _requested(model_dir, name) or _live_holders(model_dir, name):
     return False
-  return _delete(model_dir, name, created)
+  return _delete_if_same(model_dir, name, identity)
 
 
 def sweep(model_dir: str) -> List[str]:
-  """Drops expired leases and carries out the deletions they deferred.
+  """Removes expired leases and carries out the deletions they deferred.
 
   Garbage collection calls this; it does nothing where no reader took a lease.
   Never raises: what it cannot remove is logged (once per path) and left for
@@ -320,7 +321,7 @@ def sweep(model_dir: str) -> List[str]:
   Returns:
     The paths of the exports it deleted.
   """
-  dropped = set()
+  expired_exports = set()
   for path, record, valid in _lease_records(model_dir):
     match = _LEASE_RE.match(paths.basename(path))
     if record is None:  # Being written, unless its writer is gone.
@@ -333,16 +334,16 @@ def sweep(model_dir: str) -> List[str]:
     else:
       expired = not _is_live(record)
     if expired:
-      logging.info('Dropping expired lease %s.', path)
-      if commit.attempt(path, 'remove the expired lease', _remove_file, path):
-        dropped.add(match.group('export'))
+      logging.info('Removing expired lease %s.', path)
+      if commit.attempt(path, 'remove the expired lease', _remove_if_present, path):
+        expired_exports.add(match.group('export'))
   deleted = []
-  for name in sorted(dropped):
+  for name in sorted(expired_exports):
     if not _is_leasable(name):
       continue
     path = os.path.join(model_dir, name)
     try:
-      if _carry_out_request(model_dir, name):
+      if _delete_if_requested(model_dir, name):
         deleted.append(path)
     except commit.HOUSEKEEPING_ERRORS as e:
       commit.warn_failure(path, 'delete', e)
@@ -421,7 +422,7 @@ class _Holding:
     self.record = record
     self.written = now
     try:
-      _remove_file(old_path)
+      _remove_if_present(old_path)
     except tf.errors.OpError as e:  # It expires; a sweep removes it.
       logging.warning('Could not remove the old lease %s: %s', old_path, e)
     writers.end_operation(old_token)
@@ -432,13 +433,13 @@ class _Holding:
         return
       self.released.set()
       try:
-        _remove_file(self.path)
+        _remove_if_present(self.path)
       except tf.errors.OpError as e:
         logging.warning('Could not remove the lease %s; it expires at %s: %s',
                         self.path, time.ctime(self.record['expires']), e)
       writers.end_operation(self.record['token'])
     try:
-      _carry_out_request(self.model_dir, self.name)
+      _delete_if_requested(self.model_dir, self.name)
     except tf.errors.OpError as e:
       logging.warning('Could not delete %s at the release of its lease, left '
                       'to the next garbage collection: %s',

@@ -19,7 +19,6 @@ save into scratch directories they delete (`distribution.py`).
 """
 
 import copy
-import numbers
 import os
 from typing import (Any, Callable, Iterable, Iterator, List, Mapping, Optional,
                     Set)
@@ -36,14 +35,14 @@ from ckpt_export import housekeeping
 from ckpt_export import leases
 from ckpt_export import paths
 from ckpt_export import readers
+from ckpt_export import validate
 
 
 def _as_step(value: Any) -> int:
   """Converts a checkpoint number (int, integer tensor or variable) to int."""
   if tf.is_tensor(value) and value.dtype.is_integer and value.shape.rank == 0:
     value = int(value.numpy())
-  if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or
-      value < 0):
+  if not validate.is_step(value):
     raise ValueError('checkpoint_number must be a non-negative integer (or a '
                      f'scalar integer tensor), got {value!r}.')
   return int(value)
@@ -82,11 +81,7 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
       ValueError: For a bad `max_to_keep`, directory, checkpoint name or
         module; nothing is written then.
     """
-    if max_to_keep is not None and (
-        isinstance(max_to_keep, bool) or
-        not isinstance(max_to_keep, numbers.Integral) or max_to_keep <= 0):
-      raise ValueError('max_to_keep must be a positive integer or None, got '
-                       f'{max_to_keep!r}.')
+    validate.integer('max_to_keep', max_to_keep, 1, allow_none=True)
     paths.validate_location(directory, 'checkpoint_name', checkpoint_name)
     export.validate_modules(modules_to_export)
     super().__init__(
@@ -193,7 +188,7 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
       self._exporter.wait(raise_errors=False)
       if self._modules_to_export and commit.has_commit_marker(export_dir):
         commit.attempt(export_dir, 'delete the export of the failed save',
-                       leases.remove_export_unless_leased, export_dir)
+                       leases.delete_export_unless_leased, export_dir)
       raise
     self._last_saved_step = step
     self._collect_garbage()

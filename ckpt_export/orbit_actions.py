@@ -21,7 +21,6 @@ refuses a name under which the directory holds checkpoints, since that
 manager would delete the action's exports as exports without a checkpoint.
 """
 
-import numbers
 from typing import Any, List, Mapping, Optional, Set, Tuple
 
 from absl import logging
@@ -32,14 +31,7 @@ from ckpt_export import export
 from ckpt_export import housekeeping
 from ckpt_export import paths
 from ckpt_export import readers
-
-
-def _check_count(name: str, value: Any) -> None:
-  if value is not None and (isinstance(value, bool) or
-                            not isinstance(value, numbers.Integral) or
-                            value <= 0):
-    raise ValueError(f'{name} must be a positive integer or None, got '
-                     f'{value!r}.')
+from ckpt_export import validate
 
 
 class ExportSavedModel:
@@ -94,8 +86,8 @@ class ExportSavedModel:
         not global_step.dtype.is_integer or global_step.shape.rank != 0):
       raise ValueError('global_step must be a scalar integer tf.Variable, got '
                        f'{global_step!r}.')
-    _check_count('export_interval', export_interval)
-    _check_count('max_to_keep', max_to_keep)
+    validate.integer('export_interval', export_interval, 1, allow_none=True)
+    validate.integer('max_to_keep', max_to_keep, 1, allow_none=True)
     self._modules_to_export = modules_to_export
     self._global_step = global_step
     self._export_interval = export_interval

@@ -15,6 +15,7 @@ import tensorflow as tf
 from ckpt_export import commit
 from ckpt_export import leases
 from ckpt_export import paths
+from ckpt_export import validate
 
 # Why `savedmodels_iterator` skipped an export (see its `on_skip`).
 SKIPPED_DELETED = 'deleted'
@@ -132,13 +133,7 @@ def check_seconds(name: str, value: Optional[float], allow_none: bool,
     allow_none: Whether None is allowed (no limit).
     minimum: The smallest value allowed.
   """
-  if value is None and allow_none:
-    return
-  if (isinstance(value, bool) or not isinstance(value, (int, float)) or
-      not minimum <= value < float('inf')):
-    raise ValueError(f'{name} must be a finite number of seconds, at least '
-                     f'{minimum:g}{" (or None)" if allow_none else ""}, got '
-                     f'{value!r}.')
+  validate.seconds(name, value, minimum, allow_none=allow_none)
 
 
 def check_seconds_to_sleep(value: float) -> None:
@@ -272,10 +267,7 @@ def savedmodels_iterator(
     leases.check_lease_seconds(lease_seconds)
   if not isinstance(latest_only, bool):
     raise ValueError(f'latest_only must be a bool, got {latest_only!r}.')
-  if (isinstance(after_step, bool) or not isinstance(after_step, int) or
-      after_step < -1):
-    raise ValueError(f'after_step must be an integer >= -1, got '
-                     f'{after_step!r}.')
+  after_step = validate.integer('after_step', after_step, -1)
   return _iterate(os.fspath(directory), min_interval_secs, timeout, timeout_fn,
                   seconds_to_sleep, checkpoint_name, latest_only, lease_seconds,
                   after_step, on_skip or (lambda step, reason: None))

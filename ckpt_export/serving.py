@@ -47,6 +47,7 @@ from ckpt_export import commit
 from ckpt_export import leases
 from ckpt_export import paths
 from ckpt_export import readers
+from ckpt_export import validate
 from ckpt_export import writers
 
 CONFIG_FILE = 'models.config'
@@ -120,13 +121,9 @@ class ServingView:
     Raises:
       ValueError: For a bad `max_versions` or directory.
     """
-    if (isinstance(max_versions, bool) or not isinstance(max_versions, int) or
-        max_versions <= 0):
-      raise ValueError('max_versions must be a positive integer, got '
-                       f'{max_versions!r}.')
+    self._max_versions = validate.integer('max_versions', max_versions, 1)
     self._dir = paths.validate_location(serving_dir, 'module name',
                                         'serving')
-    self._max_versions = max_versions
     for module in self.modules():
       self._recover(os.path.join(serving_dir, module))
 
@@ -163,10 +160,7 @@ class ServingView:
       raise ValueError(f'{export_dir!r} is not an export path '
                        '(<dir>/<name>-<step>_saved_modules).')
     version = step if version is None else version
-    if isinstance(version, bool) or not isinstance(version, int) or (
-        version < 0):
-      raise ValueError(f'version must be a non-negative integer, got '
-                       f'{version!r}.')
+    version = validate.integer('version', version)
     published = {}
     for module in sorted(readers.list_directory(export_dir)):
       source = os.path.join(export_dir, module)
@@ -230,7 +224,7 @@ class ServingView:
     self._write_config(kept)
     for path in doomed:
       logging.info('Removing serving version %s.', path)
-      leases.remove_export_unless_leased(path)
+      leases.delete_export_unless_leased(path)
     for module in kept:
       leases.sweep(os.path.join(self._dir, module))
 

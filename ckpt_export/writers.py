@@ -72,12 +72,6 @@ def parse_work_name(name: str) -> Optional[WorkName]:
                                                           'token'))
 
 
-def work_dir_export(name: str) -> Optional[str]:
-  """Returns the export name a work directory name belongs to, or None."""
-  work = parse_work_name(name)
-  return None if work is None else work.target
-
-
 def _pid_running(pid: int) -> bool:
   """Whether `pid` runs on this host; a zombie (killed, not reaped) does not."""
   try:

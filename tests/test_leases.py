@@ -85,17 +85,17 @@ def test_a_doomed_export_takes_no_new_lease(model_dir, scale):
   assert leases.acquire(export_dir) is None
 
 
-def test_remove_export_unless_leased(model_dir, scale):
+def test_delete_export_unless_leased(model_dir, scale):
   manager = _manager(model_dir, scale, max_to_keep=None)
   for step in (1, 2):
     save_step(manager, scale, step)
   lease = leases.acquire(_export(model_dir, 1))
-  assert not leases.remove_export_unless_leased(_export(model_dir, 1))
-  assert leases.remove_export_unless_leased(_export(model_dir, 2))
+  assert not leases.delete_export_unless_leased(_export(model_dir, 1))
+  assert leases.delete_export_unless_leased(_export(model_dir, 2))
   assert steps_of(ckpt_export.list_savedmodels(model_dir)) == [1]
   lease.release()
   assert ckpt_export.list_savedmodels(model_dir) == []
-  assert leases.remove_export_unless_leased(_export(model_dir, 1))
+  assert leases.delete_export_unless_leased(_export(model_dir, 1))
 
 
 def test_gc_survives_a_release_deleting_the_export_under_it(
@@ -164,7 +164,7 @@ def test_bad_lease_seconds(local_dir, bad):
 @pytest.mark.parametrize('bad', ['/m/ckpt-1', '/m/ckpt-01_saved_modules', 3])
 def test_bad_export_path(bad):
   for call in (leases.acquire, leases.holders,
-               leases.remove_export_unless_leased):
+               leases.delete_export_unless_leased):
     with pytest.raises(ValueError, match=repr(bad)):
       call(bad)
 
