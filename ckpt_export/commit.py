@@ -631,15 +631,33 @@ def recover(directory: str, checkpoint_name: str,
   Returns:
     The entries of `directory` after recovery.
   """
+  return recover_targets(
+      directory, names,
+      lambda name: paths.parse_export_step(name, checkpoint_name) is not None)
+
+
+def recover_targets(directory: str, names: Iterable[str],
+                    is_target: Callable[[str], bool]) -> Set[str]:
+  """`recover` for the targets named as `is_target` says (see `recover`).
+
+  Args:
+    directory: The directory of the targets (exports, or serving versions).
+    names: The entries of `directory`, as listed by the caller.
+    is_target: Whether a name is one of a target published by
+      `staged_export`.
+
+  Returns:
+    The entries of `directory` after recovery.
+  """
   names = set(names)
   publisher = publisher_for(directory)
   for name in sorted(names):
     work = writers.parse_work_name(name)
     if work is not None:
-      if paths.parse_export_step(work.target, checkpoint_name) is not None:
+      if is_target(work.target):
         _recover_work_dir(directory, name, work, names, publisher)
-    elif (paths.parse_export_step(name, checkpoint_name) is not None and
-          publisher.abandoned(os.path.join(directory, name))):
+    elif is_target(name) and publisher.abandoned(
+        os.path.join(directory, name)):
       _delete_abandoned(directory, name, names, publisher)
   return names
 

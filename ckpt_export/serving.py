@@ -48,14 +48,11 @@ from ckpt_export import leases
 from ckpt_export import paths
 from ckpt_export import readers
 from ckpt_export import validate
-from ckpt_export import writers
 
 CONFIG_FILE = 'models.config'
 DEFAULT_MAX_VERSIONS = 2
 
 _VERSION_RE = re.compile(r'[0-9]+')
-_WORK_RE = re.compile(r'\.(?P<version>[0-9]+)\.(?P<kind>tmp|old|del)-'
-                      r'(?P<token>' + writers.TOKEN_PATTERN + r')')
 
 
 def _link_or_copy_tree(source: str, target: str) -> None:
@@ -256,31 +253,6 @@ class ServingView:
 
   def _recover(self, module_dir: str) -> None:
     """Removes what killed publishers and deleters left in a module dir."""
-    atomic = commit.has_atomic_rename(module_dir)
-    names = set(readers.list_directory(module_dir))
-    for name in sorted(names):
-      path = os.path.join(module_dir, name)
-      match = _WORK_RE.fullmatch(name)
-      if match is not None:
-        if writers.token_alive(match.group('token')):
-          continue
-        version = match.group('version')
-        if match.group('kind') == 'old' and atomic and version not in names:
-          logging.warning('Restoring serving version %s being deleted by a '
-                          'process that is gone.', version)
-          tf.io.gfile.rename(path, os.path.join(module_dir, version))
-        else:
-          logging.info('Removing %s, left by a process that is gone.', path)
-          tf.io.gfile.rmtree(path)
-      elif not atomic and _VERSION_RE.fullmatch(name):
-        try:
-          with tf.io.gfile.GFile(os.path.join(
-              path, commit.INCOMPLETE_MARKER)) as f:
-            writer = f.read()
-        except tf.errors.NotFoundError:
-          continue
-        match = _WORK_RE.fullmatch(writer)
-        if match is None or not writers.token_alive(match.group('token')):
-          logging.info('Removing %s, left half-written by a process that is '
-                       'gone.', path)
-          tf.io.gfile.rmtree(path)
+    commit.recover_targets(
+        module_dir, readers.list_directory(module_dir),
+        lambda name: _VERSION_RE.fullmatch(name) is not None)
