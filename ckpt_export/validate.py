@@ -30,7 +30,7 @@ def is_finite(value: Any) -> bool:
 
 def is_step(value: Any) -> bool:
   """Whether `value` is a step number: a non-negative integer."""
-  return is_integer(value) and value >= 0
+  return is_integer(value) and bool(value >= 0)
 
 
 def integer(name: str, value: Any, minimum: int = 0,
