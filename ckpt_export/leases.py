@@ -359,7 +359,7 @@ class _Holding:
   """A lease's state, shared by the `Lease` and its renewal thread.
 
   Each renewal writes the lease under a new token (registered as an operation
-  in flight, see `commit.begin_operation`), then removes the previous file.
+  in flight, see `writers.begin_operation`), then removes the previous file.
   """
 
   def __init__(self, model_dir: str, name: str,
