@@ -57,7 +57,7 @@ _VERSION_RE = re.compile(r'[0-9]+')
 
 def _link_or_copy_tree(source: str, target: str) -> None:
   """Fills `target` with `source`'s files: hard links on local disk."""
-  local = commit.has_atomic_rename(target)
+  local = all(paths.local_path(p) == p for p in (source, target))  # No URLs.
   for directory, _, files in tf.io.gfile.walk(source):
     relative = os.path.relpath(directory.rstrip('/'), source)
     into = target if relative == '.' else os.path.join(target, relative)

@@ -235,3 +235,5 @@ def test_object_store_leaves_unmarked_directories_alone():
     ('hdfs://nn/x', False)])
 def test_which_file_systems_rename_atomically(path, atomic):
   assert commit.has_atomic_rename(path) is atomic
+  assert type(commit.publisher_for(path)) is (
+      commit.AtomicRenamePublisher if atomic else commit.CommitMarkerPublisher)
