@@ -142,7 +142,8 @@ def _parse_info(content: Any) -> Optional[Dict[str, Any]]:
     return None
   step, metric = content.get('step'), content.get('metric')
   metrics = content.get('metrics')
-  if (not validate.is_step(step) or not isinstance(metric, str) or not isinstance(metrics, dict) or
+  if (not validate.is_step(step) or not isinstance(metric, str) or
+      not isinstance(metrics, dict) or
       not isinstance(content.get('path'), str) or
       content.get('higher_is_better') not in (None, True, False)):
     return None

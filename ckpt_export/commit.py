@@ -382,15 +382,13 @@ class Publisher(abc.ABC):
       Whether it was deleted; False if it is gone or is another export.
     """
 
+  @abc.abstractmethod
   def restores(self, work: writers.WorkName) -> bool:
     """Whether recovery renames a dead writer's `work` back to its export."""
-    del work  # Only a renamed-aside export is restored.
-    return False
 
+  @abc.abstractmethod
   def abandoned(self, export_dir: str) -> bool:
     """Whether a writer that is gone left `export_dir` partly written."""
-    del export_dir  # An export appears whole, or not at all.
-    return False
 
 
 class AtomicRenamePublisher(Publisher):
@@ -402,6 +400,7 @@ class AtomicRenamePublisher(Publisher):
 
   def publish(self, work_dir: str, export_dir: str, marker: str,
               token: str) -> None:
+    # The marker goes in before the rename: the export appears with it.
     write_new_file(os.path.join(work_dir, paths.COMMIT_MARKER), marker)
     if not tf.io.gfile.exists(export_dir):
       tf.io.gfile.rename(work_dir, export_dir)
@@ -436,7 +435,11 @@ class AtomicRenamePublisher(Publisher):
     return True
 
   def restores(self, work: writers.WorkName) -> bool:
-    return work.kind == writers.OLD
+    return work.kind == writers.OLD  # A replaced export, renamed aside.
+
+  def abandoned(self, export_dir: str) -> bool:
+    del export_dir  # An export appears whole, or not at all.
+    return False
 
   @staticmethod
   def _remove_renamed(path: str, export_dir: str, token: str) -> None:
@@ -456,6 +459,9 @@ class CommitMarkerPublisher(Publisher):
               token: str) -> None:
     if tf.io.gfile.exists(export_dir):
       self.delete(export_dir, token)
+    # Incomplete marker first, commit marker last (one object write): readers
+    # take the directory for an export only once every file is in, and what a
+    # writer killed in between leaves names that writer for `recover`.
     tf.io.gfile.makedirs(export_dir)
     incomplete = _mark_incomplete(export_dir, writers.TMP, token)
     _move_files(work_dir, export_dir)
@@ -483,6 +489,10 @@ class CommitMarkerPublisher(Publisher):
       return False
     self.delete(export_dir, token)
     return True
+
+  def restores(self, work: writers.WorkName) -> bool:
+    del work  # Nothing is renamed aside: a replaced export is deleted first.
+    return False
 
   def abandoned(self, export_dir: str) -> bool:
     try:

@@ -335,7 +335,8 @@ def sweep(model_dir: str) -> List[str]:
       expired = not _is_live(record)
     if expired:
       logging.info('Removing expired lease %s.', path)
-      if commit.attempt(path, 'remove the expired lease', _remove_if_present, path):
+      if commit.attempt(path, 'remove the expired lease', _remove_if_present,
+                        path):
         expired_exports.add(match.group('export'))
   deleted = []
   for name in sorted(expired_exports):
