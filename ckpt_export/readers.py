@@ -123,23 +123,9 @@ def next_savedmodel(directory: paths.PathLike, after_step: int,
 MIN_SECONDS_TO_SLEEP = 0.001
 
 
-def check_seconds(name: str, value: Optional[float], allow_none: bool,
-                  minimum: float = 0.0) -> None:
-  """Raises a ValueError naming `name` unless `value` is a time in seconds.
-
-  Args:
-    name: The argument's name, for the message.
-    value: Its value: a finite number of seconds, at least `minimum`.
-    allow_none: Whether None is allowed (no limit).
-    minimum: The smallest value allowed.
-  """
-  validate.seconds(name, value, minimum, allow_none=allow_none)
-
-
 def check_seconds_to_sleep(value: float) -> None:
   """Raises a ValueError unless `value` is a usable time between polls."""
-  check_seconds('seconds_to_sleep', value, allow_none=False,
-                minimum=MIN_SECONDS_TO_SLEEP)
+  validate.seconds('seconds_to_sleep', value, MIN_SECONDS_TO_SLEEP)
 
 
 def _step_of(savedmodel: Optional[paths.PathLike], checkpoint_name: str) -> int:
@@ -180,7 +166,7 @@ def wait_for_new_savedmodel(directory: paths.PathLike,
       name, or a time is negative.
   """
   check_seconds_to_sleep(seconds_to_sleep)
-  check_seconds('timeout', timeout, allow_none=True)
+  validate.seconds('timeout', timeout, allow_none=True)
   found = _wait_for_step(os.fspath(directory), _step_of(last_savedmodel, checkpoint_name),
                          seconds_to_sleep, timeout, checkpoint_name)
   return found[1] if found else None
@@ -260,9 +246,9 @@ def savedmodels_iterator(
       on the last one lapsed while it was read (this process was stopped
       longer than `lease_seconds`): it may have been deleted meanwhile.
   """
-  check_seconds('min_interval_secs', min_interval_secs, allow_none=False)
+  validate.seconds('min_interval_secs', min_interval_secs)
   check_seconds_to_sleep(seconds_to_sleep)
-  check_seconds('timeout', timeout, allow_none=True)
+  validate.seconds('timeout', timeout, allow_none=True)
   if lease_seconds is not None:
     leases.check_lease_seconds(lease_seconds)
   if not isinstance(latest_only, bool):

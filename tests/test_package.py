@@ -24,7 +24,7 @@ ALLOWED = {
     'fast_export': {'_tf_internals', 'bundle', 'commit', 'export', 'paths'},
     'housekeeping': {'commit', 'distribution', 'leases', 'paths', 'readers'},
     'exporter': {'commit', 'export', 'fast_export', 'housekeeping', 'paths',
-                 'readers'},
+                 'readers', 'validate'},
     'best': {'commit', 'housekeeping', 'leases', 'paths', 'readers',
              'strict_json', 'validate'},
     'evaluation': {'best', 'commit', 'leases', 'paths', 'readers',
