@@ -17,9 +17,7 @@ from it and removes the others. The manager's garbage collection only looks at
 never touches this subdirectory.
 """
 
-import json
 import math
-import numbers
 import os
 import sys
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -33,6 +31,7 @@ from ckpt_export import leases
 from ckpt_export import paths
 from ckpt_export import readers
 from ckpt_export import strict_json
+from ckpt_export import validate
 
 INFO_FILE = 'best.json'
 OFFERED_FILE = 'offered.json'  # The step last offered to `update`.
@@ -59,9 +58,7 @@ def _scalar(value: Any) -> Optional[float]:
                                      value.dtype.is_integer):
       return None
     value = value.numpy().item()
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    return None
-  return float(value)
+  return float(value) if validate.is_number(value) else None
 
 
 def _flatten(metrics: Mapping[Any, Any], prefix: str, what: str,
@@ -145,8 +142,8 @@ def _parse_info(content: Any) -> Optional[Dict[str, Any]]:
     return None
   step, metric = content.get('step'), content.get('metric')
   metrics = content.get('metrics')
-  if (isinstance(step, bool) or not isinstance(step, int) or step < 0 or
-      not isinstance(metric, str) or not isinstance(metrics, dict) or
+  if (not validate.is_step(step) or not isinstance(metric, str) or
+      not isinstance(metrics, dict) or
       not isinstance(content.get('path'), str) or
       content.get('higher_is_better') not in (None, True, False)):
     return None
@@ -177,12 +174,9 @@ def read_best(model_dir: str, directory_name: str = 'best_export'
   """
   path = os.path.join(model_dir, directory_name, INFO_FILE)
   try:
-    with tf.io.gfile.GFile(path) as f:
-      content = f.read()
+    info = _parse_info(strict_json.load_file(path))
   except tf.errors.NotFoundError:
     return None
-  try:
-    info = _parse_info(json.loads(content))
   except ValueError as e:
     raise ValueError(f'{path} is not valid JSON ({e}); a BestExport for this '
                      'directory rewrites it from its best copy.') from e
@@ -342,21 +336,21 @@ class BestExport:
   def _read_offered(self) -> int:
     path = os.path.join(self._directory, OFFERED_FILE)
     try:
-      with tf.io.gfile.GFile(path) as f:
-        step = json.loads(f.read()).get('step')
+      content = strict_json.load_file(path)
     except tf.errors.NotFoundError:
       return -1
-    except (ValueError, AttributeError):
-      step = None
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+    except ValueError:
+      content = None
+    step = content.get('step') if isinstance(content, dict) else None
+    if not validate.is_step(step):
       logging.warning('Ignoring %s: not a record of the step last offered.',
                       path)
       return -1
     return step
 
   def _note_offered(self, step: int) -> None:
-    commit.write_file_atomically(os.path.join(self._directory, OFFERED_FILE),
-                                 strict_json.dumps({'step': step}))
+    commit.write_json(os.path.join(self._directory, OFFERED_FILE),
+                      {'step': step})
     self._last_offered = step
 
   @property
@@ -425,10 +419,7 @@ class BestExport:
   def _checked_offer(self, step: Any, export_dir: str,
                      metrics: Mapping[str, Any]) -> Tuple[int, Metrics]:
     """The step and metrics offered to `update`, checked (see there)."""
-    if (isinstance(step, bool) or not isinstance(step, numbers.Integral) or
-        step < 0):
-      raise ValueError(f'step must be a non-negative integer, got {step!r}.')
-    step = int(step)
+    step = validate.integer('step', step)
     if paths.parse_export_step(os.fspath(export_dir),
                                self._checkpoint_name) is None:
       raise ValueError(
@@ -474,9 +465,8 @@ class BestExport:
 
   def _record_best(self, info: Dict[str, Any]) -> None:
     """Points `best.json` at the copy in `info`, then removes the others."""
-    commit.write_file_atomically(os.path.join(self._directory, INFO_FILE),
-                                 strict_json.dumps(info, indent=1,
-                                                   sort_keys=True))
+    commit.write_json(os.path.join(self._directory, INFO_FILE), info,
+                      indent=1, sort_keys=True)
     self._info = info
     housekeeping.collect(self._directory, self._checkpoint_name,
                          lambda names, steps: {info['step']})

@@ -1,45 +1,46 @@
 """The commit protocol: how an export becomes visible, and how it goes away.
 
 An export is written into a work directory that no reader takes for an export
-(`.<export>.tmp-<token>`: its name does not end in `_saved_modules`, is not an
-integer, and no export's name is a prefix of it, which TF's prefix-matching
-`ram://` file system needs), and published only once complete. Two file system
-families:
+(`.<export>.tmp-<token>`, see `writers.py`: its name does not end in
+`_saved_modules`, is not an integer, and no export's name is a prefix of it,
+which TF's prefix-matching `ram://` file system needs), and published only
+once complete. Two file system families, each with its `Publisher`, chosen
+once per path by `publisher_for`:
 
-* Atomic directory rename (local disk, `file://`). The commit marker is written
-  into the work directory, which is then renamed to the final name in one step:
-  the export appears complete or not at all. A replaced export is first renamed
-  aside (`.old-`), a deleted one renamed away (`.del-`) before its files go, so
-  no reader ever sees a half-deleted export either. Any directory with the final
-  name is complete, so exports written by the reference stay readable.
-* Everything else (`gs://`, `s3://`, `ram://`, ...), where a directory "rename"
-  copies and deletes object by object. The final directory first gets an
-  `INCOMPLETE_MARKER`, then the files, then the `COMMIT_MARKER` (a single object
-  write, atomic on every store), then the incomplete marker goes. Readers accept
-  only directories holding the commit marker. Deletion reverses this: incomplete
-  marker in, commit marker out, files out, incomplete marker last.
+* `AtomicRenamePublisher`: atomic directory rename (local disk, `file://`).
+  The commit marker is written into the work directory, which is then renamed
+  to the final name in one step: the export appears complete or not at all. A
+  replaced export is first renamed aside (`.old-`), a deleted one renamed away
+  (`.del-`) before its files go, so no reader ever sees a half-deleted export
+  either. Any directory with the final name is complete, so exports written by
+  the reference stay readable.
+* `CommitMarkerPublisher`: everything else (`gs://`, `s3://`, `ram://`, ...),
+  where a directory "rename" copies and deletes object by object. The final
+  directory first gets an `INCOMPLETE_MARKER`, then the files, then the
+  `COMMIT_MARKER` (a single object write, atomic on every store), then the
+  incomplete marker goes. Readers accept only directories holding the commit
+  marker. Deletion reverses this: incomplete marker in, commit marker out,
+  files out, incomplete marker last.
 
-Work directory tokens name their writer (time, pid, host): leftovers of a
-writer that is dead (or older than `STALE_SECONDS`) are removed by `recover`;
-those of a live writer are never touched.
+Work directory tokens name their writer (time, pid, host; see `writers.py`):
+leftovers of a writer that is dead (or older than `writers.STALE_SECONDS`) are
+removed by `recover`; those of a live writer are never touched.
 
 Nothing here deletes, writes or renames through a symbolic link: on local disk
 (the only place links exist) a link is someone else's entry, never taken for an
 export or a work directory, and trees are removed without following the links
 in them (`remove_tree`). Metadata that is not of the expected shape is foreign
 too (`read_commit_info`).
+
+Verbs: files and trees are *removed*; an export is *deleted*, which unpublishes
+it first (`delete_export`).
 """
 
+import abc
 import contextlib
 import errno
-import json
-import math
-import numbers
 import os
-import re
-import secrets
 import shutil
-import socket
 import stat
 import threading
 import time
@@ -50,25 +51,12 @@ import tensorflow as tf
 
 from ckpt_export import paths
 from ckpt_export import strict_json
+from ckpt_export import validate
+from ckpt_export import writers
 
 INCOMPLETE_MARKER = paths.INCOMPLETE_MARKER
 
-# A work directory of another host (whose pid cannot be checked), or of a pid
-# on this host that may have been reused, counts as abandoned after this long.
-STALE_SECONDS = 6 * 3600.0
-
-_TMP, _OLD, _DEL = 'tmp', 'old', 'del'
-_HOST = re.sub(r'[^A-Za-z0-9._]', '_', socket.gethostname()) or 'host'
-# A token names the operation that made a name: `<ms>-<pid>-<host>-<random>`.
-TOKEN_PATTERN = (r'(?P<ms>[0-9]+)-(?P<pid>[0-9]+)-(?P<host>[A-Za-z0-9._]+)'
-                 r'-[0-9a-f]{8}')
-_TOKEN_RE = re.compile(TOKEN_PATTERN + r'\Z')
-_WORK_RE = re.compile(r'\.(?P<export>.+)\.(?P<kind>tmp|old|del)-(?P<token>' +
-                      TOKEN_PATTERN + r')\Z', re.DOTALL)
-
-# Tokens of the operations in flight in this process.
 _lock = threading.Lock()
-_live_tokens = set()
 # What `warn_once` has warned about.
 _warned = set()
 
@@ -84,21 +72,12 @@ def warn_once(key: str, message: str, *args: Any) -> None:
 
 def has_atomic_rename(path: str) -> bool:
   """Whether a directory rename under `path` is atomic (local file systems)."""
-  scheme, sep, _ = path.partition('://')
-  return not sep or scheme == 'file'
-
-
-def local_path(path: str) -> Optional[str]:
-  """The operating system's path of a local `path` or `file://` URL, or None."""
-  path = os.fspath(path)
-  if path.startswith('file://'):
-    return path[len('file://'):]
-  return None if '://' in path else path
+  return paths.local_path(path) is not None
 
 
 def _lstat(path: str) -> Optional[os.stat_result]:
   """`os.lstat` of a local path; None if absent or not local."""
-  local = local_path(path)
+  local = paths.local_path(path)
   if local is None:
     return None
   try:
@@ -144,7 +123,7 @@ def remove_tree(path: str) -> None:
     ValueError: If `path` is a symbolic link.
     tf.errors.OpError: As `tf.io.gfile.rmtree` (NotFoundError if absent).
   """
-  local = local_path(path)
+  local = paths.local_path(path)
   if local is None:
     tf.io.gfile.rmtree(path)
     return
@@ -164,98 +143,6 @@ def remove_file(path: str) -> None:
   tf.io.gfile.remove(path)
 
 
-def is_published(export_dir: str) -> bool:
-  """Whether `export_dir` is a complete, published export a reader may load."""
-  if has_atomic_rename(export_dir):
-    st = _lstat(export_dir)
-    return st is not None and stat.S_ISDIR(st.st_mode)
-  return tf.io.gfile.exists(os.path.join(export_dir, paths.COMMIT_MARKER))
-
-
-def is_ours(export_dir: str) -> bool:
-  """Whether ckpt_export wrote `export_dir` (a valid commit marker, no link)."""
-  return read_commit_info(export_dir) is not None
-
-
-def is_replaceable(export_dir: str) -> bool:
-  """Whether a new export may replace what is at `export_dir`.
-
-  True if nothing is there, or an export: ours, or one the reference wrote (a
-  directory of SavedModel directories). A user's file, directory or symbolic
-  link that merely has an export's name is never replaced.
-  """
-  if is_link(export_dir):
-    return False
-  if not tf.io.gfile.exists(export_dir):
-    return True
-  return is_ours(export_dir) or is_reference_export(export_dir)
-
-
-def is_reference_export(export_dir: str) -> bool:
-  """Whether `export_dir` is a directory of SavedModel directories only.
-
-  That is what the reference implementation writes (no commit marker). Links
-  are never one.
-  """
-  try:
-    if is_link(export_dir) or not tf.io.gfile.isdir(export_dir):
-      return False
-    children = [c.rstrip('/') for c in tf.io.gfile.listdir(export_dir)]
-  except tf.errors.NotFoundError:  # Deleted meanwhile (a reader's release).
-    return False
-  return bool(children) and all(
-      not is_link(os.path.join(export_dir, c)) and
-      tf.io.gfile.exists(os.path.join(export_dir, c, 'saved_model.pb'))
-      for c in children)
-
-
-def _finite(value: Any) -> bool:
-  return (not isinstance(value, bool) and isinstance(value, numbers.Real) and
-          math.isfinite(value))
-
-
-def valid_commit_info(info: Any) -> bool:
-  """Whether `info` has the shape of a commit marker's content.
-
-  A JSON object with a finite `created` time, and when present a
-  non-negative integer `step` and a list of module names.
-  """
-  if not isinstance(info, dict) or not _finite(info.get('created')):
-    return False
-  step = info.get('step', 0)
-  modules = info.get('modules', [])
-  return (not isinstance(step, bool) and isinstance(step, int) and step >= 0
-          and isinstance(modules, list) and
-          all(isinstance(m, str) for m in modules))
-
-
-def read_commit_info(export_dir: str) -> Optional[Dict[str, Any]]:
-  """Returns the metadata in an export's commit marker.
-
-  None if there is none, or it is not ours: a marker that is not a valid
-  `valid_commit_info` (foreign content, never trusted), or an export or marker
-  that is a symbolic link.
-  """
-  marker = os.path.join(export_dir, paths.COMMIT_MARKER)
-  if is_link(export_dir) or is_link(marker):
-    return None
-  try:
-    with tf.io.gfile.GFile(marker) as f:
-      info = json.loads(f.read())
-  except (tf.errors.OpError, ValueError):
-    return None
-  return info if valid_commit_info(info) else None
-
-
-def created_time(export_dir: str) -> Optional[float]:
-  """The identity of an export: the `created` time in its commit marker.
-
-  None for an export without a marker (as the reference writes them). A newer
-  export of the same step (a restarted job saving the step again) has another.
-  """
-  return (read_commit_info(export_dir) or {}).get('created')
-
-
 def write_new_file(path: str, content: str) -> None:
   """Writes a file; on local disk only if nothing (not even a link) is there.
 
@@ -266,7 +153,7 @@ def write_new_file(path: str, content: str) -> None:
     tf.errors.AlreadyExistsError: If something is at a local `path`.
     tf.errors.OpError: For any other failure.
   """
-  local = local_path(path)
+  local = paths.local_path(path)
   if local is None:
     with tf.io.gfile.GFile(path, 'w') as f:
       f.write(content)
@@ -280,223 +167,20 @@ def write_new_file(path: str, content: str) -> None:
     raise _os_error(e, path) from e
 
 
-
-def _new_token() -> str:
-  return (f'{int(time.time() * 1000)}-{os.getpid()}-{_HOST}-'
-          f'{secrets.token_hex(4)}')
-
-
-def _work_dir(export_dir: str, kind: str, token: str) -> str:
-  export_dir = export_dir.rstrip('/')
-  return os.path.join(os.path.dirname(export_dir),
-                      f'.{paths.basename(export_dir)}.{kind}-{token}')
+def write_new_json(path: str, value: Any) -> None:
+  """Writes `value` as standard JSON to a fresh file (see `write_new_file`)."""
+  write_new_file(path, strict_json.dumps(value))
 
 
-def work_dir_export(name: str) -> Optional[str]:
-  """Returns the export name a work directory name belongs to, or None."""
-  match = _WORK_RE.match(name)
-  return None if match is None else match.group('export')
-
-
-def _pid_running(pid: int) -> bool:
-  """Whether `pid` runs on this host; a zombie (killed, not reaped) does not."""
-  try:
-    os.kill(pid, 0)
-  except (ProcessLookupError, OverflowError):
-    return False
-  except PermissionError:  # It runs, as another user.
-    pass
-  try:
-    with open(f'/proc/{pid}/stat', 'rb') as f:
-      state = f.read().rpartition(b')')[2].split()[:1]
-  except OSError:  # No /proc here, or it just exited.
-    return True
-  return state != [b'Z']
-
-
-def token_alive(token: str,
-                stale_seconds: Optional[float] = STALE_SECONDS) -> bool:
-  """Whether the process that made `token` may still be using what it names.
-
-  A token of this process is alive while its operation is in flight (see
-  `begin_operation`); one of another pid on this host while that pid runs; one
-  of another host always, as its pid cannot be checked. Any token older than
-  `stale_seconds` (unless None) counts as gone, as does one that is malformed.
+def write_json(path: str, value: Any, **dumps_options: Any) -> None:
+  """Writes `value` as standard JSON, replacing `path` whole.
 
   Args:
-    token: A token made by `begin_operation`.
-    stale_seconds: The age after which a token counts as gone, or None.
+    path: The file to (over)write, atomically (`write_file_atomically`).
+    value: What to write (`strict_json.dumps`).
+    **dumps_options: Passed to `json.dumps` (`indent`, `sort_keys`).
   """
-  match = _TOKEN_RE.match(token)
-  if match is None:
-    return False
-  with _lock:
-    if token in _live_tokens:
-      return True
-  if (stale_seconds is not None and
-      time.time() - int(match.group('ms')) / 1000 > stale_seconds):
-    return False
-  if match.group('host') != _HOST:
-    return True
-  pid = int(match.group('pid'))
-  if pid == os.getpid():  # Not live in this process: a former process's.
-    return False
-  return _pid_running(pid)
-
-
-def _owner_alive(work_name: str) -> bool:
-  """Whether the writer that named a work directory may still be using it."""
-  match = _WORK_RE.match(work_name)
-  return match is not None and token_alive(match.group('token'))
-
-
-def begin_operation() -> str:
-  """Registers an operation in flight in this process; returns its token."""
-  token = _new_token()
-  with _lock:
-    _live_tokens.add(token)
-  return token
-
-
-def end_operation(token: str) -> None:
-  """Ends the operation that `begin_operation` returned `token` for."""
-  with _lock:
-    _live_tokens.discard(token)
-
-
-@contextlib.contextmanager
-def _operation() -> Iterator[str]:
-  """Registers an operation in flight in this process; yields its token."""
-  token = begin_operation()
-  try:
-    yield token
-  finally:
-    end_operation(token)
-
-
-def _walk_files(root: str) -> List[str]:
-  return [os.path.join(d, f) for d, _, files in tf.io.gfile.walk(root)
-          for f in files]
-
-
-def _mark_incomplete(export_dir: str, kind: str, token: str) -> str:
-  """Writes the incomplete marker, naming its writer; returns its path."""
-  incomplete = os.path.join(export_dir, INCOMPLETE_MARKER)
-  write_new_file(incomplete, paths.basename(_work_dir(export_dir, kind, token)))
-  return incomplete
-
-
-def _remove_tree_in_order(export_dir: str, token: str) -> None:
-  """Deletes an export on a non-atomic store, unpublishing it first."""
-  incomplete = _mark_incomplete(export_dir, _DEL, token)
-  commit = os.path.join(export_dir, paths.COMMIT_MARKER)
-  if tf.io.gfile.exists(commit):
-    tf.io.gfile.remove(commit)
-  for f in _walk_files(export_dir):
-    if f != incomplete:
-      tf.io.gfile.remove(f)
-  tf.io.gfile.remove(incomplete)
-  if tf.io.gfile.exists(export_dir):
-    tf.io.gfile.rmtree(export_dir)
-
-
-def _move_files(src: str, dst: str) -> None:
-  """Moves a tree file by file (what a directory rename is on object stores)."""
-  for d, _, files in tf.io.gfile.walk(src):
-    target = dst + d[len(src):]
-    tf.io.gfile.makedirs(target)
-    for f in files:
-      tf.io.gfile.rename(os.path.join(d, f), os.path.join(target, f),
-                         overwrite=True)
-  tf.io.gfile.rmtree(src)
-
-
-@contextlib.contextmanager
-def staged_export(export_dir: str, commit_info: Dict[str, Any]
-                 ) -> Iterator[str]:
-  """Yields a fresh work directory and publishes it as `export_dir`.
-
-  The caller writes the export's modules into the yielded directory. When the
-  block completes, the work directory is published as `export_dir`, replacing
-  an export of the same step if there is one. When the block raises, the work
-  directory is removed and nothing is published.
-
-  Args:
-    export_dir: The final export path `<directory>/<name>-<step>_saved_modules`.
-    commit_info: JSON-serializable metadata stored in the commit marker.
-
-  Yields:
-    The work directory to write into.
-  """
-  with _operation() as token:
-    tmp = _work_dir(export_dir, _TMP, token)
-    tf.io.gfile.makedirs(tmp)
-    try:
-      yield tmp
-      marker = strict_json.dumps(dict(commit_info, created=time.time()))
-      if has_atomic_rename(export_dir):
-        write_new_file(os.path.join(tmp, paths.COMMIT_MARKER), marker)
-        _publish_by_rename(tmp, export_dir, token)
-      else:
-        _publish_by_copy(tmp, export_dir, marker, token)
-    except BaseException:
-      _remove_after_failure(tmp)
-      raise
-
-
-def _remove_after_failure(work_dir: str) -> None:
-  """Removes a failed operation's work directory, keeping the first error.
-
-  What cannot be removed now (the directory turned read-only, say) is left for
-  `recover`, which removes it once this operation is over.
-
-  Args:
-    work_dir: The work directory.
-  """
-  try:
-    if tf.io.gfile.exists(work_dir):
-      remove_tree(work_dir)
-  except tf.errors.OpError as e:
-    logging.warning('Could not remove %s after a failed save (%s); a later '
-                    'save removes it.', work_dir, e)
-
-
-def _publish_by_rename(tmp: str, export_dir: str, token: str) -> None:
-  if not tf.io.gfile.exists(export_dir):
-    tf.io.gfile.rename(tmp, export_dir)
-    return
-  refuse_link(export_dir)
-  old = _work_dir(export_dir, _OLD, token)
-  tf.io.gfile.rename(export_dir, old)
-  tf.io.gfile.rename(tmp, export_dir)
-  remove_tree(old)
-
-
-def _publish_by_copy(tmp: str, export_dir: str, marker: str,
-                     token: str) -> None:
-  if tf.io.gfile.exists(export_dir):
-    _remove_tree_in_order(export_dir, token)
-  tf.io.gfile.makedirs(export_dir)
-  incomplete = _mark_incomplete(export_dir, _TMP, token)
-  _move_files(tmp, export_dir)
-  write_new_file(os.path.join(export_dir, paths.COMMIT_MARKER), marker)
-  tf.io.gfile.remove(incomplete)
-
-
-def remove_export(export_dir: str) -> None:
-  """Deletes an export so that no reader ever sees it partly deleted.
-
-  Raises:
-    ValueError: If `export_dir` is a symbolic link (not ours to delete).
-  """
-  with _operation() as token:
-    if has_atomic_rename(export_dir):
-      refuse_link(export_dir)
-      doomed = _work_dir(export_dir, _DEL, token)
-      tf.io.gfile.rename(export_dir, doomed)
-      remove_tree(doomed)
-    else:
-      _remove_tree_in_order(export_dir, token)
+  write_file_atomically(path, strict_json.dumps(value, **dumps_options))
 
 
 def write_file_atomically(path: str, content: str) -> None:
@@ -512,8 +196,8 @@ def write_file_atomically(path: str, content: str) -> None:
     path: The file to (over)write.
     content: Its new content.
   """
-  with _operation() as token:
-    tmp = _work_dir(path, _TMP, token)
+  with writers.operation() as token:
+    tmp = writers.work_dir(path, writers.TMP, token)
     try:
       write_new_file(tmp, content)
       tf.io.gfile.rename(tmp, path, overwrite=True)
@@ -537,10 +221,10 @@ def remove_stale_files(directory: str, file_name: str,
   """
   names = set(names)
   for name in sorted(names):
-    match = _WORK_RE.match(name)
+    work = writers.parse_work_name(name)
     path = os.path.join(directory, name)
-    if (match is not None and match.group('export') == file_name and
-        not _owner_alive(name) and not skip_link(path)):
+    if (work is not None and work.target == file_name and
+        not writers.work_owner_alive(name) and not skip_link(path)):
       logging.info('Removing %s, left by a writer that is gone.', name)
       attempt(path, 'remove', remove_file, path)
       names.discard(name)
@@ -588,43 +272,354 @@ def _first_line(error: BaseException) -> str:
   return (text.strip().splitlines() or [type(error).__name__])[0]
 
 
-def remove_export_if_created(export_dir: str,
-                             created: Optional[float]) -> bool:
-  """Deletes an export only if it is the one created at `created`.
+def valid_commit_info(info: Any) -> bool:
+  """Whether `info` has the shape of a commit marker's content.
 
-  So deleting an old export of step N never deletes a newer export of step N
-  (see `created_time`). Where a rename is atomic, the export is first renamed
-  aside as a replaced export is (recovery renames it back after a crash), and
-  checked there, so a concurrent replacement is never deleted.
-
-  Args:
-    export_dir: The export to delete.
-    created: Its `created_time`.
-
-  Returns:
-    Whether it was deleted; False if it is gone or is another export.
+  A JSON object with a finite `created` time, and when present a
+  non-negative integer `step` and a list of module names.
   """
-  with _operation() as token:
-    if not has_atomic_rename(export_dir):
-      if (not tf.io.gfile.exists(export_dir) or
-          created_time(export_dir) != created):
-        return False
-      _remove_tree_in_order(export_dir, token)
-      return True
+  if not isinstance(info, dict) or not validate.is_finite(info.get('created')):
+    return False
+  modules = info.get('modules', [])
+  return (validate.is_step(info.get('step', 0)) and
+          isinstance(modules, list) and
+          all(isinstance(m, str) for m in modules))
+
+
+def read_commit_info(export_dir: str) -> Optional[Dict[str, Any]]:
+  """Returns the metadata in an export's commit marker.
+
+  None if there is none, or it is not ours: a marker that is not a valid
+  `valid_commit_info` (foreign content, never trusted), or an export or marker
+  that is a symbolic link.
+  """
+  marker = os.path.join(export_dir, paths.COMMIT_MARKER)
+  if is_link(export_dir) or is_link(marker):
+    return None
+  return strict_json.read_file(marker, valid_commit_info)
+
+
+def has_commit_marker(export_dir: str) -> bool:
+  """Whether ckpt_export wrote `export_dir` (a valid commit marker, no link)."""
+  return read_commit_info(export_dir) is not None
+
+
+def export_identity(export_dir: str) -> Optional[float]:
+  """The identity of an export: the `created` time in its commit marker.
+
+  None for an export without a marker (as the reference writes them). A newer
+  export of the same step (a restarted job saving the step again) has another.
+  """
+  return (read_commit_info(export_dir) or {}).get('created')
+
+
+def is_replaceable(export_dir: str) -> bool:
+  """Whether a new export may replace what is at `export_dir`.
+
+  True if nothing is there, or an export: ours, or one the reference wrote (a
+  directory of SavedModel directories). A user's file, directory or symbolic
+  link that merely has an export's name is never replaced.
+  """
+  if is_link(export_dir):
+    return False
+  if not tf.io.gfile.exists(export_dir):
+    return True
+  return has_commit_marker(export_dir) or is_reference_export(export_dir)
+
+
+def is_reference_export(export_dir: str) -> bool:
+  """Whether `export_dir` is a directory of SavedModel directories only.
+
+  That is what the reference implementation writes (no commit marker). Links
+  are never one.
+  """
+  try:
+    if is_link(export_dir) or not tf.io.gfile.isdir(export_dir):
+      return False
+    children = [c.rstrip('/') for c in tf.io.gfile.listdir(export_dir)]
+  except tf.errors.NotFoundError:  # Deleted meanwhile (a reader's release).
+    return False
+  return bool(children) and all(
+      not is_link(os.path.join(export_dir, c)) and
+      tf.io.gfile.exists(os.path.join(export_dir, c, 'saved_model.pb'))
+      for c in children)
+
+
+class Publisher(abc.ABC):
+  """How exports appear and go away on one kind of file system.
+
+  One instance per kind, chosen by `publisher_for`; the module docstring
+  describes both protocols. Methods taking a `token` run within the operation
+  that token names, which also names the work directories they make.
+  """
+
+  @abc.abstractmethod
+  def is_published(self, export_dir: str) -> bool:
+    """Whether `export_dir` is a complete export a reader may load."""
+
+  @abc.abstractmethod
+  def publish(self, work_dir: str, export_dir: str, marker: str,
+              token: str) -> None:
+    """Publishes the complete `work_dir` as `export_dir`, replacing it.
+
+    Args:
+      work_dir: The work directory holding the export's modules.
+      export_dir: The final export path.
+      marker: The content of the commit marker (JSON).
+      token: The token of the operation, naming its work directories.
+    """
+
+  @abc.abstractmethod
+  def delete(self, export_dir: str, token: str) -> None:
+    """Deletes an export so that no reader ever sees it partly deleted."""
+
+  @abc.abstractmethod
+  def delete_if_same(self, export_dir: str, identity: Optional[float],
+                     token: str) -> bool:
+    """Deletes the export at `export_dir` if it is the one of `identity`.
+
+    Returns:
+      Whether it was deleted; False if it is gone or is another export.
+    """
+
+  @abc.abstractmethod
+  def restores(self, work: writers.WorkName) -> bool:
+    """Whether recovery renames a dead writer's `work` back to its export."""
+
+  @abc.abstractmethod
+  def abandoned(self, export_dir: str) -> bool:
+    """Whether a writer that is gone left `export_dir` partly written."""
+
+
+class AtomicRenamePublisher(Publisher):
+  """Local disk: an export appears, is replaced and goes in one rename each."""
+
+  def is_published(self, export_dir: str) -> bool:
+    st = _lstat(export_dir)
+    return st is not None and stat.S_ISDIR(st.st_mode)
+
+  def publish(self, work_dir: str, export_dir: str, marker: str,
+              token: str) -> None:
+    # The marker goes in before the rename: the export appears with it.
+    write_new_file(os.path.join(work_dir, paths.COMMIT_MARKER), marker)
+    if not tf.io.gfile.exists(export_dir):
+      tf.io.gfile.rename(work_dir, export_dir)
+      return
+    refuse_link(export_dir)
+    # The replaced export goes aside first (`recover` renames it back if this
+    # writer dies before the next rename), then the new one takes its name.
+    old = writers.work_dir(export_dir, writers.OLD, token)
+    tf.io.gfile.rename(export_dir, old)
+    tf.io.gfile.rename(work_dir, export_dir)
+    remove_tree(old)
+
+  def delete(self, export_dir: str, token: str) -> None:
+    refuse_link(export_dir)
+    self._remove_renamed(export_dir, export_dir, token)
+
+  def delete_if_same(self, export_dir: str, identity: Optional[float],
+                     token: str) -> bool:
+    # Renamed aside as a replaced export is (recovery renames it back after a
+    # crash), and checked there, so a concurrent replacement is never deleted.
     if is_link(export_dir):
       return False
-    aside = _work_dir(export_dir, _OLD, token)
+    aside = writers.work_dir(export_dir, writers.OLD, token)
     try:
       tf.io.gfile.rename(export_dir, aside)
     except tf.errors.NotFoundError:
       return False
-    if is_link(aside) or created_time(aside) != created:
+    if is_link(aside) or export_identity(aside) != identity:
       tf.io.gfile.rename(aside, export_dir)
       return False
-    doomed = _work_dir(export_dir, _DEL, token)
-    tf.io.gfile.rename(aside, doomed)
-    remove_tree(doomed)
+    self._remove_renamed(aside, export_dir, token)
     return True
+
+  def restores(self, work: writers.WorkName) -> bool:
+    return work.kind == writers.OLD  # A replaced export, renamed aside.
+
+  def abandoned(self, export_dir: str) -> bool:
+    del export_dir  # An export appears whole, or not at all.
+    return False
+
+  @staticmethod
+  def _remove_renamed(path: str, export_dir: str, token: str) -> None:
+    """Renames `path` away from the readers of `export_dir`, then removes it."""
+    doomed = writers.work_dir(export_dir, writers.DEL, token)
+    tf.io.gfile.rename(path, doomed)
+    remove_tree(doomed)
+
+
+class CommitMarkerPublisher(Publisher):
+  """Object stores and `ram://`: the commit marker, written last, publishes."""
+
+  def is_published(self, export_dir: str) -> bool:
+    return tf.io.gfile.exists(os.path.join(export_dir, paths.COMMIT_MARKER))
+
+  def publish(self, work_dir: str, export_dir: str, marker: str,
+              token: str) -> None:
+    if tf.io.gfile.exists(export_dir):
+      self.delete(export_dir, token)
+    # Incomplete marker first, commit marker last (one object write): readers
+    # take the directory for an export only once every file is in, and what a
+    # writer killed in between leaves names that writer for `recover`.
+    tf.io.gfile.makedirs(export_dir)
+    incomplete = _mark_incomplete(export_dir, writers.TMP, token)
+    _move_files(work_dir, export_dir)
+    write_new_file(os.path.join(export_dir, paths.COMMIT_MARKER), marker)
+    tf.io.gfile.remove(incomplete)
+
+  def delete(self, export_dir: str, token: str) -> None:
+    # Unpublished first (incomplete marker in, commit marker out), so a reader
+    # never loads what is left; the incomplete marker goes last.
+    incomplete = _mark_incomplete(export_dir, writers.DEL, token)
+    commit = os.path.join(export_dir, paths.COMMIT_MARKER)
+    if tf.io.gfile.exists(commit):
+      tf.io.gfile.remove(commit)
+    for f in _walk_files(export_dir):
+      if f != incomplete:
+        tf.io.gfile.remove(f)
+    tf.io.gfile.remove(incomplete)
+    if tf.io.gfile.exists(export_dir):
+      tf.io.gfile.rmtree(export_dir)
+
+  def delete_if_same(self, export_dir: str, identity: Optional[float],
+                     token: str) -> bool:
+    if (not tf.io.gfile.exists(export_dir) or
+        export_identity(export_dir) != identity):
+      return False
+    self.delete(export_dir, token)
+    return True
+
+  def restores(self, work: writers.WorkName) -> bool:
+    del work  # Nothing is renamed aside: a replaced export is deleted first.
+    return False
+
+  def abandoned(self, export_dir: str) -> bool:
+    try:
+      with tf.io.gfile.GFile(os.path.join(export_dir, INCOMPLETE_MARKER)) as f:
+        writer = f.read()
+    except tf.errors.OpError:
+      return False
+    return not writers.work_owner_alive(writer)
+
+
+_ATOMIC_RENAME = AtomicRenamePublisher()
+_COMMIT_MARKER = CommitMarkerPublisher()
+
+
+def publisher_for(path: str) -> Publisher:
+  """The publisher of exports under `path` (see the module docstring)."""
+  return _ATOMIC_RENAME if has_atomic_rename(path) else _COMMIT_MARKER
+
+
+def work_dir_export(name: str) -> Optional[str]:
+  """Returns the export name a work directory name belongs to, or None."""
+  work = writers.parse_work_name(name)
+  return None if work is None else work.target
+
+
+def _walk_files(root: str) -> List[str]:
+  return [os.path.join(d, f) for d, _, files in tf.io.gfile.walk(root)
+          for f in files]
+
+
+def _mark_incomplete(export_dir: str, kind: str, token: str) -> str:
+  """Writes the incomplete marker, naming its writer; returns its path."""
+  incomplete = os.path.join(export_dir, INCOMPLETE_MARKER)
+  write_new_file(incomplete,
+                 paths.basename(writers.work_dir(export_dir, kind, token)))
+  return incomplete
+
+
+def _move_files(src: str, dst: str) -> None:
+  """Moves a tree file by file (what a directory rename is on object stores)."""
+  for d, _, files in tf.io.gfile.walk(src):
+    target = dst + d[len(src):]
+    tf.io.gfile.makedirs(target)
+    for f in files:
+      tf.io.gfile.rename(os.path.join(d, f), os.path.join(target, f),
+                         overwrite=True)
+  tf.io.gfile.rmtree(src)
+
+
+def is_published(export_dir: str) -> bool:
+  """Whether `export_dir` is a complete, published export a reader may load."""
+  return publisher_for(export_dir).is_published(export_dir)
+
+
+@contextlib.contextmanager
+def staged_export(export_dir: str, commit_info: Dict[str, Any]
+                 ) -> Iterator[str]:
+  """Yields a fresh work directory and publishes it as `export_dir`.
+
+  The caller writes the export's modules into the yielded directory. When the
+  block completes, the work directory is published as `export_dir`, replacing
+  an export of the same step if there is one. When the block raises, the work
+  directory is removed and nothing is published.
+
+  Args:
+    export_dir: The final export path `<directory>/<name>-<step>_saved_modules`.
+    commit_info: JSON-serializable metadata stored in the commit marker.
+
+  Yields:
+    The work directory to write into.
+  """
+  with writers.operation() as token:
+    tmp = writers.work_dir(export_dir, writers.TMP, token)
+    tf.io.gfile.makedirs(tmp)
+    try:
+      yield tmp
+      # Serialized before anything is replaced: metadata that is not JSON
+      # fails this save and leaves the export it would replace intact.
+      marker = strict_json.dumps(dict(commit_info, created=time.time()))
+      publisher_for(export_dir).publish(tmp, export_dir, marker, token)
+    except BaseException:
+      _remove_after_failure(tmp)
+      raise
+
+
+def _remove_after_failure(work_dir: str) -> None:
+  """Removes a failed operation's work directory, keeping the first error.
+
+  What cannot be removed now (the directory turned read-only, say) is left for
+  `recover`, which removes it once this operation is over.
+
+  Args:
+    work_dir: The work directory.
+  """
+  try:
+    if tf.io.gfile.exists(work_dir):
+      remove_tree(work_dir)
+  except tf.errors.OpError as e:
+    logging.warning('Could not remove %s after a failed save (%s); a later '
+                    'save removes it.', work_dir, e)
+
+
+def delete_export(export_dir: str) -> None:
+  """Deletes an export so that no reader ever sees it partly deleted.
+
+  Raises:
+    ValueError: If `export_dir` is a symbolic link (not ours to delete).
+  """
+  with writers.operation() as token:
+    publisher_for(export_dir).delete(export_dir, token)
+
+
+def delete_export_if_same(export_dir: str, identity: Optional[float]) -> bool:
+  """Deletes an export only if it is the one of `identity`.
+
+  So deleting an old export of step N never deletes a newer export of step N
+  (see `export_identity`), even one replacing it meanwhile.
+
+  Args:
+    export_dir: The export to delete.
+    identity: Its `export_identity`.
+
+  Returns:
+    Whether it was deleted; False if it is gone or is another export.
+  """
+  with writers.operation() as token:
+    return publisher_for(export_dir).delete_if_same(export_dir, identity, token)
 
 
 def recover(directory: str, checkpoint_name: str,
@@ -646,55 +641,86 @@ def recover(directory: str, checkpoint_name: str,
   Returns:
     The entries of `directory` after recovery.
   """
+  return recover_targets(
+      directory, names,
+      lambda name: paths.parse_export_step(name, checkpoint_name) is not None)
+
+
+def recover_targets(directory: str, names: Iterable[str],
+                    is_target: Callable[[str], bool]) -> Set[str]:
+  """`recover` for the targets named as `is_target` says (see `recover`).
+
+  Args:
+    directory: The directory of the targets (exports, or serving versions).
+    names: The entries of `directory`, as listed by the caller.
+    is_target: Whether a name is one of a target published by
+      `staged_export`.
+
+  Returns:
+    The entries of `directory` after recovery.
+  """
   names = set(names)
-  atomic = has_atomic_rename(directory)
+  publisher = publisher_for(directory)
   for name in sorted(names):
-    match = _WORK_RE.match(name)
-    if match is not None:
-      export = match.group('export')
-      path = os.path.join(directory, name)
-      if (paths.parse_export_step(export, checkpoint_name) is None or
-          _owner_alive(name) or skip_link(path)):
-        continue
-      names.discard(name)
-      restore = match.group('kind') == _OLD and atomic and export not in names
-      try:
-        if restore:
-          logging.warning('Restoring export %s that a crashed save was '
-                          'replacing.', export)
-          tf.io.gfile.rename(path, os.path.join(directory, export))
-        else:
-          logging.info('Removing %s, left behind by a writer that is gone.',
-                       path)
-          remove_tree(path)
-      except (tf.errors.NotFoundError, tf.errors.AlreadyExistsError):
-        _log_recovered_meanwhile(path)
-      except HOUSEKEEPING_ERRORS as e:
-        names.add(name)
-        warn_failure(path, 'remove (or restore)', e)
-      if restore and tf.io.gfile.exists(os.path.join(directory, export)):
-        names.add(export)  # Restored, here or by another process.
-    elif (not atomic and
-          paths.parse_export_step(name, checkpoint_name) is not None):
-      path = os.path.join(directory, name)
-      try:
-        with tf.io.gfile.GFile(os.path.join(path, INCOMPLETE_MARKER)) as f:
-          writer = f.read()
-      except tf.errors.OpError:
-        continue
-      if not _owner_alive(writer):
-        logging.info('Removing %s, left half-written by a writer that is gone.',
-                     path)
-        names.discard(name)
-        try:
-          with _operation() as token:
-            _remove_tree_in_order(path, token)
-        except tf.errors.NotFoundError:
-          _log_recovered_meanwhile(path)
-        except tf.errors.OpError as e:
-          names.add(name)
-          warn_failure(path, 'remove', e)
+    work = writers.parse_work_name(name)
+    if work is not None:
+      if is_target(work.target):
+        _recover_work_dir(directory, name, work, names, publisher)
+    elif is_target(name) and publisher.abandoned(
+        os.path.join(directory, name)):
+      _delete_abandoned(directory, name, names, publisher)
   return names
+
+
+def _recover_work_dir(directory: str, name: str, work: writers.WorkName,
+                      names: Set[str], publisher: Publisher) -> None:
+  """Removes (or restores) a work directory if its writer is gone.
+
+  Args:
+    directory: The model directory.
+    name: The work directory's name.
+    work: `name` parsed.
+    names: The entries of `directory`, updated.
+    publisher: The publisher of `directory`.
+  """
+  path = os.path.join(directory, name)
+  if writers.work_owner_alive(name) or skip_link(path):
+    return
+  names.discard(name)
+  export = os.path.join(directory, work.target)
+  restore = publisher.restores(work) and work.target not in names
+  try:
+    if restore:
+      logging.warning('Restoring export %s that a crashed save was '
+                      'replacing.', work.target)
+      tf.io.gfile.rename(path, export)
+    else:
+      logging.info('Removing %s, left behind by a writer that is gone.', path)
+      remove_tree(path)
+  except (tf.errors.NotFoundError, tf.errors.AlreadyExistsError):
+    _log_recovered_meanwhile(path)
+  except HOUSEKEEPING_ERRORS as e:
+    names.add(name)
+    warn_failure(path, 'remove (or restore)', e)
+  if restore and tf.io.gfile.exists(export):
+    names.add(work.target)  # Restored, here or by another process.
+
+
+def _delete_abandoned(directory: str, name: str, names: Set[str],
+                      publisher: Publisher) -> None:
+  """Deletes an export a writer that is gone left partly written."""
+  path = os.path.join(directory, name)
+  logging.info('Removing %s, left half-written by a writer that is gone.',
+               path)
+  names.discard(name)
+  try:
+    with writers.operation() as token:
+      publisher.delete(path, token)
+  except tf.errors.NotFoundError:
+    _log_recovered_meanwhile(path)
+  except tf.errors.OpError as e:
+    names.add(name)
+    warn_failure(path, 'remove', e)
 
 
 def _log_recovered_meanwhile(path: str) -> None:

@@ -27,6 +27,7 @@ from ckpt_export import fast_export
 from ckpt_export import housekeeping
 from ckpt_export import paths
 from ckpt_export import readers
+from ckpt_export import validate
 
 BuildFn = Callable[[], Tuple[tf.train.Checkpoint, Mapping[str, Any]]]
 
@@ -126,7 +127,7 @@ def run_exporter(model_dir: str,
   """
   model_dir = os.fspath(model_dir)
   paths.validate_component('checkpoint_name', checkpoint_name)
-  readers.check_seconds('timeout', timeout, allow_none=True)
+  validate.seconds('timeout', timeout, allow_none=True)
   readers.check_seconds_to_sleep(seconds_to_sleep)
   checkpoint, modules = _build(build_fn)
   exporter = fast_export.Exporter(modules)

@@ -30,6 +30,7 @@ from absl import logging
 import tensorflow as tf
 
 from ckpt_export import commit
+from ckpt_export import writers
 
 SCRATCH_PREFIX = 'ckpt_export-scratch-'
 
@@ -92,7 +93,7 @@ def make_scratch_directory(strategy: Optional[tf.distribute.Strategy]) -> str:
 
   It lives in the temporary directory (`$TMPDIR`, else `/tmp`), never in the
   model directory: no reader, garbage collection or other worker sees it. Its
-  name carries the token of an operation in flight (`commit.begin_operation`)
+  name carries the token of an operation in flight (`writers.begin_operation`)
   until `remove_scratch_directory`, so `remove_stale_scratch_directories` can
   tell it from the leftover of a process killed mid-save.
 
@@ -103,13 +104,13 @@ def make_scratch_directory(strategy: Optional[tf.distribute.Strategy]) -> str:
     The directory's path; the caller removes it with
     `remove_scratch_directory`.
   """
-  token = commit.begin_operation()
+  token = writers.begin_operation()
   path = os.path.join(tempfile.gettempdir(),
                       f'{SCRATCH_PREFIX}{task_name(strategy)}.{token}')
   try:
     os.mkdir(path, 0o700)
   except BaseException:
-    commit.end_operation(token)
+    writers.end_operation(token)
     raise
   return path
 
@@ -126,7 +127,7 @@ def remove_scratch_directory(path: str) -> None:
   except tf.errors.NotFoundError:
     pass
   finally:
-    commit.end_operation(_token(path))
+    writers.end_operation(_token(path))
 
 
 def remove_stale_scratch_directories() -> List[str]:
@@ -145,7 +146,7 @@ def remove_stale_scratch_directories() -> List[str]:
   for name in sorted(os.listdir(directory)):
     path = os.path.join(directory, name)
     if (name.startswith(SCRATCH_PREFIX) and
-        not commit.token_alive(_token(path), stale_seconds=None) and
+        not writers.token_alive(_token(path), stale_seconds=None) and
         not commit.skip_link(path)):
       logging.info('Removing %s, left by a worker killed while saving.', path)
       if commit.attempt(path, 'remove the scratch directory',

@@ -14,8 +14,6 @@ evaluator writes a given record at a time (a writer lease, see
 `leases.acquire_writer`).
 """
 
-import json
-import numbers
 import os
 import sys
 import threading
@@ -30,6 +28,7 @@ from ckpt_export import leases
 from ckpt_export import paths
 from ckpt_export import readers
 from ckpt_export import strict_json
+from ckpt_export import validate
 
 SUMMARY_SUBDIR = 'eval_exports'
 METRICS_FILE = 'metrics.json'
@@ -92,13 +91,13 @@ class Record(dict):
     self.attempts.pop(step, None)
     logging.warning('Step %d not evaluated: %s.', step, message)
 
-  def to_json(self) -> str:
+  def to_content(self) -> Dict[str, Any]:
+    """The record as `metrics.json` holds it (steps as strings)."""
     def by_step(values: Dict[int, Any]) -> Dict[str, Any]:
       return {str(step): values[step] for step in sorted(values)}
-    return strict_json.dumps(
-        {'checkpoint_name': self.checkpoint_name, 'metrics': by_step(self),
-         'skipped': by_step(self.skipped), 'attempts': by_step(self.attempts)},
-        indent=1, sort_keys=True)
+    return {'checkpoint_name': self.checkpoint_name, 'metrics': by_step(self),
+            'skipped': by_step(self.skipped),
+            'attempts': by_step(self.attempts)}
 
 
 def _parse_steps(value: Any, parse: Callable[[Any], Any]) -> Dict[int, Any]:
@@ -163,12 +162,9 @@ def read_metrics(summary_dir: str,
   """
   path = os.path.join(summary_dir, METRICS_FILE)
   try:
-    with tf.io.gfile.GFile(path) as f:
-      content = f.read()
+    record = _parse_record(strict_json.load_file(path))
   except tf.errors.NotFoundError:
     return Record()
-  try:
-    record = _parse_record(json.loads(content))
   except ValueError as e:
     raise ValueError(f'{path} is not a metrics record of ckpt_export ({e}); '
                      'move it away to evaluate again.') from None
@@ -229,13 +225,8 @@ def _check_arguments(eval_fn: Any, modules: Any, best: Any,
     raise ValueError(f'best must be a BestExport or None, got {best!r}.')
   if best is not None:
     best.check_checkpoint_name(checkpoint_name, 'evaluated')
-  for name, value, low in (('until_step', until_step, 0),
-                           ('max_attempts', max_attempts, 1)):
-    if value is not None and (
-        isinstance(value, bool) or not isinstance(value, numbers.Integral) or
-        value < low):
-      raise ValueError(f'{name} must be an integer >= {low} or None, got '
-                       f'{value!r}.')
+  validate.integer('until_step', until_step, allow_none=True)
+  validate.integer('max_attempts', max_attempts, 1, allow_none=True)
 
 
 class _Deleted(Exception):
@@ -483,8 +474,8 @@ class _Run:
       writer.close()
 
   def _write(self) -> None:
-    commit.write_file_atomically(
-        os.path.join(self._summary_dir, METRICS_FILE), self._record.to_json())
+    commit.write_json(os.path.join(self._summary_dir, METRICS_FILE),
+                      self._record.to_content(), indent=1, sort_keys=True)
 
   def _record_skipped(self, watcher: _Watcher, below: Optional[int]) -> None:
     """Records the seen steps below `below` (or all gone) as skipped."""

@@ -61,6 +61,7 @@ from tensorflow.core.protobuf import trackable_object_graph_pb2
 from ckpt_export import _tf_internals
 from ckpt_export import bundle
 from ckpt_export import commit
+from ckpt_export import paths
 from ckpt_export import savedmodel
 
 _OBJECT_GRAPH_KEY = _tf_internals.OBJECT_GRAPH_KEY
@@ -601,7 +602,7 @@ _sharers: Dict[str, Optional[_Sharer]] = {}
 
 def _sharer(path: str) -> Optional[_Sharer]:
   """How exports under `path` share checkpoint data, chosen once per scheme."""
-  scheme = path.partition('://')[0] if '://' in path else ''
+  scheme = '' if paths.local_path(path) == path else path.partition('://')[0]
   if scheme not in _sharers:
     if not scheme:
       _sharers[scheme] = _HardLinks()

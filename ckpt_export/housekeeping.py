@@ -119,7 +119,8 @@ def _delete_exports_not_kept(directory: str, checkpoint_name: str,
   try:
     exports = [(step, path) for step, path in readers.export_candidates(
         directory, checkpoint_name, names)
-               if commit.is_ours(path) or commit.is_reference_export(path)]
+               if commit.has_commit_marker(path) or
+               commit.is_reference_export(path)]
     kept = keep(names, [step for step, _ in exports])
   except commit.HOUSEKEEPING_ERRORS as e:
     commit.warn_failure(directory, 'decide which exports to keep in', e)
@@ -129,7 +130,7 @@ def _delete_exports_not_kept(directory: str, checkpoint_name: str,
       continue
     logging.info('Removing export %s: it is not kept.', path)
     try:
-      if leases.remove_export_unless_leased(path):
+      if leases.delete_export_unless_leased(path):
         names.discard(paths.basename(path))
     except commit.HOUSEKEEPING_ERRORS as e:
       commit.warn_failure(path, 'delete the export', e)

@@ -32,9 +32,6 @@ A `.ckpt_export` or `leases` directory that is a symbolic link is not used.
 """
 
 import contextlib
-import json
-import math
-import numbers
 import os
 import re
 import socket
@@ -49,6 +46,9 @@ import tensorflow as tf
 
 from ckpt_export import commit
 from ckpt_export import paths
+from ckpt_export import strict_json
+from ckpt_export import validate
+from ckpt_export import writers
 
 class _DefaultLeaseSeconds(float):
   """The type of the default `lease_seconds`, to tell it from an explicit one.
@@ -83,7 +83,7 @@ def is_default(lease_seconds: Any) -> bool:
   """Whether `lease_seconds` is the default, not a value a caller chose."""
   return isinstance(lease_seconds, _DefaultLeaseSeconds)
 _LEASE_RE = re.compile(r'(?P<export>.+)\.lease-(?P<token>' +
-                       commit.TOKEN_PATTERN + r')\.json\Z', re.DOTALL)
+                       writers.TOKEN_PATTERN + r')\.json\Z', re.DOTALL)
 
 
 def _is_leasable(name: str) -> bool:
@@ -110,12 +110,8 @@ def _split(export_dir: Any) -> Tuple[str, str]:
 
 def check_lease_seconds(lease_seconds: Any) -> float:
   """Returns `lease_seconds` as a float, or raises ValueError naming it."""
-  if (isinstance(lease_seconds, bool) or
-      not isinstance(lease_seconds, numbers.Real) or
-      not 0 < lease_seconds <= MAX_LEASE_SECONDS):
-    raise ValueError('lease_seconds must be a positive number of seconds, at '
-                     f'most {MAX_LEASE_SECONDS:g}, got {lease_seconds!r}.')
-  return float(lease_seconds)
+  return validate.seconds('lease_seconds', lease_seconds,
+                          maximum=MAX_LEASE_SECONDS, allow_minimum=False)
 
 
 def _state_dir(model_dir: str, kind: str) -> str:
@@ -144,11 +140,13 @@ def _requested(model_dir: str, name: str) -> bool:
   path = _request_path(model_dir, name)
   if commit.is_link(path):
     return False
-  record = _read_json(path)
+  return strict_json.read_file(path, _valid_request) is not None
+
+
+def _valid_request(record: Any) -> bool:
+  """Whether a deletion request's content has the shape ckpt_export writes."""
   return (isinstance(record, dict) and
-          not isinstance(record.get('requested'), bool) and
-          isinstance(record.get('requested'), numbers.Real) and
-          math.isfinite(record['requested']))
+          validate.is_finite(record.get('requested')))
 
 
 def _listdir(directory: str) -> List[str]:
@@ -157,19 +155,6 @@ def _listdir(directory: str) -> List[str]:
     return [n.rstrip('/') for n in tf.io.gfile.listdir(directory)]
   except (tf.errors.NotFoundError, tf.errors.FailedPreconditionError):
     return []
-
-
-def _read_json(path: str) -> Any:
-  """Returns a JSON file's content; None if absent, unreadable or not JSON."""
-  try:
-    with tf.io.gfile.GFile(path) as f:
-      return json.loads(f.read())
-  except (tf.errors.OpError, ValueError):
-    return None
-
-
-def _write_json(path: str, content: Dict[str, Any]) -> None:
-  commit.write_new_file(path, json.dumps(content))
 
 
 def _valid_record(record: Any, name: str, token: str) -> bool:
@@ -186,12 +171,11 @@ def _valid_record(record: Any, name: str, token: str) -> bool:
   except ValueError:
     return False
   return (record.get('export') == name and record.get('token') == token and
-          not isinstance(expires, bool) and
-          isinstance(expires, numbers.Real) and math.isfinite(expires) and
+          validate.is_finite(expires) and
           expires <= time.time() + seconds + CLOCK_SKEW_SECONDS)
 
 
-def _remove_file(path: str) -> None:
+def _remove_if_present(path: str) -> None:
   try:
     tf.io.gfile.remove(path)
   except tf.errors.NotFoundError:
@@ -205,7 +189,7 @@ def _first_line(text: str) -> str:
 def _is_live(record: Dict[str, Any]) -> bool:
   """Whether a valid lease is unexpired and its holder may still be running."""
   return (record['expires'] > time.time() and
-          commit.token_alive(record['token'], stale_seconds=None))
+          writers.token_alive(record['token'], stale_seconds=None))
 
 
 def _lease_records(model_dir: str, name: Optional[str] = None
@@ -231,7 +215,7 @@ def _lease_records(model_dir: str, name: Optional[str] = None
         commit.warn_once(path, '%s is a symbolic link, not a lease: ignored '
                          'and left alone.', path)
         continue
-      record = _read_json(path)
+      record = strict_json.read_file(path)
       yield path, record, _valid_record(record, match.group('export'),
                                          match.group('token'))
 
@@ -255,11 +239,12 @@ def is_leased(export_dir: str) -> bool:
   return bool(holders(export_dir))
 
 
-def _delete(model_dir: str, name: str, created: Optional[float]) -> bool:
-  """Deletes the export `created` at that time, if still there."""
+def _delete_if_same(model_dir: str, name: str,
+                    identity: Optional[float]) -> bool:
+  """Deletes the export of `identity` (`commit.export_identity`), if there."""
   export_dir = os.path.join(model_dir, name)
   try:
-    deleted = commit.remove_export_if_created(export_dir, created)
+    deleted = commit.delete_export_if_same(export_dir, identity)
   except tf.errors.NotFoundError:  # Deleted concurrently by another process.
     return False
   if deleted:
@@ -267,8 +252,8 @@ def _delete(model_dir: str, name: str, created: Optional[float]) -> bool:
   return deleted
 
 
-def remove_export_unless_leased(export_dir: str) -> bool:
-  """Deletes an export (as `commit.remove_export` does) unless it is leased.
+def delete_export_unless_leased(export_dir: str) -> bool:
+  """Deletes an export (as `commit.delete_export` does) unless it is leased.
 
   If a live lease holds the export, its deletion is recorded as requested and
   carried out when the last lease on it is released (or by a `sweep` once the
@@ -288,12 +273,11 @@ def remove_export_unless_leased(export_dir: str) -> bool:
   commit.refuse_link(export_dir)
   if not tf.io.gfile.exists(export_dir):
     return True
-  created = commit.created_time(export_dir)
+  identity = commit.export_identity(export_dir)
   request = _request_path(model_dir, name)
   if not _requested(model_dir, name):
     try:  # Replaces (never writes through) whatever foreign entry is there.
-      commit.write_file_atomically(request,
-                                   json.dumps({'requested': time.time()}))
+      commit.write_json(request, {'requested': time.time()})
     except tf.errors.NotFoundError:  # A reader's release deleted it meanwhile.
       return True
   live = _live_holders(model_dir, name)
@@ -301,15 +285,15 @@ def remove_export_unless_leased(export_dir: str) -> bool:
     logging.info('Deferring the deletion of %s: leased by %s.', export_dir,
                  ', '.join(str(r.get('holder')) for r in live))
     return False
-  if (not _delete(model_dir, name, created) and created is not None and
-      commit.created_time(export_dir) is None):
+  if (not _delete_if_same(model_dir, name, identity) and
+      identity is not None and commit.export_identity(export_dir) is None):
     # Deleted meanwhile; on object stores the request written above may have
     # outlived the deletion, as a stray object where the export was.
-    _remove_file(request)
+    _remove_if_present(request)
   return True
 
 
-def _carry_out_request(model_dir: str, name: str) -> bool:
+def _delete_if_requested(model_dir: str, name: str) -> bool:
   """Deletes an export whose deletion was requested, if no lease holds it.
 
   Returns:
@@ -317,15 +301,15 @@ def _carry_out_request(model_dir: str, name: str) -> bool:
   """
   export_dir = os.path.join(model_dir, name)
   # The identity first: a newer export replacing this one after this line has
-  # no request, and one replacing it later is not `created` then.
-  created = commit.created_time(export_dir)
+  # no request, and one replacing it later is not `identity` then.
+  identity = commit.export_identity(export_dir)
   if not _requested(model_dir, name) or _live_holders(model_dir, name):
     return False
-  return _delete(model_dir, name, created)
+  return _delete_if_same(model_dir, name, identity)
 
 
 def sweep(model_dir: str) -> List[str]:
-  """Drops expired leases and carries out the deletions they deferred.
+  """Removes expired leases and carries out the deletions they deferred.
 
   Garbage collection calls this; it does nothing where no reader took a lease.
   Never raises: what it cannot remove is logged (once per path) and left for
@@ -337,11 +321,11 @@ def sweep(model_dir: str) -> List[str]:
   Returns:
     The paths of the exports it deleted.
   """
-  dropped = set()
+  expired_exports = set()
   for path, record, valid in _lease_records(model_dir):
     match = _LEASE_RE.match(paths.basename(path))
     if record is None:  # Being written, unless its writer is gone.
-      expired = not commit.token_alive(match.group('token'))
+      expired = not writers.token_alive(match.group('token'))
     elif not valid:
       commit.warn_once(path, '%s is not a lease ckpt_export wrote (or claims '
                        'an expiry too far ahead): it is neither honoured nor '
@@ -350,16 +334,17 @@ def sweep(model_dir: str) -> List[str]:
     else:
       expired = not _is_live(record)
     if expired:
-      logging.info('Dropping expired lease %s.', path)
-      if commit.attempt(path, 'remove the expired lease', _remove_file, path):
-        dropped.add(match.group('export'))
+      logging.info('Removing expired lease %s.', path)
+      if commit.attempt(path, 'remove the expired lease', _remove_if_present,
+                        path):
+        expired_exports.add(match.group('export'))
   deleted = []
-  for name in sorted(dropped):
+  for name in sorted(expired_exports):
     if not _is_leasable(name):
       continue
     path = os.path.join(model_dir, name)
     try:
-      if _carry_out_request(model_dir, name):
+      if _delete_if_requested(model_dir, name):
         deleted.append(path)
     except commit.HOUSEKEEPING_ERRORS as e:
       commit.warn_failure(path, 'delete', e)
@@ -375,7 +360,7 @@ class _Holding:
   """A lease's state, shared by the `Lease` and its renewal thread.
 
   Each renewal writes the lease under a new token (registered as an operation
-  in flight, see `commit.begin_operation`), then removes the previous file.
+  in flight, see `writers.begin_operation`), then removes the previous file.
   """
 
   def __init__(self, model_dir: str, name: str,
@@ -425,22 +410,23 @@ class _Holding:
   def _renew(self) -> None:
     now = time.time()
     old_path, old_token = self.path, self.record['token']
-    token = commit.begin_operation()
+    token = writers.begin_operation()
     record = dict(self.record, token=token,
                   expires=time.time() + self.record['lease_seconds'])
     try:
-      _write_json(_lease_path(self.model_dir, self.name, token), record)
+      commit.write_new_json(_lease_path(self.model_dir, self.name, token),
+                            record)
     except tf.errors.OpError as e:
-      commit.end_operation(token)
+      writers.end_operation(token)
       logging.warning('Could not renew the lease %s: %s', old_path, e)
       return
     self.record = record
     self.written = now
     try:
-      _remove_file(old_path)
+      _remove_if_present(old_path)
     except tf.errors.OpError as e:  # It expires; a sweep removes it.
       logging.warning('Could not remove the old lease %s: %s', old_path, e)
-    commit.end_operation(old_token)
+    writers.end_operation(old_token)
 
   def release(self) -> None:
     with self.lock:
@@ -448,13 +434,13 @@ class _Holding:
         return
       self.released.set()
       try:
-        _remove_file(self.path)
+        _remove_if_present(self.path)
       except tf.errors.OpError as e:
         logging.warning('Could not remove the lease %s; it expires at %s: %s',
                         self.path, time.ctime(self.record['expires']), e)
-      commit.end_operation(self.record['token'])
+      writers.end_operation(self.record['token'])
     try:
-      _carry_out_request(self.model_dir, self.name)
+      _delete_if_requested(self.model_dir, self.name)
     except tf.errors.OpError as e:
       logging.warning('Could not delete %s at the release of its lease, left '
                       'to the next garbage collection: %s',
@@ -572,10 +558,10 @@ def _write_holding(holding: _Holding, export_dir: str) -> None:
           None, None, f'{linked} is a symbolic link, which ckpt_export never '
           'writes through')
     tf.io.gfile.makedirs(_state_dir(model_dir, _LEASES))
-    _write_json(holding.path, holding.record)
+    commit.write_new_json(holding.path, holding.record)
   except (tf.errors.PermissionDeniedError, tf.errors.FailedPreconditionError,
           tf.errors.AlreadyExistsError) as e:
-    commit.end_operation(token)
+    writers.end_operation(token)
     raise tf.errors.PermissionDeniedError(
         e.node_def, e.op,
         f'Cannot lease {export_dir}: a lease is a file written under '
@@ -585,7 +571,7 @@ def _write_holding(holding: _Holding, export_dir: str) -> None:
         'line), which lets garbage collection delete the export while it is '
         'read.') from e
   except BaseException:
-    commit.end_operation(token)
+    writers.end_operation(token)
     raise
 
 
@@ -595,7 +581,7 @@ def _new_record(name: str, path: str, holder: str,
   now = time.time()
   return {'export': name, 'export_dir': path, 'holder': holder,
           'pid': os.getpid(), 'host': socket.gethostname(),
-          'token': commit.begin_operation(), 'acquired': now,
+          'token': writers.begin_operation(), 'acquired': now,
           'expires': now + lease_seconds, 'lease_seconds': lease_seconds}
 
 
@@ -661,9 +647,9 @@ def acquire_writer(directory: str, holder: str,
   holding = _Holding(directory, name, record)
   try:
     tf.io.gfile.makedirs(_state_dir(directory, _LEASES))
-    _write_json(holding.path, holding.record)
+    commit.write_new_json(holding.path, holding.record)
   except BaseException:
-    commit.end_operation(token)
+    writers.end_operation(token)
     raise
   others = [r for r in _live_holders(directory, name)
             if r.get('token') != token]

@@ -21,7 +21,6 @@ save into scratch directories they delete (`distribution.py`).
 """
 
 import copy
-import numbers
 import os
 import threading
 from typing import Any, Callable, Iterator, List, Mapping, Optional, Set
@@ -38,6 +37,7 @@ from ckpt_export import leases
 from ckpt_export import paths
 from ckpt_export import readers
 from ckpt_export import savedmodel
+from ckpt_export import validate
 
 
 # How long `sync()` waits for background housekeeping, in seconds.
@@ -47,11 +47,7 @@ _HOUSEKEEPING_SECONDS = 300.0
 def _validate_settings(max_to_keep: Any, directory: str, checkpoint_name: str,
                        modules_to_export: Any) -> None:
   """Raises ValueError for a bad constructor argument, naming it."""
-  if max_to_keep is not None and (
-      isinstance(max_to_keep, bool) or
-      not isinstance(max_to_keep, numbers.Integral) or max_to_keep <= 0):
-    raise ValueError('max_to_keep must be a positive integer or None, got '
-                     f'{max_to_keep!r}.')
+  validate.integer('max_to_keep', max_to_keep, 1, allow_none=True)
   paths.validate_location(directory, 'checkpoint_name', checkpoint_name)
   savedmodel.validate_modules(modules_to_export)
 
@@ -60,8 +56,7 @@ def _as_step(value: Any) -> int:
   """Converts a checkpoint number (int, integer tensor or variable) to int."""
   if tf.is_tensor(value) and value.dtype.is_integer and value.shape.rank == 0:
     value = int(value.numpy())
-  if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or
-      value < 0):
+  if not validate.is_step(value):
     raise ValueError('checkpoint_number must be a non-negative integer (or a '
                      f'scalar integer tensor), got {value!r}.')
   return int(value)
@@ -246,9 +241,9 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
       self._exporter.wait(raise_errors=False)
       export_dir = paths.export_path(self._directory, self._checkpoint_name,
                                      step)
-      if self._modules_to_export and commit.is_ours(export_dir):
+      if self._modules_to_export and commit.has_commit_marker(export_dir):
         commit.attempt(export_dir, 'delete the export of the failed save',
-                       leases.remove_export_unless_leased, export_dir)
+                       leases.delete_export_unless_leased, export_dir)
       raise
     return checkpoint_path
 

@@ -41,7 +41,6 @@ offers the export of the current global step, with those metrics, to
 `BestExport.update`.
 """
 
-import numbers
 import os
 from typing import (Any, Callable, Dict, List, Mapping, Optional, Set, Tuple,
                     Union)
@@ -55,14 +54,7 @@ from ckpt_export import housekeeping
 from ckpt_export import paths
 from ckpt_export import readers
 from ckpt_export import savedmodel
-
-
-def _check_count(name: str, value: Any) -> None:
-  if value is not None and (isinstance(value, bool) or
-                            not isinstance(value, numbers.Integral) or
-                            value <= 0):
-    raise ValueError(f'{name} must be a positive integer or None, got '
-                     f'{value!r}.')
+from ckpt_export import validate
 
 
 def _check_step_variable(global_step: Any) -> None:
@@ -121,8 +113,8 @@ class ExportSavedModel:
     self._directory = paths.validate_location(directory, 'export_name',
                                               export_name)
     _check_step_variable(global_step)
-    _check_count('export_interval', export_interval)
-    _check_count('max_to_keep', max_to_keep)
+    validate.integer('export_interval', export_interval, 1, allow_none=True)
+    validate.integer('max_to_keep', max_to_keep, 1, allow_none=True)
     self._modules_to_export = modules_to_export
     self._global_step = global_step
     self._export_interval = export_interval
@@ -201,7 +193,7 @@ class ExportSavedModel:
   def _own_exports(self) -> List[Tuple[int, str]]:
     """(step, path) of the exports of this name that ckpt_export wrote."""
     return [(step, path) for step, path in readers.export_candidates(
-        self._directory, self._export_name) if commit.is_ours(path)]
+        self._directory, self._export_name) if commit.has_commit_marker(path)]
 
   def _check_and_recover(self) -> None:
     """Checks the name is free, then removes dead writers' leftovers.
@@ -322,7 +314,7 @@ class BestExportAction:
     if tf.is_tensor(step) or isinstance(step, tf.Variable):
       step = step.numpy()
     step = getattr(step, 'item', lambda: step)()  # NumPy scalars.
-    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+    if not validate.is_integer(step):
       raise ValueError(f'The global step must be an integer, got {step!r}.')
     return int(step)
 

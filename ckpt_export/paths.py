@@ -71,6 +71,19 @@ def basename(path: PathLike) -> str:
   return path.rstrip('/').rsplit('/', 1)[-1]
 
 
+def local_path(path: PathLike) -> Optional[str]:
+  """The operating system's path of a local path or `file://` URL, or None.
+
+  The one test of local versus remote: any other URL (`gs://`, `s3://`,
+  `ram://`, ...) is not local. A path that equals its `local_path` is a plain
+  operating-system path (not a `file://` URL).
+  """
+  path = os.fspath(path)
+  if path.startswith('file://'):
+    return path[len('file://'):]
+  return None if '://' in path else path
+
+
 def parse_export_step(path: PathLike,
                       checkpoint_name: Optional[str] = None) -> Optional[int]:
   """Returns the step of an export path, or None if it is not one.

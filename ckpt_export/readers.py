@@ -15,6 +15,7 @@ import tensorflow as tf
 from ckpt_export import commit
 from ckpt_export import leases
 from ckpt_export import paths
+from ckpt_export import validate
 
 # Why `savedmodels_iterator` skipped an export (see its `on_skip`).
 SKIPPED_DELETED = 'deleted'
@@ -70,12 +71,13 @@ def _published_exports(directory: str, checkpoint_name: str,
     after_step: Only exports of higher steps are yielded.
     newest_first: Whether to yield by decreasing step, not increasing.
   """
-  if '://' in directory:
+  local = paths.local_path(directory)
+  if local is None:
     candidates = export_candidates(directory, checkpoint_name)
     is_published = commit.is_published
   else:
     try:
-      with os.scandir(directory) as scan:  # Links are never exports.
+      with os.scandir(local) as scan:  # Links are never exports.
         names = [entry.name for entry in scan
                  if entry.is_dir(follow_symlinks=False)]
     except (FileNotFoundError, NotADirectoryError):
@@ -124,29 +126,9 @@ def published_export_after(directory: paths.PathLike, after_step: int,
 MIN_SECONDS_TO_SLEEP = 0.001
 
 
-def check_seconds(name: str, value: Optional[float], allow_none: bool,
-                  minimum: float = 0.0) -> None:
-  """Raises a ValueError naming `name` unless `value` is a time in seconds.
-
-  Args:
-    name: The argument's name, for the message.
-    value: Its value: a finite number of seconds, at least `minimum`.
-    allow_none: Whether None is allowed (no limit).
-    minimum: The smallest value allowed.
-  """
-  if value is None and allow_none:
-    return
-  if (isinstance(value, bool) or not isinstance(value, (int, float)) or
-      not minimum <= value < float('inf')):
-    raise ValueError(f'{name} must be a finite number of seconds, at least '
-                     f'{minimum:g}{" (or None)" if allow_none else ""}, got '
-                     f'{value!r}.')
-
-
 def check_seconds_to_sleep(value: float) -> None:
   """Raises a ValueError unless `value` is a usable time between polls."""
-  check_seconds('seconds_to_sleep', value, allow_none=False,
-                minimum=MIN_SECONDS_TO_SLEEP)
+  validate.seconds('seconds_to_sleep', value, MIN_SECONDS_TO_SLEEP)
 
 
 def _step_of(savedmodel: Optional[paths.PathLike], checkpoint_name: str) -> int:
@@ -187,7 +169,7 @@ def wait_for_new_savedmodel(directory: paths.PathLike,
       name, or a time is negative.
   """
   check_seconds_to_sleep(seconds_to_sleep)
-  check_seconds('timeout', timeout, allow_none=True)
+  validate.seconds('timeout', timeout, allow_none=True)
   found = _wait_for_export_after(
       os.fspath(directory), _step_of(last_savedmodel, checkpoint_name),
       seconds_to_sleep, timeout, checkpoint_name)
@@ -271,17 +253,14 @@ def savedmodels_iterator(
       on the last one lapsed while it was read (this process was stopped
       longer than `lease_seconds`): it may have been deleted meanwhile.
   """
-  check_seconds('min_interval_secs', min_interval_secs, allow_none=False)
+  validate.seconds('min_interval_secs', min_interval_secs)
   check_seconds_to_sleep(seconds_to_sleep)
-  check_seconds('timeout', timeout, allow_none=True)
+  validate.seconds('timeout', timeout, allow_none=True)
   if lease_seconds is not None:
     leases.check_lease_seconds(lease_seconds)
   if not isinstance(latest_only, bool):
     raise ValueError(f'latest_only must be a bool, got {latest_only!r}.')
-  if (isinstance(after_step, bool) or not isinstance(after_step, int) or
-      after_step < -1):
-    raise ValueError(f'after_step must be an integer >= -1, got '
-                     f'{after_step!r}.')
+  after_step = validate.integer('after_step', after_step, -1)
   return _iterate(os.fspath(directory), min_interval_secs, timeout, timeout_fn,
                   seconds_to_sleep, checkpoint_name, latest_only, lease_seconds,
                   after_step, on_skip or (lambda step, reason: None))

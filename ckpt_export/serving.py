@@ -47,18 +47,17 @@ from ckpt_export import commit
 from ckpt_export import leases
 from ckpt_export import paths
 from ckpt_export import readers
+from ckpt_export import validate
 
 CONFIG_FILE = 'models.config'
 DEFAULT_MAX_VERSIONS = 2
 
 _VERSION_RE = re.compile(r'[0-9]+')
-_WORK_RE = re.compile(r'\.(?P<version>[0-9]+)\.(?P<kind>tmp|old|del)-'
-                      r'(?P<token>' + commit.TOKEN_PATTERN + r')')
 
 
 def _link_or_copy_tree(source: str, target: str) -> None:
   """Fills `target` with `source`'s files: hard links on local disk."""
-  local = commit.has_atomic_rename(target)
+  local = all(paths.local_path(p) == p for p in (source, target))  # No URLs.
   for directory, _, files in tf.io.gfile.walk(source):
     relative = os.path.relpath(directory.rstrip('/'), source)
     into = target if relative == '.' else os.path.join(target, relative)
@@ -119,13 +118,9 @@ class ServingView:
     Raises:
       ValueError: For a bad `max_versions` or directory.
     """
-    if (isinstance(max_versions, bool) or not isinstance(max_versions, int) or
-        max_versions <= 0):
-      raise ValueError('max_versions must be a positive integer, got '
-                       f'{max_versions!r}.')
+    self._max_versions = validate.integer('max_versions', max_versions, 1)
     self._dir = paths.validate_location(serving_dir, 'module name',
                                         'serving')
-    self._max_versions = max_versions
     for module in self.modules():
       self._recover(os.path.join(serving_dir, module))
 
@@ -162,10 +157,7 @@ class ServingView:
       raise ValueError(f'{export_dir!r} is not an export path '
                        '(<dir>/<name>-<step>_saved_modules).')
     version = step if version is None else version
-    if isinstance(version, bool) or not isinstance(version, int) or (
-        version < 0):
-      raise ValueError(f'version must be a non-negative integer, got '
-                       f'{version!r}.')
+    version = validate.integer('version', version)
     published = {}
     for module in sorted(readers.list_directory(export_dir)):
       source = os.path.join(export_dir, module)
@@ -229,7 +221,7 @@ class ServingView:
     self._write_config(kept)
     for path in doomed:
       logging.info('Removing serving version %s.', path)
-      leases.remove_export_unless_leased(path)
+      leases.delete_export_unless_leased(path)
     for module in kept:
       leases.sweep(os.path.join(self._dir, module))
 
@@ -238,7 +230,7 @@ class ServingView:
     lines = ['model_config_list {']
     for module, module_versions in sorted(kept.items()):
       base_path = os.path.join(self._dir, module)
-      if '://' not in base_path:
+      if paths.local_path(base_path) == base_path:  # Not a URL.
         base_path = os.path.abspath(base_path)
       listed = ' '.join(f'versions: {v}' for v in module_versions)
       lines += ['  config {', f'    name: "{module}"',
@@ -261,31 +253,6 @@ class ServingView:
 
   def _recover(self, module_dir: str) -> None:
     """Removes what killed publishers and deleters left in a module dir."""
-    atomic = commit.has_atomic_rename(module_dir)
-    names = set(readers.list_directory(module_dir))
-    for name in sorted(names):
-      path = os.path.join(module_dir, name)
-      match = _WORK_RE.fullmatch(name)
-      if match is not None:
-        if commit.token_alive(match.group('token')):
-          continue
-        version = match.group('version')
-        if match.group('kind') == 'old' and atomic and version not in names:
-          logging.warning('Restoring serving version %s being deleted by a '
-                          'process that is gone.', version)
-          tf.io.gfile.rename(path, os.path.join(module_dir, version))
-        else:
-          logging.info('Removing %s, left by a process that is gone.', path)
-          tf.io.gfile.rmtree(path)
-      elif not atomic and _VERSION_RE.fullmatch(name):
-        try:
-          with tf.io.gfile.GFile(os.path.join(
-              path, commit.INCOMPLETE_MARKER)) as f:
-            writer = f.read()
-        except tf.errors.NotFoundError:
-          continue
-        match = _WORK_RE.fullmatch(writer)
-        if match is None or not commit.token_alive(match.group('token')):
-          logging.info('Removing %s, left half-written by a process that is '
-                       'gone.', path)
-          tf.io.gfile.rmtree(path)
+    commit.recover_targets(
+        module_dir, readers.list_directory(module_dir),
+        lambda name: _VERSION_RE.fullmatch(name) is not None)

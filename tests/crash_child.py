@@ -78,7 +78,7 @@ KILL_POINTS = {
     'data_written': (fast_export.Exporter, '_export_checkpoint', 'before'),
     'hard_link': (os, 'link', 'after'),
     'export_written': (fast_export._Template, 'write_linked', 'after'),
-    'published': (commit, '_publish_by_rename', 'after'),
+    'published': (commit.AtomicRenamePublisher, 'publish', 'after'),
 }
 # pylint: enable=protected-access
 

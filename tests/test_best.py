@@ -18,11 +18,12 @@ from ckpt_export import best as best_lib
 from ckpt_export import commit
 from ckpt_export import leases
 from ckpt_export import paths
+from ckpt_export import writers
 
 
 def _dead_token() -> str:
   """A work-file token of a process on this host that no longer exists."""
-  return f'{int(time.time() * 1000)}-999999999-{commit._HOST}-0123abcd'
+  return f'{int(time.time() * 1000)}-999999999-{writers.HOST}-0123abcd'
 
 
 @pytest.fixture

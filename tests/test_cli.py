@@ -44,7 +44,7 @@ def model_dir(tmp_path_factory) -> str:
       modules_to_export={'scale': scale, 'other': Scale()})
   for step in range(1, 5):
     save_step(manager, scale, step)
-  commit.remove_export(_export(directory, 4))
+  commit.delete_export(_export(directory, 4))
   shutil.copytree(_export(directory, 3), _export(directory, 6))
   with open(os.path.join(_export(directory, 6), 'scale', 'saved_model.pb'),
             'wb') as f:

@@ -9,9 +9,10 @@ import tensorflow as tf
 
 from conftest import MODEL_GARDEN_REFERENCE, entries, served_value
 from ckpt_export import commit
-from ckpt_export import savedmodel
 from ckpt_export import paths
 from ckpt_export import readers
+from ckpt_export import savedmodel
+from ckpt_export import writers
 
 MODULES_KEY = 'scale'
 
@@ -25,7 +26,7 @@ def _publish(model_dir: str, step: int, module) -> str:
 
 def _dead_token() -> str:
   """A work-dir token of a process on this host that no longer exists."""
-  return f'{int(__import__("time").time() * 1000)}-999999999-{commit._HOST}-0123abcd'
+  return f'{int(__import__("time").time() * 1000)}-999999999-{writers.HOST}-0123abcd'
 
 
 def _half_published(model_dir: str, scale) -> Tuple[str, str]:
@@ -35,7 +36,7 @@ def _half_published(model_dir: str, scale) -> Tuple[str, str]:
     The export's path and its writer's (dead) work directory.
   """
   final = paths.export_path(model_dir, 'ckpt', 1)
-  tmp = commit._work_dir(final, 'tmp', _dead_token())
+  tmp = writers.work_dir(final, 'tmp', _dead_token())
   savedmodel.write_modules({MODULES_KEY: scale}, tmp)
   tf.io.gfile.makedirs(final)
   marker = os.path.join(final, commit.INCOMPLETE_MARKER)
@@ -48,7 +49,7 @@ def test_publish_writes_a_complete_export_and_nothing_else(model_dir, scale):
   scale.w.assign(tf.fill([4], 3.0))
   final = _publish(model_dir, 3, scale)
   assert entries(model_dir) == ['ckpt-3_saved_modules']
-  assert commit.is_published(final) and commit.is_ours(final)
+  assert commit.is_published(final) and commit.has_commit_marker(final)
   assert served_value(final) == 3.0
   assert sorted(entries(final)) == sorted([MODULES_KEY, paths.COMMIT_MARKER])
   assert commit.read_commit_info(final)['step'] == 3
@@ -96,16 +97,16 @@ def test_republishing_a_step_replaces_it_with_the_new_values(model_dir, scale):
 def test_remove_export_leaves_nothing(model_dir, scale):
   final = _publish(model_dir, 2, scale)
   other = _publish(model_dir, 3, scale)
-  commit.remove_export(final)
+  commit.delete_export(final)
   assert entries(model_dir) == ['ckpt-3_saved_modules']
   assert readers.list_savedmodels(model_dir) == [other]
 
 
 def test_recover_removes_dead_writers_leftovers_only(model_dir, scale):
   final = _publish(model_dir, 1, scale)
-  dead = commit._work_dir(final, 'tmp', _dead_token())
+  dead = writers.work_dir(final, 'tmp', _dead_token())
   tf.io.gfile.makedirs(os.path.join(dead, MODULES_KEY))
-  other_name = commit._work_dir(final.replace('/ckpt-1', '/other-1'), 'tmp',
+  other_name = writers.work_dir(final.replace('/ckpt-1', '/other-1'), 'tmp',
                                 _dead_token())
   tf.io.gfile.makedirs(other_name)
   # A live writer in this process: its work directory must survive recovery.
@@ -123,10 +124,10 @@ def test_recover_removes_dead_writers_leftovers_only(model_dir, scale):
 def test_recover_keeps_leftovers_of_live_processes(local_dir, scale):
   final = paths.export_path(local_dir, 'ckpt', 1)
   tf.io.gfile.makedirs(local_dir)
-  alive_here = commit._work_dir(
+  alive_here = writers.work_dir(
       final, 'tmp', _dead_token().replace('999999999', str(os.getppid())))
-  other_host = commit._work_dir(
-      final, 'tmp', _dead_token().replace(commit._HOST, 'otherhost'))
+  other_host = writers.work_dir(
+      final, 'tmp', _dead_token().replace(writers.HOST, 'otherhost'))
   for d in (alive_here, other_host):
     tf.io.gfile.makedirs(d)
   commit.recover(local_dir, 'ckpt', entries(local_dir))
@@ -135,8 +136,8 @@ def test_recover_keeps_leftovers_of_live_processes(local_dir, scale):
 
 def test_recover_removes_leftovers_older_than_stale_seconds(local_dir):
   final = paths.export_path(local_dir, 'ckpt', 1)
-  old_ms = int((__import__('time').time() - commit.STALE_SECONDS - 60) * 1000)
-  stale = commit._work_dir(final, 'tmp', f'{old_ms}-1-otherhost-0123abcd')
+  old_ms = int((__import__('time').time() - writers.STALE_SECONDS - 60) * 1000)
+  stale = writers.work_dir(final, 'tmp', f'{old_ms}-1-otherhost-0123abcd')
   tf.io.gfile.makedirs(stale)
   commit.recover(local_dir, 'ckpt', entries(local_dir))
   assert entries(local_dir) == []
@@ -146,7 +147,7 @@ def test_recover_restores_an_export_whose_replacement_crashed(local_dir, scale):
   scale.w.assign(tf.fill([4], 5.0))
   final = _publish(local_dir, 5, scale)
   # A crash between renaming the old export aside and publishing the new one.
-  aside = commit._work_dir(final, 'old', _dead_token())
+  aside = writers.work_dir(final, 'old', _dead_token())
   tf.io.gfile.rename(final, aside)
   assert readers.list_savedmodels(local_dir) == []
   commit.recover(local_dir, 'ckpt', entries(local_dir))
@@ -157,7 +158,7 @@ def test_recover_restores_an_export_whose_replacement_crashed(local_dir, scale):
 def test_two_processes_recovering_at_once_both_succeed(model_dir, scale):
   """A trainer and a decoupled exporter list the directory, then recover."""
   final = _publish(model_dir, 5, scale)
-  leftover = commit._work_dir(final, 'tmp', _dead_token())
+  leftover = writers.work_dir(final, 'tmp', _dead_token())
   tf.io.gfile.makedirs(os.path.join(leftover, MODULES_KEY))
   listed = entries(model_dir)
   first = commit.recover(model_dir, 'ckpt', listed)
@@ -172,7 +173,7 @@ def test_two_processes_restoring_a_replaced_export_both_succeed(local_dir,
   scale.w.assign(tf.fill([4], 5.0))
   final = _publish(local_dir, 5, scale)
   # A crash between renaming the old export aside and publishing the new one.
-  tf.io.gfile.rename(final, commit._work_dir(final, 'old', _dead_token()))
+  tf.io.gfile.rename(final, writers.work_dir(final, 'old', _dead_token()))
   listed = entries(local_dir)
   first = commit.recover(local_dir, 'ckpt', listed)
   second = commit.recover(local_dir, 'ckpt', listed)  # Its listing is stale.
@@ -234,3 +235,5 @@ def test_object_store_leaves_unmarked_directories_alone():
     ('hdfs://nn/x', False)])
 def test_which_file_systems_rename_atomically(path, atomic):
   assert commit.has_atomic_rename(path) is atomic
+  assert type(commit.publisher_for(path)) is (
+      commit.AtomicRenamePublisher if atomic else commit.CommitMarkerPublisher)

@@ -22,6 +22,7 @@ import ckpt_export
 from ckpt_export import commit
 from ckpt_export import distribution
 from ckpt_export import paths
+from ckpt_export import writers
 from conftest import entries
 from conftest import save_step
 from conftest import Scale
@@ -161,7 +162,7 @@ def test_scratch_directories_are_fresh_and_outside_the_model_directory(
 
 def _plant_scratch(directory, pid: int) -> str:
   """A scratch directory with a file, as process `pid` on this host makes."""
-  token = f'{int(time.time() * 1000)}-{pid}-{commit._HOST}-0123abcd'
+  token = f'{int(time.time() * 1000)}-{pid}-{writers.HOST}-0123abcd'
   path = os.path.join(directory,
                       f'{distribution.SCRATCH_PREFIX}worker1.{token}')
   os.makedirs(os.path.join(path, 'ckpt-2_saved_modules'))

@@ -14,6 +14,7 @@ import ckpt_export
 from ckpt_export import best as best_lib
 from ckpt_export import commit
 from ckpt_export import evaluation
+from ckpt_export import writers
 
 FAST = dict(timeout=0, seconds_to_sleep=0.01)
 
@@ -209,7 +210,7 @@ def test_a_dead_writers_temporary_record_is_removed(local_manager, scale,
   summary_dir = os.path.join(local_dir, 'eval_exports')
   os.makedirs(summary_dir)
   dead = (f'.metrics.json.tmp-{int(time.time() * 1000)}-999999999-'
-          f'{commit._HOST}-0123abcd')
+          f'{writers.HOST}-0123abcd')
   open(os.path.join(summary_dir, dead), 'w').close()
   evaluation.evaluate_exports(local_dir, Recorder(), **FAST)
   assert dead not in os.listdir(summary_dir)

@@ -25,6 +25,7 @@ from ckpt_export import commit
 from ckpt_export import fast_export
 from ckpt_export import paths
 from ckpt_export import savedmodel
+from ckpt_export import writers
 from conftest import N_FEATURES, Scale, served_value, steps_of
 
 ASYNC = tf.train.CheckpointOptions(enable_async=True)
@@ -371,8 +372,8 @@ def _failing_name(directory: str) -> str:
   12-digit step, but does for step 1. A real error, from the file system.
   """
   # pylint: disable=protected-access
-  work = commit._work_dir(paths.export_path(directory, 'c', 1), 'tmp',
-                          commit._new_token())
+  work = writers.work_dir(paths.export_path(directory, 'c', 1), 'tmp',
+                          writers.new_token())
   # pylint: enable=protected-access
   return 'c' * (256 - len(os.path.basename(work)) - 5)
 
@@ -430,7 +431,7 @@ def test_restore_exports_a_checkpoint_that_has_none(local_dir, scale):
   assert manager.restore_or_initialize() == os.path.join(local_dir, 'ckpt-4')
   assert steps_of(manager.savedmodels) == [4]
   assert served_value(manager.latest_savedmodel, 'm') == 4
-  assert commit.is_ours(manager.latest_savedmodel)
+  assert commit.has_commit_marker(manager.latest_savedmodel)
 
 
 _EXIT_WITHOUT_SYNC = '''

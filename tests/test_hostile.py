@@ -25,6 +25,7 @@ import ckpt_export
 from ckpt_export import commit
 from ckpt_export import leases
 from ckpt_export import paths
+from ckpt_export import writers
 from conftest import REPO, Scale, save_step, served_value, snapshot
 
 CLI = os.path.join(os.path.dirname(sys.executable), 'ckpt-export')
@@ -48,7 +49,7 @@ def _victim(tmp_path) -> str:
 
 
 def _dead_token() -> str:
-  return f'{int(time.time() * 1000)}-999999-{commit._HOST}-deadbeef'
+  return f'{int(time.time() * 1000)}-999999-{writers.HOST}-deadbeef'
 
 
 def _cli(*args, prefix=()):
@@ -176,7 +177,7 @@ def test_unbounded_or_foreign_leases_are_not_honoured(tmp_path):
   os.makedirs(_lease_dir(model_dir))
   name = paths.export_basename('ckpt', 1)
   for expires in (float('inf'), time.time() + 10 * 365 * 86400):
-    token = f'{int(time.time() * 1000)}-{os.getpid()}-{commit._HOST}-' \
+    token = f'{int(time.time() * 1000)}-{os.getpid()}-{writers.HOST}-' \
             f'{os.urandom(4).hex()}'
     with open(os.path.join(_lease_dir(model_dir),
                            f'{name}.lease-{token}.json'), 'w') as f:
@@ -204,7 +205,7 @@ def test_a_zombie_reader_counts_as_gone(tmp_path):
   try:
     os.makedirs(_lease_dir(model_dir))
     name = paths.export_basename('ckpt', 1)
-    token = f'{int(time.time() * 1000)}-{child.pid}-{commit._HOST}-00000000'
+    token = f'{int(time.time() * 1000)}-{child.pid}-{writers.HOST}-00000000'
     with open(os.path.join(_lease_dir(model_dir),
                            f'{name}.lease-{token}.json'), 'w') as f:
       f.write(json.dumps({'export': name, 'token': token,

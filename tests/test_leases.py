@@ -86,17 +86,17 @@ def test_a_doomed_export_takes_no_new_lease(model_dir, scale):
   assert leases.acquire(export_dir) is None
 
 
-def test_remove_export_unless_leased(model_dir, scale):
+def test_delete_export_unless_leased(model_dir, scale):
   manager = _manager(model_dir, scale, max_to_keep=None)
   for step in (1, 2):
     save_step(manager, scale, step)
   lease = leases.acquire(_export(model_dir, 1))
-  assert not leases.remove_export_unless_leased(_export(model_dir, 1))
-  assert leases.remove_export_unless_leased(_export(model_dir, 2))
+  assert not leases.delete_export_unless_leased(_export(model_dir, 1))
+  assert leases.delete_export_unless_leased(_export(model_dir, 2))
   assert steps_of(ckpt_export.list_savedmodels(model_dir)) == [1]
   lease.release()
   assert ckpt_export.list_savedmodels(model_dir) == []
-  assert leases.remove_export_unless_leased(_export(model_dir, 1))
+  assert leases.delete_export_unless_leased(_export(model_dir, 1))
 
 
 def test_gc_survives_a_release_deleting_the_export_under_it(
@@ -106,20 +106,20 @@ def test_gc_survives_a_release_deleting_the_export_under_it(
   lease = leases.acquire(_export(model_dir, 1))
   save_step(manager, scale, 2)  # Deletion of the leased step 1 deferred.
   manager.sync()  # Housekeeping runs in the background.
-  created_time = commit.created_time
+  export_identity = commit.export_identity
 
   def release_meanwhile(export_dir):
     # The reader releases (and so deletes) step 1 just as the next garbage
     # collection has found it there and is about to request its deletion.
-    monkeypatch.setattr(commit, 'created_time', created_time)
-    result = created_time(export_dir)
+    monkeypatch.setattr(commit, 'export_identity', export_identity)
+    result = export_identity(export_dir)
     lease.release()
     return result
 
-  monkeypatch.setattr(commit, 'created_time', release_meanwhile)
+  monkeypatch.setattr(commit, 'export_identity', release_meanwhile)
   save_step(manager, scale, 3)
   manager.sync()
-  assert commit.created_time is created_time  # The race did happen.
+  assert commit.export_identity is export_identity  # The race did happen.
   # Nothing left where step 1 was (on ram://, listdir omits such a leftover).
   assert not tf.io.gfile.exists(_export(model_dir, 1))
   assert entries(model_dir) == [
@@ -167,7 +167,7 @@ def test_bad_lease_seconds(local_dir, bad):
 @pytest.mark.parametrize('bad', ['/m/ckpt-1', '/m/ckpt-01_saved_modules', 3])
 def test_bad_export_path(bad):
   for call in (leases.acquire, leases.holders,
-               leases.remove_export_unless_leased):
+               leases.delete_export_unless_leased):
     with pytest.raises(ValueError, match=repr(bad)):
       call(bad)
 

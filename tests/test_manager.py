@@ -15,6 +15,7 @@ from ckpt_export import commit
 from ckpt_export import housekeeping
 from ckpt_export import leases
 from ckpt_export import paths
+from ckpt_export import writers
 from conftest import N_FEATURES, Scale, entries, save_step, served_value, steps_of
 
 
@@ -481,7 +482,7 @@ def test_crash_leftovers_are_removed_on_restore_and_save(local_dir, scale):
       'ckpt-2_temp': 'part-00000-of-00001.index.tempstate123',
       # ckpt_export's work directory of an export killed midway, written by
       # a process (pid 999999999) that no longer runs.
-      '.ckpt-2_saved_modules.tmp-1-999999999-' + commit._HOST + '-0123abcd':
+      '.ckpt-2_saved_modules.tmp-1-999999999-' + writers.HOST + '-0123abcd':
           'scale',
   }
   kept = {'ckpt-2_saved_modules_temp': 'x',   # The reference's: not ours.

@@ -12,6 +12,7 @@ from ckpt_export import commit
 from ckpt_export import leases
 from ckpt_export import orbit_actions
 from ckpt_export import paths
+from ckpt_export import writers
 from conftest import entries
 from conftest import N_FEATURES
 
@@ -288,7 +289,7 @@ def test_export_action_after_going_back_drops_the_abandoned_steps(local_dir):
 
 def test_export_action_recovers_crash_leftovers_and_spares_others(local_dir):
   model, step = Linear(), tf.Variable(3, dtype=tf.int64)
-  dead = f'-1-999999999-{commit._HOST}-0123abcd'  # A pid that does not run.
+  dead = f'-1-999999999-{writers.HOST}-0123abcd'  # A pid that does not run.
   ours = os.path.join(local_dir, '.export-2_saved_modules.tmp' + dead)
   managers = os.path.join(local_dir, '.ckpt-2_saved_modules.tmp' + dead)
   users = os.path.join(local_dir, 'export-1_saved_modules')

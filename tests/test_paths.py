@@ -69,3 +69,14 @@ def test_validate_component_names_the_bad_value(bad):
   with pytest.raises(ValueError, match='module name') as info:
     paths.validate_component('module name', bad)
   assert repr(bad) in str(info.value)
+
+
+@pytest.mark.parametrize('path, local', [
+    ('/m/ckpt-5_saved_modules', '/m/ckpt-5_saved_modules'),
+    ('relative/dir', 'relative/dir'),
+    (pathlib.PurePosixPath('/m'), '/m'),
+    ('file:///m/ckpt-5_saved_modules', '/m/ckpt-5_saved_modules'),
+    ('gs://bucket/m', None), ('s3://bucket/m', None), ('ram://m', None),
+    ('hdfs://nn/m', None)])
+def test_local_path_is_the_one_test_of_local_versus_remote(path, local):
+  assert paths.local_path(path) == local

@@ -36,14 +36,15 @@ import ckpt_export
 from ckpt_export import cli
 from ckpt_export import commit
 from ckpt_export import paths
+from ckpt_export import writers
 from conftest import Scale, served_value, snapshot
 
 EXAMPLES = int(os.environ.get('CKPT_EXPORT_PROPERTY_EXAMPLES', '6'))
 SEED = os.environ.get('CKPT_EXPORT_PROPERTY_SEED')
 STEPS = (2, 3, 4)  # Saved after the planting; step 1 is saved before.
 
-_TOKEN_DEAD = f'{int(time.time() * 1000)}-999999-{commit._HOST}-deadbeef'
-_TOKEN_LIVE = f'{int(time.time() * 1000)}-{os.getpid()}-{commit._HOST}-0badf00d'
+_TOKEN_DEAD = f'{int(time.time() * 1000)}-999999-{writers.HOST}-deadbeef'
+_TOKEN_LIVE = f'{int(time.time() * 1000)}-{os.getpid()}-{writers.HOST}-0badf00d'
 
 # Every name ckpt_export writes or matches, by step `{s}` and token `{t}`.
 # Checkpoint files of steps still to be saved are left out: TensorFlow itself
