@@ -272,6 +272,11 @@ def _first_line(error: BaseException) -> str:
   return (text.strip().splitlines() or [type(error).__name__])[0]
 
 
+def export_info(step: int, modules: Iterable[str]) -> Dict[str, Any]:
+  """The commit marker's content of the export of `step` with `modules`."""
+  return {'step': step, 'modules': list(modules)}
+
+
 def valid_commit_info(info: Any) -> bool:
   """Whether `info` has the shape of a commit marker's content.
 
@@ -325,6 +330,17 @@ def is_replaceable(export_dir: str) -> bool:
   if not tf.io.gfile.exists(export_dir):
     return True
   return has_commit_marker(export_dir) or is_reference_export(export_dir)
+
+
+def check_replaceable(export_dir: str, step: int) -> None:
+  """Raises ValueError unless a new export of `step` may replace `export_dir`.
+
+  See `is_replaceable`; the error names the path and leaves it as it is.
+  """
+  if not is_replaceable(export_dir):
+    raise ValueError(
+        f'Cannot export step {step}: {export_dir!r} exists and is not an '
+        'export (no SavedModels in it); move it away, it is left as is.')
 
 
 def is_reference_export(export_dir: str) -> bool:

@@ -169,9 +169,7 @@ def _export_step(model_dir: str, checkpoint_name: str, step: int,
   """Restores checkpoint `step` and publishes its export; False if gone."""
   prefix = os.path.join(model_dir, f'{checkpoint_name}-{step}')
   export_dir = paths.export_path(model_dir, checkpoint_name, step)
-  if not commit.is_replaceable(export_dir):
-    raise ValueError(f'Cannot export step {step}: {export_dir!r} exists and is '
-                     'not an export; move it away, it is left as is.')
+  commit.check_replaceable(export_dir, step)
   try:
     status = checkpoint.read(prefix)
   except (tf.errors.NotFoundError, tf.errors.DataLossError) as e:
@@ -183,6 +181,6 @@ def _export_step(model_dir: str, checkpoint_name: str, step: int,
   except AssertionError as e:
     raise ValueError(f'Checkpoint {prefix!r} does not hold all variables of '
                      f'the build function\'s checkpoint: {e}') from e
-  exporter.export(export_dir, {'step': step, 'modules': list(modules)})
+  exporter.export(export_dir, commit.export_info(step, modules))
   logging.info('Exported checkpoint %s as %s.', prefix, export_dir)
   return True

@@ -204,11 +204,8 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     if not self._modules_to_export:
       logging.info('No modules_to_export: saving a checkpoint only.')
       return options
-    if not commit.is_replaceable(export_dir):
-      raise ValueError(
-          f'Cannot export step {step}: {export_dir!r} exists and is not an '
-          'export (no SavedModels in it); move it away, it is left as is.')
-    commit_info = {'step': step, 'modules': list(self._modules_to_export)}
+    commit.check_replaceable(export_dir, step)
+    commit_info = commit.export_info(step, self._modules_to_export)
     if not distribution.fast_exports_allowed(self._strategy):
       # The operations every worker runs (see `_save_as_worker`) must match.
       with commit.staged_export(export_dir, commit_info) as tmp:
@@ -429,8 +426,8 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
         logging.warning('Checkpoint %s has no export: exporting it now.',
                         checkpoint_path)
         with self._directory_lock:
-          self._exporter.export(export_dir, {
-              'step': step, 'modules': list(self._modules_to_export)})
+          self._exporter.export(
+              export_dir, commit.export_info(step, self._modules_to_export))
         self._savedmodels = None
     return checkpoint_path
 

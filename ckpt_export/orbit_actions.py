@@ -165,12 +165,9 @@ class ExportSavedModel:
     step = int(self._global_step.numpy())
     self._check_and_recover()
     export_dir = paths.export_path(self._directory, self._export_name, step)
-    if not commit.is_replaceable(export_dir):
-      raise ValueError(
-          f'Cannot export step {step}: {export_dir!r} exists and is not an '
-          'export (no SavedModels in it); move it away, it is left as is.')
-    with commit.staged_export(export_dir, {
-        'step': step, 'modules': list(self._modules_to_export)}) as tmp:
+    commit.check_replaceable(export_dir, step)
+    with commit.staged_export(
+        export_dir, commit.export_info(step, self._modules_to_export)) as tmp:
       savedmodel.write_modules(self._modules_to_export, tmp, self._options)
     self._last_step = step
     self._last_step_read = True

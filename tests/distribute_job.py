@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 import ckpt_export  # pylint: disable=g-import-not-at-top
-from ckpt_export import export  # pylint: disable=g-import-not-at-top
+from ckpt_export import savedmodel  # pylint: disable=g-import-not-at-top
 
 MODULE_NAME = 'model'
 WIDTH = 4
@@ -109,7 +109,7 @@ def main() -> None:
   print(f'EXPORTS {module.full_exports} {module.fast_exports} '
         f'{module.linked_exports}', flush=True)
   if args.full_export_dir:
-    export.write_module(MODULE_NAME, model, args.full_export_dir)
+    savedmodel.write_module(MODULE_NAME, model, args.full_export_dir)
   print(f'DONE {strategy.num_replicas_in_sync}', flush=True)
 
 

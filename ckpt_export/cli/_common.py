@@ -10,6 +10,8 @@ import re
 import signal
 from typing import Any, Iterator, Sequence
 
+from ckpt_export import paths
+
 PROG = 'ckpt-export'
 
 
@@ -22,8 +24,8 @@ class Terminated(Exception):
 
 
 def is_local(path: str) -> bool:
-  """Whether `path` is on local disk (not a URL such as gs://...)."""
-  return '://' not in path
+  """Whether `path` is a plain local path (not a URL, file:// included)."""
+  return paths.local_path(path) == path
 
 
 def one_line(text: Any) -> str:

@@ -1,6 +1,5 @@
 """The state file of `ckpt-export watch`: where a restarted watch resumes."""
 
-import json
 import os
 import socket
 from typing import Any, Dict, Optional, Tuple
@@ -10,6 +9,8 @@ import tensorflow as tf
 from ckpt_export import commit
 from ckpt_export import leases
 from ckpt_export import readers
+from ckpt_export import strict_json
+from ckpt_export import validate
 from ckpt_export.cli import _common
 from ckpt_export.cli import _model_dir
 
@@ -18,19 +19,17 @@ _VERSION = 1
 
 def _check_steps(last_step: Any, failed: Any) -> None:
   """Raises ValueError if the recorded steps have the wrong shape."""
-  if (isinstance(last_step, bool) or not isinstance(last_step, int) or
-      last_step < -1):
+  if not validate.is_integer(last_step) or last_step < -1:
     raise ValueError(f'last_step {last_step!r} is not a step')
-  if not (isinstance(failed, dict) and all(
-      isinstance(v, int) and not isinstance(v, bool)
-      for v in failed.values())):
+  if not (isinstance(failed, dict) and
+          all(validate.is_integer(v) for v in failed.values())):
     raise ValueError(f'failed {failed!r} is not a map of exit codes')
 
 
 class WatchState:
   """The last step a watch finished, persisted so a restart resumes after it.
 
-  Written whole after each step with `commit.write_file_atomically`, so a
+  Written whole after each step with `commit.write_json`, so a
   reader (or a restart) sees the old state or the new one, never a mix.
   """
 
@@ -64,15 +63,14 @@ class WatchState:
     if self._lease is not None:
       self._lease.release()
 
-  def _read(self) -> Optional[str]:
-    """The state file's text, or None if there is none yet."""
+  def _read(self) -> Any:
+    """The state file's content, or None if there is none yet."""
     parent = os.path.dirname(self._path) or '.'
     # Removes the unfinished write of a watch killed while recording a step.
     commit.remove_stale_files(parent, os.path.basename(self._path),
                               readers.list_directory(parent))
     try:
-      with tf.io.gfile.GFile(self._path) as f:
-        return f.read()
+      return strict_json.load_file(self._path)
     except tf.errors.NotFoundError:
       if not tf.io.gfile.isdir(parent):
         raise _common.UsageError(f'--state-file {self._path}: directory '
@@ -82,27 +80,31 @@ class WatchState:
       raise _common.UsageError(
           f'cannot read --state-file {self._path}: '
           f'{_model_dir.reason(e, self._path)}') from None
+    except ValueError as e:
+      raise self._not_a_state_file(e) from None
 
-  def _parse(self, text: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """Returns the state in `text` and its owner; checks their shape."""
+  def _not_a_state_file(self, e: Exception) -> _common.UsageError:
+    return _common.UsageError(
+        f'--state-file {self._path} is not a ckpt-export watch state file '
+        f'({_common.one_line(e)}); fix or remove it')
+
+  def _parse(self, state: Any) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Returns the state read and its owner; checks their shape."""
     try:
-      state = json.loads(text)
       last_step, failed = state['last_step'], state['failed']
       owner = {key: state[key] for key in self._owner}
       if state['version'] != _VERSION:
         raise ValueError(f'version {state["version"]!r}')
       _check_steps(last_step, failed)
     except (ValueError, KeyError, TypeError) as e:
-      raise _common.UsageError(
-          f'--state-file {self._path} is not a ckpt-export watch state file '
-          f'({_common.one_line(e)}); fix or remove it') from None
+      raise self._not_a_state_file(e) from None
     return state, owner
 
   def _load(self) -> None:
-    text = self._read()
-    if text is None:
+    content = self._read()
+    if content is None:
       return
-    state, owner = self._parse(text)
+    state, owner = self._parse(content)
     if owner != self._owner:
       raise _common.UsageError(
           f'--state-file {self._path} records the watch of MODEL_DIR '
@@ -138,8 +140,6 @@ class WatchState:
   def _write(self) -> None:
     if self._path is None:
       return
-    text = json.dumps(dict(self._owner, version=_VERSION,
-                           last_step=self.last_step, failed=self.failed,
-                           running=self.running),
-                      indent=1, sort_keys=True) + '\n'
-    commit.write_file_atomically(self._path, text)
+    commit.write_json(self._path, dict(
+        self._owner, version=_VERSION, last_step=self.last_step,
+        failed=self.failed, running=self.running), indent=1, sort_keys=True)
