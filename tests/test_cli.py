@@ -1,6 +1,6 @@
 """`ckpt-export ls` and `verify`, and the command's errors, run as installed.
 
-Every test runs the installed console script (`conftest.CKPT_EXPORT`) as a
+Every test runs the installed console script (`helpers.CKPT_EXPORT`) as a
 child process, on a model directory written by the real manager, with
 deliberately broken and partial exports beside the good ones.
 """
@@ -19,7 +19,10 @@ import ckpt_export
 from ckpt_export import commit
 from ckpt_export import leases
 from ckpt_export import paths
-from conftest import run_cli, save_step, Scale
+from helpers import make_manager
+from helpers import run_cli
+from helpers import save_step
+from helpers import Scale
 
 MODULES = 'scale,other'
 # A line of TensorFlow's C++ logging (`E ... cuInit` on machines without GPU
@@ -161,9 +164,7 @@ def test_verify_passes_on_good_exports_and_on_none(tmp_path):
   assert (result.returncode, result.stdout) == (
       0, f"No published exports named 'ckpt' in {directory}.\n")
   scale = Scale()
-  manager = ckpt_export.SavedModelCheckpointManager(
-      tf.train.Checkpoint(scale=scale), directory, max_to_keep=None,
-      modules_to_export={'scale': scale})
+  manager = make_manager(directory, scale, None)
   for step in (1, 2):
     save_step(manager, scale, step)
   result = run_cli('verify', directory)

@@ -23,10 +23,12 @@ import tensorflow as tf
 
 import ckpt_export
 from ckpt_export import paths
-from conftest import entries
-from conftest import N_FEATURES
-from conftest import Scale
-from conftest import served_value
+from helpers import child_env
+from helpers import entries
+from helpers import make_manager
+from helpers import N_FEATURES
+from helpers import Scale
+from helpers import served_value
 import permission_child
 
 FS_BYTES = 24 << 20
@@ -36,7 +38,7 @@ _DROPPED_CAPABILITIES = '-dac_override,-dac_read_search,-fowner'
 
 
 class Padded(Scale):
-  """Serves `x * w` like conftest's Scale, carrying 2 MB of other weights."""
+  """Serves `x * w` like helpers.Scale, carrying 2 MB of other weights."""
 
   def __init__(self) -> None:
     super().__init__()
@@ -104,18 +106,14 @@ def _save(manager, module: Padded, step: int) -> str:
 def test_disk_full(small_fs, free_bytes, failing_write):
   model_dir = str(small_fs / 'model')
   module = Padded()
-  manager = ckpt_export.SavedModelCheckpointManager(
-      tf.train.Checkpoint(module=module), model_dir, max_to_keep=5,
-      modules_to_export={'scale': module})
+  manager = make_manager(model_dir, module, 5)
   _save(manager, module, 1)
   _save(manager, module, 2)
   filler = _fill(small_fs, free_bytes)
   # A restarted job: its first export is a full one, written before the
   # checkpoint (later exports share the checkpoint's variables and need only
   # their metadata's space).
-  manager = ckpt_export.SavedModelCheckpointManager(
-      tf.train.Checkpoint(module=module), model_dir, max_to_keep=5,
-      modules_to_export={'scale': module})
+  manager = make_manager(model_dir, module, 5)
 
   with pytest.raises(tf.errors.ResourceExhaustedError) as error:
     _save(manager, module, 3)
@@ -154,7 +152,7 @@ def test_permission_denied_on_the_model_directory(unprivileged, when,
         unprivileged + [sys.executable, permission_child.__file__,
                         '--model_dir', model_dir, '--when', when],
         capture_output=True, text=True, check=False,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+        env=child_env())
     assert child.returncode == 0, child.stderr[-4000:]
     error = json.loads(child.stdout.strip().split('\n')[-1])
     assert error['type'] == 'PermissionDeniedError'
@@ -207,9 +205,7 @@ def test_a_reader_that_may_not_write_is_told_how_to_read(unprivileged,
   module = Scale()
   module.w.assign(tf.fill([N_FEATURES], 1.0))
   model_dir = str(tmp_path / 'model')
-  ckpt_export.SavedModelCheckpointManager(
-      tf.train.Checkpoint(module=module), model_dir, 2,
-      modules_to_export={'scale': module}).save(checkpoint_number=1)
+  make_manager(model_dir, module, 2).save(checkpoint_number=1)
   before = entries(model_dir)
   os.chmod(model_dir, 0o555)
   try:
@@ -220,7 +216,7 @@ def test_a_reader_that_may_not_write_is_told_how_to_read(unprivileged,
                           str(pathlib.Path(__file__).parents[1]), model_dir,
                           lease],
           capture_output=True, text=True, check=False,
-          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+          env=child_env(tf_log_level='3'))
       assert child.returncode == 0, child.stderr[-4000:]
       results[lease] = json.loads(child.stdout.strip().split('\n')[-1])
   finally:

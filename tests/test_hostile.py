@@ -25,15 +25,18 @@ import ckpt_export
 from ckpt_export import commit
 from ckpt_export import leases
 from ckpt_export import paths
-from conftest import REPO, Scale, save_step, served_value, snapshot
+from helpers import make_manager
+from helpers import REPO
+from helpers import save_step
+from helpers import Scale
+from helpers import served_value
+from helpers import snapshot
 
 CLI = os.path.join(os.path.dirname(sys.executable), 'ckpt-export')
 
 
 def _manager(model_dir, module, max_to_keep=2, name='ckpt'):
-  return ckpt_export.SavedModelCheckpointManager(
-      tf.train.Checkpoint(scale=module), model_dir, max_to_keep=max_to_keep,
-      modules_to_export={'scale': module}, checkpoint_name=name)
+  return make_manager(model_dir, module, max_to_keep, checkpoint_name=name)
 
 
 def _victim(tmp_path) -> str:

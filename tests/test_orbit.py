@@ -12,8 +12,8 @@ from ckpt_export import commit
 from ckpt_export import leases
 from ckpt_export import orbit_actions
 from ckpt_export import paths
-from conftest import entries
-from conftest import N_FEATURES
+from helpers import entries
+from helpers import N_FEATURES
 
 orbit = pytest.importorskip('orbit')  # It ships in tf-models-official.
 
