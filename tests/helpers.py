@@ -7,6 +7,7 @@ pytest fixtures. Child scripts (in `children/`) import it too.
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import ckpt_export
@@ -99,7 +101,7 @@ def assert_serves_its_step(export_dir: str, module_name: str = 'scale'
 
 
 def snapshot(root: str) -> dict:
-  """Every path under `root` (not following links): file bytes, None for dirs."""
+  """Each path under `root` (links not followed): file bytes; None for dirs."""
   found = {}
   for directory, dirs, files in os.walk(root):
     for name in dirs:
@@ -126,16 +128,39 @@ def steps_of(export_paths) -> list:
   return [paths.parse_export_step(p) for p in export_paths]
 
 
-# Model Garden's mock experiment (official.utils.testing.mock_task).
+# Model Garden's mock experiment (official.utils.testing.mock_task); only
+# Model Garden's tests, which skip without it, call these (hence the imports
+# inside).
 
 MOCK_INPUT = np.array([[0.5, -2.0], [3.0, 1.0]], np.float32)
 
 
+def mock_params(**trainer):
+  """The mock experiment's config, small: 6 steps, saving every 2.
+
+  Args:
+    **trainer: Overrides of its `trainer` section.
+  """
+  # pylint: disable=g-import-not-at-top,unused-import
+  from official.core import exp_factory
+  from official.utils.testing import mock_task  # Registers 'mock'.
+  # pylint: enable=g-import-not-at-top,unused-import
+  params = exp_factory.get_exp_config('mock')
+  params.override({'trainer': {
+      'train_steps': 6, 'steps_per_loop': 2, 'checkpoint_interval': 2,
+      'validation_steps': 1, 'validation_interval': 2, 'max_to_keep': 2,
+      'summary_interval': 2, **trainer,
+      'optimizer_config': {
+          'optimizer': {'type': 'sgd'},
+          'learning_rate': {'type': 'constant',
+                            'constant': {'learning_rate': 0.1}}}}})
+  return params
+
+
 def checkpoint_outputs(model_dir: str, step: int) -> np.ndarray:
   """What the mock model restored from checkpoint `step` computes on input."""
-  # Here, not at the top: only Model Garden's tests (which skip without it)
-  # call this.
-  from official.utils.testing import mock_task  # pylint: disable=g-import-not-at-top
+  from official.utils.testing import (  # pylint: disable=g-import-not-at-top
+      mock_task)
   model = mock_task.MockTask().build_model()
   tf.train.Checkpoint(model=model).read(
       os.path.join(model_dir, f'ckpt-{step}')).expect_partial()
@@ -220,6 +245,22 @@ def worker_envs(scratch_root: Union[str, os.PathLike], count: int = 2,
         {'cluster': cluster, 'task': {'type': 'worker', 'index': index}}),
                           **extra))
   return envs
+
+
+def unprivileged_prefix() -> List[str]:
+  """A command prefix running a child to which file modes apply.
+
+  As root, `setpriv` (util-linux) drops the capabilities that bypass file
+  modes and ownership; the test skips where it is missing. Otherwise, none.
+  """
+  if os.geteuid() != 0:
+    return []
+  setpriv = shutil.which('setpriv')
+  if setpriv is None:
+    pytest.skip('Running as root, which bypasses file modes, and there is no '
+                'setpriv (util-linux) to drop the capabilities that do so.')
+  caps = '-dac_override,-dac_read_search,-fowner'
+  return [setpriv, f'--bounding-set={caps}', f'--inh-caps={caps}', '--']
 
 
 def child_command(script: str, *args: str) -> List[str]:

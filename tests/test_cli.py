@@ -23,6 +23,7 @@ from helpers import make_manager
 from helpers import run_cli
 from helpers import save_step
 from helpers import Scale
+from helpers import unprivileged_prefix
 
 MODULES = 'scale,other'
 # A line of TensorFlow's C++ logging (`E ... cuInit` on machines without GPU
@@ -192,20 +193,8 @@ def test_errors_on_the_model_directory_are_one_line(tmp_path):
         2, '', f'ckpt-export: error: {message}\n'), args
 
 
-def _unreadable_prefix() -> List[str]:
-  """How to run a child for which a mode-000 directory is unreadable."""
-  if os.geteuid() != 0:
-    return []
-  setpriv = shutil.which('setpriv')
-  if setpriv is None:
-    pytest.skip('root reads any directory, and setpriv is not there to drop '
-                'that capability')
-  caps = '-dac_override,-dac_read_search'
-  return [setpriv, f'--bounding-set={caps}', f'--inh-caps={caps}', '--']
-
-
 def test_an_unreadable_model_directory_is_a_one_line_error(tmp_path):
-  prefix = _unreadable_prefix()
+  prefix = unprivileged_prefix()
   directory = tmp_path / 'model'
   directory.mkdir(mode=0)
   try:

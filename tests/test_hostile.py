@@ -31,6 +31,7 @@ from helpers import save_step
 from helpers import Scale
 from helpers import served_value
 from helpers import snapshot
+from helpers import unprivileged_prefix
 
 CLI = os.path.join(os.path.dirname(sys.executable), 'ckpt-export')
 
@@ -320,20 +321,10 @@ def test_watch_of_an_executable_without_shebang(tmp_path):
       '(a script needs a #! line)')
 
 
-def _unprivileged():
-  if os.geteuid() != 0:
-    return []
-  setpriv = shutil.which('setpriv')
-  if setpriv is None:
-    pytest.skip('root bypasses file modes, and there is no setpriv')
-  caps = '-dac_override,-dac_read_search,-fowner'
-  return [setpriv, f'--bounding-set={caps}', f'--inh-caps={caps}', '--']
-
-
 @pytest.mark.slow
 def test_a_read_only_model_directory(tmp_path):
   """verify needs --no-lease; the default iterator reads without leases."""
-  prefix = _unprivileged()
+  prefix = unprivileged_prefix()
   model_dir = tmp_path / 'model'
   module = Scale()
   save_step(_manager(str(model_dir), module), module, 1)

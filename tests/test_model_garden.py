@@ -12,7 +12,6 @@ from ckpt_export import readers
 from ckpt_export import serving
 
 pytest.importorskip('official', reason='needs Model Garden (the orbit extra)')
-from official.core import exp_factory
 from official.core import export_base
 from official.core import task_factory
 from official.utils.testing import mock_task  # pylint: disable=unused-import
@@ -22,22 +21,10 @@ from helpers import assert_exports_match_checkpoints
 from helpers import checkpoint_outputs
 from helpers import entries
 from helpers import MOCK_INPUT
+from helpers import mock_params
 from helpers import served_outputs
 
 X = MOCK_INPUT
-
-
-def mock_params(**trainer):
-  params = exp_factory.get_exp_config('mock')
-  params.override({'trainer': {
-      'train_steps': 6, 'steps_per_loop': 2, 'checkpoint_interval': 2,
-      'validation_steps': 1, 'validation_interval': 2, 'max_to_keep': 2,
-      'summary_interval': 2, **trainer,
-      'optimizer_config': {
-          'optimizer': {'type': 'sgd'},
-          'learning_rate': {'type': 'constant',
-                            'constant': {'learning_rate': 0.1}}}}})
-  return params
 
 
 def run(model_dir: str, mode: str, params=None, **kwargs):

@@ -40,10 +40,11 @@ import tensorflow as tf
 
 import ckpt_export
 from ckpt_export import readers
-from helpers import CKPT_EXPORT
 from helpers import child_env
+from helpers import CKPT_EXPORT
 from helpers import FakeClock
 from helpers import make_manager
+from helpers import mock_params
 from helpers import N_FEATURES
 from helpers import REPO
 from helpers import save_step
@@ -237,19 +238,7 @@ def eval_steps() -> int:
 def params():
   """A small Model Garden experiment: the mock task, 4 steps."""
   pytest.importorskip('official', reason='needs Model Garden')
-  # pylint: disable=g-import-not-at-top,unused-import
-  from official.core import exp_factory
-  from official.utils.testing import mock_task  # Registers 'mock'.
-  # pylint: enable=g-import-not-at-top,unused-import
-  params = exp_factory.get_exp_config('mock')
-  params.override({'trainer': {
-      'train_steps': 4, 'steps_per_loop': 2, 'checkpoint_interval': 2,
-      'validation_steps': 1, 'validation_interval': 2, 'max_to_keep': 2,
-      'summary_interval': 2, 'optimizer_config': {
-          'optimizer': {'type': 'sgd'},
-          'learning_rate': {'type': 'constant',
-                            'constant': {'learning_rate': 0.1}}}}})
-  return params
+  return mock_params(train_steps=4)
 
 
 @pytest.fixture
