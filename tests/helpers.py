@@ -241,9 +241,10 @@ def worker_envs(scratch_root: Union[str, os.PathLike], count: int = 2,
   for index in range(count):
     scratch = os.path.join(scratch_root, f'tmp{index}')
     os.makedirs(scratch, exist_ok=True)
-    envs.append(child_env(TMPDIR=scratch, TF_CONFIG=json.dumps(
-        {'cluster': cluster, 'task': {'type': 'worker', 'index': index}}),
-                          **extra))
+    envs.append(child_env(
+        TMPDIR=scratch, TF_CONFIG=json.dumps(
+            {'cluster': cluster, 'task': {'type': 'worker', 'index': index}}),
+        **extra))
   return envs
 
 
