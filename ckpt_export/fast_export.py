@@ -43,7 +43,6 @@ import copy
 import dataclasses
 import functools
 import os
-import struct
 import tempfile
 import urllib.parse
 import uuid

@@ -17,13 +17,10 @@ import sys
 import time
 from typing import List, Optional, Set, Tuple
 
-import numpy as np
-import tensorflow as tf
-
-from ckpt_export import paths
-from conftest import CKPT_EXPORT, cli_env
 import crash_child
-import watch_command
+from helpers import child_command
+from helpers import child_env
+from helpers import CKPT_EXPORT
 
 
 
@@ -46,7 +43,7 @@ class _Trainer:
            '--max_to_keep', str(max_to_keep), '--wait_for_go'] +
           (['--enable_async'] if enable_async else []),
           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
-          text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+          text=True, env=child_env())
 
   def error(self, what: str) -> RuntimeError:
     """An error saying what went wrong, with the end of the run's stderr."""
@@ -185,19 +182,6 @@ def run_trainer_with_kills(model_dir: str, log_dir: str, final_step: int,
         proc.finish()
 
 
-def serves_its_step(export_dir: str) -> int:
-  """Loads a `crash_child` export; asserts it serves its step, returns it."""
-  step = paths.parse_export_step(export_dir)
-  loaded = tf.saved_model.load(os.path.join(export_dir,
-                                            crash_child.MODULE_NAME))
-  x = np.arange(crash_child.WIDTH, dtype=np.float32)
-  out = loaded.signatures['serving_default'](tf.constant(x))
-  np.testing.assert_array_equal(out['y'].numpy(), step * (x + 1),
-                                err_msg=export_dir)
-  assert int(out['step'].numpy()) == step, export_dir
-  return step
-
-
 class Sidecar:
   """The installed `ckpt-export watch`, running `watch_command.py` per export.
 
@@ -215,9 +199,10 @@ class Sidecar:
       self.proc = subprocess.Popen(
           [CKPT_EXPORT, 'watch', model_dir, '--state-file', self.state_file,
            '--seconds-to-sleep', '0.05', '--until-step', str(until_step),
-           '--', sys.executable, watch_command.__file__, self.log, '{path}',
-           '{step}'],
-          stdout=subprocess.DEVNULL, stderr=stderr, env=cli_env(),
+           '--',
+           *child_command('watch_command.py', self.log, '{path}', '{step}')],
+          stdout=subprocess.DEVNULL, stderr=stderr,
+          env=child_env(tf_log_level=None),
           start_new_session=True)
 
   def wait(self, timeout: float = 900) -> int:

@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import entries, save_step, served_value
+from helpers import entries
+from helpers import make_manager
+from helpers import save_step
+from helpers import served_value
 import ckpt_export
 from ckpt_export import best as best_lib
 from ckpt_export import commit
@@ -28,9 +31,7 @@ def _dead_token() -> str:
 
 @pytest.fixture
 def manager(model_dir, scale):
-  return ckpt_export.SavedModelCheckpointManager(
-      tf.train.Checkpoint(scale=scale), model_dir, max_to_keep=None,
-      modules_to_export={'scale': scale})
+  return make_manager(model_dir, scale, None)
 
 
 def _export(manager, scale, step: int) -> str:
@@ -187,9 +188,7 @@ def test_best_json_without_its_copy_is_removed(local_dir):
 
 
 def test_garbage_collection_never_touches_the_best_export(model_dir, scale):
-  manager = ckpt_export.SavedModelCheckpointManager(
-      tf.train.Checkpoint(scale=scale), model_dir, max_to_keep=1,
-      modules_to_export={'scale': scale})
+  manager = make_manager(model_dir, scale, 1)
   best = best_lib.BestExport(model_dir, 'm')
   for step in range(1, 6):
     best.update(step, _export(manager, scale, step), {'m': -abs(step - 2)})
@@ -207,9 +206,7 @@ def test_garbage_collection_never_touches_the_best_export(model_dir, scale):
 
 def test_an_export_being_deleted_is_copied_only_under_a_held_lease(
     local_dir, scale):
-  manager = ckpt_export.SavedModelCheckpointManager(
-      tf.train.Checkpoint(scale=scale), local_dir, max_to_keep=1,
-      modules_to_export={'scale': scale})
+  manager = make_manager(local_dir, scale, 1)
   first = _export(manager, scale, 1)
   lease = leases.acquire(first)  # An evaluator's, say.
   _export(manager, scale, 2)  # Its GC asks to delete step 1; the lease holds.

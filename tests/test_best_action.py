@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import N_FEATURES, Scale, entries, served_value
+from helpers import entries
+from helpers import N_FEATURES
+from helpers import Scale
+from helpers import served_value
 import ckpt_export
 from ckpt_export import best as best_lib
 from ckpt_export import orbit_actions

@@ -1,6 +1,6 @@
 """`ckpt-export ls` and `verify`, and the command's errors, run as installed.
 
-Every test runs the installed console script (`conftest.CKPT_EXPORT`) as a
+Every test runs the installed console script (`helpers.CKPT_EXPORT`) as a
 child process, on a model directory written by the real manager, with
 deliberately broken and partial exports beside the good ones.
 """
@@ -19,7 +19,11 @@ import ckpt_export
 from ckpt_export import commit
 from ckpt_export import leases
 from ckpt_export import paths
-from conftest import run_cli, save_step, Scale
+from helpers import make_manager
+from helpers import run_cli
+from helpers import save_step
+from helpers import Scale
+from helpers import unprivileged_prefix
 
 MODULES = 'scale,other'
 # A line of TensorFlow's C++ logging (`E ... cuInit` on machines without GPU
@@ -161,9 +165,7 @@ def test_verify_passes_on_good_exports_and_on_none(tmp_path):
   assert (result.returncode, result.stdout) == (
       0, f"No published exports named 'ckpt' in {directory}.\n")
   scale = Scale()
-  manager = ckpt_export.SavedModelCheckpointManager(
-      tf.train.Checkpoint(scale=scale), directory, max_to_keep=None,
-      modules_to_export={'scale': scale})
+  manager = make_manager(directory, scale, None)
   for step in (1, 2):
     save_step(manager, scale, step)
   result = run_cli('verify', directory)
@@ -191,20 +193,8 @@ def test_errors_on_the_model_directory_are_one_line(tmp_path):
         2, '', f'ckpt-export: error: {message}\n'), args
 
 
-def _unreadable_prefix() -> List[str]:
-  """How to run a child for which a mode-000 directory is unreadable."""
-  if os.geteuid() != 0:
-    return []
-  setpriv = shutil.which('setpriv')
-  if setpriv is None:
-    pytest.skip('root reads any directory, and setpriv is not there to drop '
-                'that capability')
-  caps = '-dac_override,-dac_read_search'
-  return [setpriv, f'--bounding-set={caps}', f'--inh-caps={caps}', '--']
-
-
 def test_an_unreadable_model_directory_is_a_one_line_error(tmp_path):
-  prefix = _unreadable_prefix()
+  prefix = unprivileged_prefix()
   directory = tmp_path / 'model'
   directory.mkdir(mode=0)
   try:

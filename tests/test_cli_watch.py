@@ -16,13 +16,20 @@ import time
 from typing import List, Sequence
 
 import pytest
-import tensorflow as tf
 
 import ckpt_export
 from ckpt_export import leases
 import crash_child
-from conftest import CKPT_EXPORT, cli_env, run_cli, save_step, Scale, steps_of
-import watch_command
+from helpers import child_command
+from helpers import child_env
+from helpers import CKPT_EXPORT
+from helpers import finish
+from helpers import make_manager
+from helpers import run_cli
+from helpers import save_step
+from helpers import Scale
+from helpers import steps_of
+from helpers import wait_for
 
 # Logs [argv after LOG and FAIL_AT, the three environment variables, and
 # whether TF_CPP_MIN_LOG_LEVEL is set] as a JSON line; exits 3 at FAIL_AT.
@@ -43,9 +50,7 @@ def finished_dir(tmp_path) -> str:
   """A model directory with the exports of steps 1, 2 and 3."""
   directory = str(tmp_path / 'model')
   scale = Scale()
-  manager = ckpt_export.SavedModelCheckpointManager(
-      tf.train.Checkpoint(scale=scale), directory, max_to_keep=None,
-      modules_to_export={'scale': scale})
+  manager = make_manager(directory, scale, None)
   for step in (1, 2, 3):
     save_step(manager, scale, step)
   return directory
@@ -134,7 +139,7 @@ def test_sigterm_stops_the_command_and_releases_the_export(finished_dir,
              'open(sys.argv[1], "w").write(str(os.getpid())); time.sleep(600)')
   watch = subprocess.Popen(
       [CKPT_EXPORT, 'watch', finished_dir, '--state-file', state, '--',
-       sys.executable, '-c', sleeper, log], env=cli_env(),
+       sys.executable, '-c', sleeper, log], env=child_env(tf_log_level=None),
       stderr=subprocess.PIPE, text=True)
   deadline = time.monotonic() + 600
   while not _lines(log):
@@ -216,14 +221,6 @@ def _pid_gone(pid: int) -> bool:
     return True
 
 
-def _wait_for(condition, what: str, seconds: float = 60) -> None:
-  deadline = time.monotonic() + seconds
-  while not condition():
-    if time.monotonic() > deadline:
-      pytest.fail(f'Timed out waiting for {what}')
-    time.sleep(0.1)
-
-
 def test_a_killed_watch_takes_its_command_along(finished_dir, tmp_path):
   """kill -9 of the watch alone: its COMMAND dies; a restart kills the rest."""
   log, state = str(tmp_path / 'log'), str(tmp_path / 'state.json')
@@ -233,10 +230,11 @@ def test_a_killed_watch_takes_its_command_along(finished_dir, tmp_path):
              'time.sleep(600)')
   watch_args = [CKPT_EXPORT, 'watch', finished_dir, '--state-file', state]
   watch = subprocess.Popen(
-      [*watch_args, '--', sys.executable, '-c', command, log], env=cli_env(),
+      [*watch_args, '--', sys.executable, '-c', command, log],
+      env=child_env(tf_log_level=None),
       stderr=subprocess.PIPE, text=True)
   try:
-    _wait_for(lambda: _lines(log) or watch.poll() is not None, 'the command')
+    wait_for(lambda: _lines(log) or watch.poll() is not None, 'the command')
     command_pid, grandchild = map(int, _lines(log)[0].split())
     # A second watch on the same state file is refused while the first runs.
     second = run_cli('watch', finished_dir, '--state-file', state, '--',
@@ -247,14 +245,14 @@ def test_a_killed_watch_takes_its_command_along(finished_dir, tmp_path):
     os.kill(watch.pid, signal.SIGKILL)  # The watch alone, not its group.
     watch.wait(timeout=60)
     # The command used to live on, orphaned, under a dead lease.
-    _wait_for(lambda: _pid_gone(command_pid), 'the command to die')
+    wait_for(lambda: _pid_gone(command_pid), 'the command to die')
     assert not _pid_gone(grandchild)  # The command's own child lives on...
     result = run_cli('watch', finished_dir, '--state-file', state,
                      '--until-step', '1', '--', sys.executable, '-c', 'pass')
     assert result.returncode == 0, result.stderr
     assert f'killing process {grandchild}, left running on step 1' in (
         result.stderr)
-    _wait_for(lambda: _pid_gone(grandchild), 'the orphan to die')
+    wait_for(lambda: _pid_gone(grandchild), 'the orphan to die')
     assert _state(state)['last_step'] == 1
   finally:
     watch.kill()
@@ -273,8 +271,8 @@ def _start_trainer(model_dir: str, total_steps: int, max_to_keep: int,
       [sys.executable, crash_child.__file__, '--model_dir', model_dir,
        '--total_steps', str(total_steps), '--save_every', '1',
        '--max_to_keep', str(max_to_keep), *flags],
-      stdout=subprocess.DEVNULL, stderr=stderr, env=cli_env(),
-      text=True)
+      stdout=subprocess.DEVNULL, stderr=stderr,
+      env=child_env(tf_log_level=None), text=True)
 
 
 def _start_watch(model_dir: str, log: str, watch_flags: Sequence[str],
@@ -282,9 +280,11 @@ def _start_watch(model_dir: str, log: str, watch_flags: Sequence[str],
   """Starts `ckpt-export watch` running watch_command.py, in its own session."""
   return subprocess.Popen(
       [CKPT_EXPORT, 'watch', model_dir, '--seconds-to-sleep', '0.2',
-       *watch_flags, '--', sys.executable, watch_command.__file__, log,
-       '{path}', '{step}', *command_flags],
-      stdout=subprocess.DEVNULL, stderr=stderr, env=cli_env(),
+       *watch_flags, '--',
+       *child_command('watch_command.py', log, '{path}', '{step}',
+                      *command_flags)],
+      stdout=subprocess.DEVNULL, stderr=stderr,
+      env=child_env(tf_log_level=None),
       start_new_session=True)
 
 
@@ -293,17 +293,6 @@ def _lines(path: str) -> List[str]:
     return []
   with open(path) as f:
     return f.read().splitlines()
-
-
-def _wait(proc: subprocess.Popen, stderr_path: str, what: str) -> None:
-  try:
-    code = proc.wait(timeout=900)
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    code = 'timeout'
-  if code != 0:
-    with open(stderr_path) as f:
-      pytest.fail(f'{what} ended with {code}; stderr:\n{f.read()[-4000:]}')
 
 
 @pytest.mark.slow
@@ -318,9 +307,9 @@ def test_watch_beside_a_trainer_sees_every_export_once_in_order(tmp_path):
     watch = _start_watch(model_dir, log, ['--until-step', str(steps)],
                          ['--wait_for_gc', done], w_err)
     trainer = _start_trainer(model_dir, steps, 1, t_err, '--pace_file', log)
-    _wait(trainer, t_err.name, 'The trainer')
+    finish([trainer], 900, [t_err.name])
     open(done, 'w').close()
-    _wait(watch, w_err.name, 'The watch')
+    finish([watch], 900, [w_err.name])
   assert _lines(log) == [f'{kind} {step}' for step in range(1, steps + 1)
                          for kind in ('start', 'done')]
   # Every export the watch released was then deleted, as max_to_keep says.
@@ -340,9 +329,9 @@ def test_watch_latest_only_beside_a_trainer(tmp_path):
                          ['--wait_for_gc', done], w_err)
     trainer = _start_trainer(model_dir, steps, 1, t_err,
                              '--seconds_between_saves', '0.5')
-    _wait(trainer, t_err.name, 'The trainer')
+    finish([trainer], 900, [t_err.name])
     open(done, 'w').close()
-    _wait(watch, w_err.name, 'The watch')
+    finish([watch], 900, [w_err.name])
   lines = _lines(log)
   seen = [int(line.split()[1]) for line in lines[::2]]
   assert lines == [f'{kind} {step}' for step in seen
@@ -381,8 +370,8 @@ def test_a_killed_watch_restarts_without_redoing_finished_steps(tmp_path):
 
     open(hold, 'w').close()
     watch = _start_watch(model_dir, log, watch_flags, command_flags, w_err)
-    _wait(trainer, t_err.name, 'The trainer')
-    _wait(watch, w_err.name, 'The restarted watch')
+    finish([trainer], 900, [t_err.name])
+    finish([watch], 900, [w_err.name])
   assert _lines(log) == ['start 1', 'done 1', 'start 2',
                          'start 2', 'done 2', 'start 3', 'done 3']
   assert _state(state)['last_step'] == 3

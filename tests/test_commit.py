@@ -7,7 +7,9 @@ from typing import Tuple
 import pytest
 import tensorflow as tf
 
-from conftest import MODEL_GARDEN_REFERENCE, entries, served_value
+from helpers import entries
+from helpers import MODEL_GARDEN_REFERENCE
+from helpers import served_value
 from ckpt_export import commit
 from ckpt_export import paths
 from ckpt_export import readers

@@ -7,9 +7,7 @@ anything a worker leaves behind is seen. Its SyncOnRead counter makes every
 save need both workers: a worker that skipped a save would hang the other.
 """
 
-import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,29 +16,21 @@ from typing import List, Sequence
 import pytest
 import tensorflow as tf
 
-import ckpt_export
-from ckpt_export import commit
 from ckpt_export import distribution
 from ckpt_export import paths
 from ckpt_export import writers
-from conftest import entries
-from conftest import save_step
-from conftest import Scale
-from conftest import served_value
+from helpers import child_env
+from helpers import entries
+from helpers import finish
+from helpers import make_manager
+from helpers import save_step
+from helpers import Scale
+from helpers import served_value
+from helpers import worker_envs
 import distribute_job
 
 WORKERS = 2
 TIMEOUT_SECONDS = 300
-
-
-def _free_ports(count: int) -> List[int]:
-  sockets = [socket.socket() for _ in range(count)]
-  for s in sockets:
-    s.bind(('127.0.0.1', 0))
-  ports = [s.getsockname()[1] for s in sockets]
-  for s in sockets:
-    s.close()
-  return ports
 
 
 def _job_args(strategy: str, model_dir: str, total_steps: int,
@@ -54,42 +44,22 @@ def _job_args(strategy: str, model_dir: str, total_steps: int,
 def _run_all(commands: Sequence[List[str]], envs: Sequence[dict],
              tmp_path) -> List[List[str]]:
   """Runs processes together; returns each one's output lines."""
-  procs = []
+  procs, stderr_paths = [], []
   for i, (command, env) in enumerate(zip(commands, envs)):
-    with open(tmp_path / f'stderr{i}', 'w') as stderr:
+    stderr_paths.append(tmp_path / f'stderr{i}')
+    with open(stderr_paths[-1], 'w') as stderr:
       procs.append(subprocess.Popen(command, stdout=subprocess.PIPE,
                                     stderr=stderr, text=True, env=env))
-  outputs = []
-  try:
-    for proc in procs:
-      outputs.append(proc.communicate(timeout=TIMEOUT_SECONDS)[0])
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-  for i, proc in enumerate(procs):
-    if proc.returncode:
-      stderr = (tmp_path / f'stderr{i}').read_text()[-4000:]
-      pytest.fail(f'Process {i} exited with {proc.returncode}:\n{stderr}')
-  return [out.split('\n') for out in outputs]
+  outputs = finish(procs, TIMEOUT_SECONDS, stderr_paths)
+  return [out.split('\n') for out, _ in outputs]
 
 
 def _run_workers(model_dir: str, total_steps: int, use_async: bool,
                  tmp_path) -> List[List[str]]:
   """Runs the job on two MultiWorkerMirrored workers; returns their lines."""
-  cluster = {'worker': [f'127.0.0.1:{p}' for p in _free_ports(WORKERS)]}
-  envs = []
-  for index in range(WORKERS):
-    scratch = tmp_path / f'tmp{index}'
-    scratch.mkdir(exist_ok=True)
-    envs.append(dict(
-        os.environ, TF_CPP_MIN_LOG_LEVEL='2', TMPDIR=str(scratch),
-        TF_CONFIG=json.dumps({'cluster': cluster,
-                              'task': {'type': 'worker', 'index': index}})))
   commands = [_job_args('multi_worker', model_dir, total_steps, use_async)
               ] * WORKERS
-  return _run_all(commands, envs, tmp_path)
+  return _run_all(commands, worker_envs(tmp_path, WORKERS), tmp_path)
 
 
 def _expected_entries(steps: Sequence[int]) -> List[str]:
@@ -133,9 +103,7 @@ def test_the_strategy_is_looked_for_until_the_first_save_only(
 
   monkeypatch.setattr(distribution, 'find_strategy', counting)
   module = Scale()
-  manager = ckpt_export.SavedModelCheckpointManager(
-      tf.train.Checkpoint(module=module), str(tmp_path / 'model'), 2,
-      modules_to_export={'scale': module})
+  manager = make_manager(str(tmp_path / 'model'), module, 2)
   manager.restore_or_initialize()
   for step in (1, 2, 3):
     save_step(manager, module, step)
@@ -210,7 +178,7 @@ def test_mirrored_strategy_over_two_logical_cpus_exports_fast(
   [lines] = _run_all(
       [_job_args('mirrored', model_dir, 6, use_async) + [
           '--full_export_dir', full]],
-      [dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')], tmp_path)
+      [child_env()], tmp_path)
   assert 'DONE 2' in lines
   # Steps 2, 4, 6: the first export full, then fast and linked.
   assert 'EXPORTS 1 2 2' in lines

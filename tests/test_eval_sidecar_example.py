@@ -10,6 +10,9 @@ import sys
 import pytest
 import tensorflow as tf
 
+from helpers import child_env
+from helpers import finish
+
 pytestmark = pytest.mark.slow
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -17,18 +20,14 @@ EXAMPLES = REPO_ROOT / 'examples'
 
 
 def _start(script: str, *args: str) -> subprocess.Popen:
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
-  env['PYTHONPATH'] = os.pathsep.join(
-      p for p in (str(REPO_ROOT), env.get('PYTHONPATH')) if p)
   return subprocess.Popen([sys.executable, str(EXAMPLES / script), *args],
-                          cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+                          cwd=REPO_ROOT, env=child_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
 
 
 def _finish(proc: subprocess.Popen) -> str:
-  out, err = proc.communicate(timeout=600)
-  assert proc.returncode == 0, f'{proc.args}\n{out}\n{err[-4000:]}'
-  return out
+  return finish([proc], 600)[0][0]
 
 
 def test_sidecar_evaluates_while_the_trainer_trains_then_resumes(tmp_path):

@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import N_FEATURES, entries, save_step, served_value
+from helpers import entries
+from helpers import make_manager
+from helpers import N_FEATURES
+from helpers import save_step
+from helpers import served_value
 import ckpt_export
 from ckpt_export import best as best_lib
-from ckpt_export import commit
 from ckpt_export import evaluation
 from ckpt_export import writers
 
@@ -20,9 +23,8 @@ FAST = dict(timeout=0, seconds_to_sleep=0.01)
 
 
 def _manager(directory, scale):
-  return ckpt_export.SavedModelCheckpointManager(
-      tf.train.Checkpoint(scale=scale), directory, max_to_keep=None,
-      modules_to_export={'scale': scale, 'twice': scale})
+  return make_manager(directory, scale, None,
+                      modules_to_export={'scale': scale, 'twice': scale})
 
 
 @pytest.fixture
@@ -232,9 +234,7 @@ def test_every_export_is_evaluated_or_recorded_as_skipped(local_dir, scale):
   # The case, scaled down: a slow evaluator against max_to_keep=2; the
   # trainer deletes exports while eval_fn is busy on an earlier one. Those
   # used to vanish without a word.
-  manager = ckpt_export.SavedModelCheckpointManager(
-      tf.train.Checkpoint(scale=scale), local_dir, max_to_keep=2,
-      modules_to_export={'scale': scale})
+  manager = make_manager(local_dir, scale, 2)
   last = 8
   save_step(manager, scale, 1)
 

@@ -16,14 +16,15 @@ import time
 from typing import List, Optional
 
 import pytest
-import tensorflow as tf
 
 import crash_child
-import eval_child
 from ckpt_export import best as best_lib
 from ckpt_export import commit
 from ckpt_export import evaluation
 from ckpt_export import paths
+from helpers import child_command
+from helpers import child_env
+from helpers import finish
 
 pytestmark = pytest.mark.slow
 
@@ -43,38 +44,30 @@ def _kill_children():
     proc.wait()
 
 
-def _env():
-  return dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
-
-
 def _trainer(model_dir: str, total_steps: int, max_to_keep: int,
              tmp_path) -> subprocess.Popen:
   cmd = [sys.executable, crash_child.__file__, '--model_dir', model_dir,
          '--total_steps', str(total_steps), '--save_every', str(SAVE_EVERY),
          '--max_to_keep', str(max_to_keep)]
   _children.append(subprocess.Popen(
-      cmd, stdout=subprocess.PIPE, text=True, env=_env(),
+      cmd, stdout=subprocess.PIPE, text=True, env=child_env(),
       stderr=open(tmp_path / 'trainer.err', 'a')))
   return _children[-1]
 
 
 def _evaluator(model_dir: str, until_step: int, tmp_path,
                *flags: str) -> subprocess.Popen:
-  cmd = [sys.executable, eval_child.__file__, '--model_dir', model_dir,
-         '--until_step', str(until_step), *flags]
+  cmd = child_command('eval_child.py', '--model_dir', model_dir,
+              '--until_step', str(until_step), *flags)
   _children.append(subprocess.Popen(
-      cmd, stdout=subprocess.PIPE, text=True, env=_env(),
+      cmd, stdout=subprocess.PIPE, text=True, env=child_env(),
       stderr=open(tmp_path / 'evaluator.err', 'a')))
   return _children[-1]
 
 
 def _finish(proc: subprocess.Popen, tmp_path, name: str) -> List[str]:
   """Waits for a child to exit with status 0; returns its output lines."""
-  out, _ = proc.communicate(timeout=WAIT_SECONDS)
-  if proc.returncode != 0:
-    with open(tmp_path / f'{name}.err') as f:
-      pytest.fail(f'{name} exited with {proc.returncode}; stdout:\n{out}\n'
-                  f'stderr:\n{f.read()[-4000:]}')
+  [(out, _)] = finish([proc], WAIT_SECONDS, [tmp_path / f'{name}.err'])
   return out.splitlines()
 
 
@@ -109,13 +102,6 @@ def _steps(lines: List[str], kind: str) -> List[int]:
           if line.startswith(kind + ' ')]
 
 
-def _served_step(export_dir: str) -> int:
-  loaded = tf.saved_model.load(os.path.join(export_dir,
-                                            crash_child.MODULE_NAME))
-  out = loaded.signatures['serving_default'](x=tf.ones([crash_child.WIDTH]))
-  return int(out['step'].numpy())
-
-
 def _check_best(model_dir: str) -> Optional[int]:
   """What a reader relies on: best.json names a copy serving its step."""
   info = best_lib.read_best(model_dir)
@@ -123,7 +109,7 @@ def _check_best(model_dir: str) -> Optional[int]:
     return None
   assert commit.is_published(info['path'])
   assert paths.parse_export_step(info['path']) == info['step']
-  assert _served_step(info['path']) == info['step']
+  assert crash_child.served_step(info['path']) == info['step']
   return info['step']
 
 

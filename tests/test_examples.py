@@ -20,6 +20,7 @@ import pytest
 import tensorflow as tf
 
 import ckpt_export
+from helpers import child_env
 
 pytestmark = pytest.mark.slow
 
@@ -51,14 +52,11 @@ SAVED_LINE = {
 def run_example(example: str, model_dir: pathlib.Path, **flags: object
                ) -> subprocess.CompletedProcess:
   """Runs an example to completion and checks it exits with status 0."""
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
-  env['PYTHONPATH'] = os.pathsep.join(
-      p for p in (str(REPO_ROOT), env.get('PYTHONPATH')) if p)
   script = REPO_ROOT / 'examples' / f'{example}.py'
   cmd = [sys.executable, str(script), f'--model_dir={model_dir}']
   cmd += [f'--{name}={value}' for name, value in flags.items()]
-  result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+  result = subprocess.run(cmd, cwd=REPO_ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, (
       f'{cmd} exited with {result.returncode}\n--- stdout:\n{result.stdout}\n'
       f'--- stderr:\n{result.stderr[-5000:]}')

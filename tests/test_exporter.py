@@ -1,8 +1,6 @@
 """The decoupled exporter: a trainer checkpoints, the exporter exports."""
 
-import os
 import subprocess
-import sys
 import threading
 import time
 
@@ -13,12 +11,14 @@ import ckpt_export
 from ckpt_export import decoupled
 from ckpt_export import paths
 import exporter_build
-from conftest import N_FEATURES, Scale, entries, run_cli, served_value
-from conftest import steps_of
-
-TRAINER = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                       'trainer_child.py')
-
+from helpers import child_command
+from helpers import child_env
+from helpers import entries
+from helpers import N_FEATURES
+from helpers import run_cli
+from helpers import Scale
+from helpers import served_value
+from helpers import steps_of
 
 def _write_checkpoints(model_dir, steps, max_to_keep=3):
   scale = Scale()
@@ -118,9 +118,9 @@ def test_a_build_function_must_return_a_checkpoint_and_modules(local_dir):
 def test_follows_a_real_trainer_process(local_dir):
   steps, max_to_keep = 12, 3
   trainer = subprocess.Popen(
-      [sys.executable, TRAINER, local_dir, str(steps), str(max_to_keep),
-       '0.3'], stdout=subprocess.PIPE, text=True,
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+      child_command('trainer_child.py', local_dir, str(steps), str(max_to_keep),
+            '0.3'), stdout=subprocess.PIPE, text=True,
+      env=child_env())
   outputs, trained = [], threading.Event()
 
   def wait_for_trainer():

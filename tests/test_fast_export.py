@@ -26,7 +26,12 @@ from ckpt_export import fast_export
 from ckpt_export import paths
 from ckpt_export import savedmodel
 from ckpt_export import writers
-from conftest import N_FEATURES, Scale, served_value, steps_of
+from helpers import child_env
+from helpers import make_manager
+from helpers import N_FEATURES
+from helpers import Scale
+from helpers import served_value
+from helpers import steps_of
 
 ASYNC = tf.train.CheckpointOptions(enable_async=True)
 SAVED_MODEL_CLI = [sys.executable, '-m',
@@ -114,9 +119,7 @@ def _served_step(export_dir: str, module) -> float:
 
 
 def _manager(model_dir, module, max_to_keep=5):
-  return ckpt_export.SavedModelCheckpointManager(
-      tf.train.Checkpoint(module=module), model_dir, max_to_keep,
-      modules_to_export={'m': module})
+  return make_manager(model_dir, module, max_to_keep, module_name='m')
 
 
 def _counts(manager):
@@ -259,7 +262,7 @@ def test_saved_model_cli_shows_a_fast_export(local_dir, scale):
       [*SAVED_MODEL_CLI, 'show', '--all', '--dir',
        os.path.join(manager.latest_savedmodel, 'm')],
       capture_output=True, text=True, check=True,
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+      env=child_env(tf_log_level='3'))
   assert "signature_def['serving_default']" in out.stdout
   assert f'shape: (-1, {N_FEATURES})' in out.stdout
 
@@ -381,9 +384,8 @@ def _failing_name(directory: str) -> str:
 def test_a_failed_background_export_is_raised_and_its_checkpoint_dropped(
     local_dir, scale):
   name = _failing_name(local_dir)
-  manager = ckpt_export.SavedModelCheckpointManager(
-      tf.train.Checkpoint(module=scale), local_dir, 5,
-      modules_to_export={'m': scale}, checkpoint_name=name)
+  manager = make_manager(local_dir, scale, 5, module_name='m',
+                         checkpoint_name=name)
   _set_step(scale, 1)
   manager.save(checkpoint_number=1)
   bad_step = 10**11
@@ -407,9 +409,8 @@ def test_a_failed_background_export_is_raised_and_its_checkpoint_dropped(
 def test_a_failed_background_export_is_raised_by_the_next_save(
     local_dir, scale):
   name = _failing_name(local_dir)
-  manager = ckpt_export.SavedModelCheckpointManager(
-      tf.train.Checkpoint(module=scale), local_dir, 5,
-      modules_to_export={'m': scale}, checkpoint_name=name)
+  manager = make_manager(local_dir, scale, 5, module_name='m',
+                         checkpoint_name=name)
   manager.save(checkpoint_number=1)
   manager.save(checkpoint_number=10**11, options=ASYNC)
   with pytest.raises(tf.errors.InvalidArgumentError, match='too long'):
@@ -437,12 +438,9 @@ def test_restore_exports_a_checkpoint_that_has_none(local_dir, scale):
 _EXIT_WITHOUT_SYNC = '''
 import sys
 import tensorflow as tf
-import ckpt_export
-from conftest import N_FEATURES, Scale
+from helpers import make_manager, N_FEATURES, Scale
 scale = Scale()
-manager = ckpt_export.SavedModelCheckpointManager(
-    tf.train.Checkpoint(module=scale), sys.argv[1], 5,
-    modules_to_export={'m': scale})
+manager = make_manager(sys.argv[1], scale, 5, module_name='m')
 options = tf.train.CheckpointOptions(enable_async=True)
 for step in (1, 2, 3):
   scale.w.assign(tf.fill([N_FEATURES], float(step)))
@@ -453,12 +451,8 @@ for step in (1, 2, 3):
 
 def test_an_async_export_completes_when_the_process_exits_without_sync(
     local_dir):
-  tests_dir = os.path.dirname(os.path.abspath(__file__))
-  subprocess.run(
-      [sys.executable, '-c', _EXIT_WITHOUT_SYNC, local_dir], check=True,
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3',
-               PYTHONPATH=os.pathsep.join([os.path.dirname(tests_dir),
-                                           tests_dir])))
+  subprocess.run([sys.executable, '-c', _EXIT_WITHOUT_SYNC, local_dir],
+                 check=True, env=child_env(tf_log_level='3'))
   assert steps_of(ckpt_export.list_savedmodels(local_dir)) == [1, 2, 3]
   assert [paths.parse_checkpoint_step(p) for p in tf.train.get_checkpoint_state(
       local_dir).all_model_checkpoint_paths] == [1, 2, 3]

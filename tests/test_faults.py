@@ -14,7 +14,6 @@ work and leave no leftovers.
 import json
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 
@@ -23,20 +22,21 @@ import tensorflow as tf
 
 import ckpt_export
 from ckpt_export import paths
-from conftest import entries
-from conftest import N_FEATURES
-from conftest import Scale
-from conftest import served_value
+from helpers import child_env
+from helpers import entries
+from helpers import make_manager
+from helpers import N_FEATURES
+from helpers import REPO
+from helpers import Scale
+from helpers import served_value
+from helpers import unprivileged_prefix
 import permission_child
 
 FS_BYTES = 24 << 20
 PAD_FLOATS = 512 * 1024  # 2 MB in each checkpoint and in each export.
 # The capabilities that let root ignore file modes.
-_DROPPED_CAPABILITIES = '-dac_override,-dac_read_search,-fowner'
-
-
 class Padded(Scale):
-  """Serves `x * w` like conftest's Scale, carrying 2 MB of other weights."""
+  """Serves `x * w` like helpers.Scale, carrying 2 MB of other weights."""
 
   def __init__(self) -> None:
     super().__init__()
@@ -104,18 +104,14 @@ def _save(manager, module: Padded, step: int) -> str:
 def test_disk_full(small_fs, free_bytes, failing_write):
   model_dir = str(small_fs / 'model')
   module = Padded()
-  manager = ckpt_export.SavedModelCheckpointManager(
-      tf.train.Checkpoint(module=module), model_dir, max_to_keep=5,
-      modules_to_export={'scale': module})
+  manager = make_manager(model_dir, module, 5)
   _save(manager, module, 1)
   _save(manager, module, 2)
   filler = _fill(small_fs, free_bytes)
   # A restarted job: its first export is a full one, written before the
   # checkpoint (later exports share the checkpoint's variables and need only
   # their metadata's space).
-  manager = ckpt_export.SavedModelCheckpointManager(
-      tf.train.Checkpoint(module=module), model_dir, max_to_keep=5,
-      modules_to_export={'scale': module})
+  manager = make_manager(model_dir, module, 5)
 
   with pytest.raises(tf.errors.ResourceExhaustedError) as error:
     _save(manager, module, 3)
@@ -131,30 +127,16 @@ def test_disk_full(small_fs, free_bytes, failing_write):
   _check_intact(model_dir, [1, 2, 3])
 
 
-@pytest.fixture
-def unprivileged() -> list:
-  """A command prefix that runs a child to which file modes apply."""
-  if os.geteuid() != 0:
-    return []
-  setpriv = shutil.which('setpriv')
-  if setpriv is None:
-    pytest.skip('Running as root, which bypasses file modes, and there is no '
-                'setpriv (util-linux) to drop the capabilities that do so.')
-  return [setpriv, '--bounding-set', _DROPPED_CAPABILITIES, '--']
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize('when', ['before', 'mid_publish'])
-def test_permission_denied_on_the_model_directory(unprivileged, when,
-                                                  tmp_path):
+def test_permission_denied_on_the_model_directory(when, tmp_path):
   model_dir = str(tmp_path / 'model')
   os.mkdir(model_dir)
   try:
     child = subprocess.run(
-        unprivileged + [sys.executable, permission_child.__file__,
-                        '--model_dir', model_dir, '--when', when],
-        capture_output=True, text=True, check=False,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+        [*unprivileged_prefix(), sys.executable, permission_child.__file__,
+         '--model_dir', model_dir, '--when', when],
+        capture_output=True, text=True, check=False, env=child_env())
     assert child.returncode == 0, child.stderr[-4000:]
     error = json.loads(child.stdout.strip().split('\n')[-1])
     assert error['type'] == 'PermissionDeniedError'
@@ -202,25 +184,21 @@ except Exception as e:  # pylint: disable=broad-except
 
 
 @pytest.mark.slow
-def test_a_reader_that_may_not_write_is_told_how_to_read(unprivileged,
-                                                         tmp_path):
+def test_a_reader_that_may_not_write_is_told_how_to_read(tmp_path):
   module = Scale()
   module.w.assign(tf.fill([N_FEATURES], 1.0))
   model_dir = str(tmp_path / 'model')
-  ckpt_export.SavedModelCheckpointManager(
-      tf.train.Checkpoint(module=module), model_dir, 2,
-      modules_to_export={'scale': module}).save(checkpoint_number=1)
+  make_manager(model_dir, module, 2).save(checkpoint_number=1)
   before = entries(model_dir)
   os.chmod(model_dir, 0o555)
   try:
     results = {}
     for lease in ('60', 'none'):
       child = subprocess.run(
-          unprivileged + [sys.executable, '-c', _READ_ONCE,
-                          str(pathlib.Path(__file__).parents[1]), model_dir,
-                          lease],
+          [*unprivileged_prefix(), sys.executable, '-c', _READ_ONCE, REPO,
+           model_dir, lease],
           capture_output=True, text=True, check=False,
-          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+          env=child_env(tf_log_level='3'))
       assert child.returncode == 0, child.stderr[-4000:]
       results[lease] = json.loads(child.stdout.strip().split('\n')[-1])
   finally:

@@ -25,12 +25,14 @@ import ckpt_export
 from ckpt_export import commit
 from ckpt_export import paths
 from ckpt_export import readers
-from conftest import entries
-from conftest import N_FEATURES
-from conftest import Scale
-from conftest import served_value
-from conftest import save_step
-from conftest import steps_of
+from helpers import child_env
+from helpers import entries
+from helpers import make_manager
+from helpers import N_FEATURES
+from helpers import save_step
+from helpers import Scale
+from helpers import served_value
+from helpers import steps_of
 import crash_child
 import gcs_emulator
 
@@ -72,9 +74,7 @@ def gcs_dir(bucket) -> str:
 
 
 def test_manager_save_gc_restore(gcs_dir, scale):
-  manager = ckpt_export.SavedModelCheckpointManager(
-      tf.train.Checkpoint(scale=scale), gcs_dir, max_to_keep=2,
-      modules_to_export={'scale': scale})
+  manager = make_manager(gcs_dir, scale, 2)
   for step in (1, 2, 3):
     save_step(manager, scale, step)
   assert steps_of(manager.savedmodels) == [2, 3]
@@ -88,9 +88,7 @@ def test_manager_save_gc_restore(gcs_dir, scale):
     assert served_value(export_dir) == step
 
   restored = Scale()
-  again = ckpt_export.SavedModelCheckpointManager(
-      tf.train.Checkpoint(scale=restored), gcs_dir, max_to_keep=2,
-      modules_to_export={'scale': restored})
+  again = make_manager(gcs_dir, restored, 2)
   assert again.restore_or_initialize() == f'{gcs_dir}/ckpt-3'
   assert restored.w.numpy().tolist() == [3.0] * 4
   assert steps_of(again.savedmodels) == [2, 3]
@@ -227,16 +225,13 @@ def test_a_failed_server_side_copy_falls_back_to_uploading(
 
 def _serves_its_step(export_dir: str) -> bool:
   """Loads a crash_child export; False if it was deleted meanwhile."""
-  step = paths.parse_export_step(export_dir)
   try:
-    loaded = tf.saved_model.load(f'{export_dir}/{crash_child.MODULE_NAME}')
-    out = loaded.signatures['serving_default'](tf.ones([crash_child.WIDTH]))
+    served = crash_child.served_step(export_dir)
   except (tf.errors.OpError, OSError, ValueError):
     # Only an export that is no longer published may fail to load.
     assert not commit.is_published(export_dir), export_dir
     return False
-  assert int(out['step']) == step
-  assert out['y'].numpy().tolist() == [2.0 * step] * crash_child.WIDTH
+  assert served == paths.parse_export_step(export_dir), export_dir
   return True
 
 
@@ -258,7 +253,7 @@ def test_readers_and_a_writer_killed_mid_publish(gcs_dir, tmp_path):
         [sys.executable, crash_child.__file__, '--model_dir', gcs_dir,
          '--total_steps', '1000000', '--save_every', '1', '--max_to_keep',
          '2'], stdout=subprocess.DEVNULL, stderr=stderr,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+        env=child_env())
   try:
     # A reader polls while the writer publishes and deletes exports: every
     # export it is shown loads and serves its own step.

@@ -22,19 +22,21 @@ import pytest
 import tensorflow as tf
 
 import ckpt_export
-from ckpt_export import commit
-from ckpt_export import leases
 from ckpt_export import paths
 from ckpt_export import writers
-from conftest import REPO, Scale, save_step, served_value, snapshot
+from helpers import make_manager
+from helpers import REPO
+from helpers import save_step
+from helpers import Scale
+from helpers import served_value
+from helpers import snapshot
+from helpers import unprivileged_prefix
 
 CLI = os.path.join(os.path.dirname(sys.executable), 'ckpt-export')
 
 
 def _manager(model_dir, module, max_to_keep=2, name='ckpt'):
-  return ckpt_export.SavedModelCheckpointManager(
-      tf.train.Checkpoint(scale=module), model_dir, max_to_keep=max_to_keep,
-      modules_to_export={'scale': module}, checkpoint_name=name)
+  return make_manager(model_dir, module, max_to_keep, checkpoint_name=name)
 
 
 def _victim(tmp_path) -> str:
@@ -322,20 +324,10 @@ def test_watch_of_an_executable_without_shebang(tmp_path):
       '(a script needs a #! line)')
 
 
-def _unprivileged():
-  if os.geteuid() != 0:
-    return []
-  setpriv = shutil.which('setpriv')
-  if setpriv is None:
-    pytest.skip('root bypasses file modes, and there is no setpriv')
-  caps = '-dac_override,-dac_read_search,-fowner'
-  return [setpriv, f'--bounding-set={caps}', f'--inh-caps={caps}', '--']
-
-
 @pytest.mark.slow
 def test_a_read_only_model_directory(tmp_path):
   """verify needs --no-lease; the default iterator reads without leases."""
-  prefix = _unprivileged()
+  prefix = unprivileged_prefix()
   model_dir = tmp_path / 'model'
   module = Scale()
   save_step(_manager(str(model_dir), module), module, 1)

@@ -6,7 +6,6 @@ import random
 import select
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -17,16 +16,19 @@ import ckpt_export
 from ckpt_export import commit
 from ckpt_export import leases
 from ckpt_export import paths
-from conftest import Scale, entries, save_step, served_value, steps_of
-
-CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                     'lease_child.py')
+from helpers import child_command
+from helpers import child_env
+from helpers import entries
+from helpers import make_manager
+from helpers import save_step
+from helpers import Scale
+from helpers import served_value
+from helpers import steps_of
+from helpers import wait_for
 
 
 def _manager(model_dir, module, max_to_keep=1):
-  return ckpt_export.SavedModelCheckpointManager(
-      tf.train.Checkpoint(module=module), model_dir, max_to_keep,
-      modules_to_export={'scale': module})
+  return make_manager(model_dir, module, max_to_keep)
 
 
 def _export(model_dir, step):
@@ -262,10 +264,8 @@ def test_iterator_with_a_trainer_deleting_never_yields_a_missing_export(
       timeout_fn=lambda: seen[-1:] == [last] or bool(errors)):
     step = paths.parse_export_step(export_dir)
     # A slow evaluation: the trainer saves (and collects) at least once more.
-    deadline = time.monotonic() + 600
-    while saved[-1] == step < last and not errors:
-      assert time.monotonic() < deadline, f'No save after step {step}'
-      time.sleep(0.01)
+    wait_for(lambda: not (saved[-1] == step < last) or errors,
+             f'a save after step {step}', seconds=600, interval=0.01)
     assert served_value(export_dir) == step
     seen.append(step)
   trainer.join()
@@ -348,9 +348,9 @@ def test_many_readers_racing_the_trainers_gc(model_dir):
 
 def _start_reader(export_dir, lease_seconds):
   child = subprocess.Popen(
-      [sys.executable, CHILD, export_dir, str(lease_seconds)],
+      child_command('lease_child.py', export_dir, str(lease_seconds)),
       stdout=subprocess.PIPE, text=True,
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+      env=child_env(tf_log_level='3'))
   if not select.select([child.stdout], [], [], 600)[0]:
     child.kill()
     pytest.fail('The reader printed nothing within 600 s')

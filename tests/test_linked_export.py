@@ -28,7 +28,10 @@ from ckpt_export import commit
 from ckpt_export import savedmodel
 from ckpt_export import fast_export
 from ckpt_export import paths
-from conftest import N_FEATURES, steps_of
+from helpers import child_env
+from helpers import make_manager
+from helpers import N_FEATURES
+from helpers import steps_of
 
 ASYNC = tf.train.CheckpointOptions(enable_async=True)
 OPTIONS = [None, ASYNC]
@@ -76,10 +79,9 @@ def _trained(module: Affine) -> tf_keras.optimizers.Optimizer:
 
 
 def _manager(model_dir, module, checkpoint=None, max_to_keep=5):
-  checkpoint = checkpoint or tf.train.Checkpoint(
-      module=module, optimizer=_trained(module))
-  return ckpt_export.SavedModelCheckpointManager(
-      checkpoint, model_dir, max_to_keep, modules_to_export={'m': module})
+  return make_manager(model_dir, module, max_to_keep, module_name='m',
+                      checkpoint=checkpoint or tf.train.Checkpoint(
+                          module=module, optimizer=_trained(module)))
 
 
 def _counts(manager):
@@ -145,7 +147,7 @@ def test_saved_model_cli_shows_and_runs_a_linked_export(local_dir):
   _save_steps(manager, module, [1, 2])
   assert _counts(manager) == (1, 1, 1)
   linked = os.path.join(manager.latest_savedmodel, 'm')
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  env = child_env(tf_log_level='3')
   show = subprocess.run([*SAVED_MODEL_CLI, 'show', '--all', '--dir', linked],
                         capture_output=True, text=True, check=True, env=env)
   assert "signature_def['serving_default']" in show.stdout

@@ -11,18 +11,17 @@ import tensorflow as tf
 import tf_keras
 
 import ckpt_export
-from ckpt_export import commit
 from ckpt_export import housekeeping
 from ckpt_export import leases
 from ckpt_export import paths
 from ckpt_export import writers
-from conftest import N_FEATURES, Scale, entries, save_step, served_value, steps_of
-
-
-def _manager(model_dir, module, max_to_keep=2, **kwargs):
-  return ckpt_export.SavedModelCheckpointManager(
-      tf.train.Checkpoint(module=module), model_dir, max_to_keep,
-      modules_to_export={'scale': module}, **kwargs)
+from helpers import entries
+from helpers import make_manager
+from helpers import N_FEATURES
+from helpers import save_step
+from helpers import Scale
+from helpers import served_value
+from helpers import steps_of
 
 
 
@@ -64,7 +63,7 @@ def test_constructor_and_methods_match_the_reference(reference):
 
 
 def test_each_export_serves_the_values_of_its_own_step(model_dir, scale):
-  manager = _manager(model_dir, scale, max_to_keep=3)
+  manager = make_manager(model_dir, scale, max_to_keep=3)
   for step in (1, 2, 3):
     path = save_step(manager, scale, step)
     assert path == os.path.join(model_dir, f'ckpt-{step}')
@@ -74,7 +73,7 @@ def test_each_export_serves_the_values_of_its_own_step(model_dir, scale):
 
 
 def test_max_to_keep_leaves_exactly_the_kept_directories(model_dir, scale):
-  manager = _manager(model_dir, scale, max_to_keep=2)
+  manager = make_manager(model_dir, scale, max_to_keep=2)
   for step in range(1, 6):
     save_step(manager, scale, step)
   manager.sync()  # Old exports are deleted in the background.
@@ -89,10 +88,10 @@ def test_max_to_keep_leaves_exactly_the_kept_directories(model_dir, scale):
 
 
 def test_savedmodels_are_in_step_order_after_a_restart(model_dir, scale):
-  manager = _manager(model_dir, scale, max_to_keep=3)
+  manager = make_manager(model_dir, scale, max_to_keep=3)
   for step in (9, 10, 100):  # Listing order: 10, 100, 9.
     save_step(manager, scale, step)
-  restarted = _manager(model_dir, Scale(), max_to_keep=3)
+  restarted = make_manager(model_dir, Scale(), max_to_keep=3)
   assert steps_of(restarted.savedmodels) == [9, 10, 100]
   assert steps_of([restarted.latest_savedmodel]) == [100]
   assert steps_of(restarted.get_existing_savedmodels()) == [9, 10, 100]
@@ -100,23 +99,21 @@ def test_savedmodels_are_in_step_order_after_a_restart(model_dir, scale):
 
 
 def test_savedmodels_lists_only_the_managed_checkpoints(local_dir, scale):
-  other = ckpt_export.SavedModelCheckpointManager(
-      tf.train.Checkpoint(module=scale), local_dir, 5,
-      modules_to_export={'scale': scale}, checkpoint_name='other')
+  other = make_manager(local_dir, scale, 5, checkpoint_name='other')
   save_step(other, scale, 1)
-  manager = _manager(local_dir, scale)
+  manager = make_manager(local_dir, scale)
   save_step(manager, scale, 2)
   assert steps_of(manager.savedmodels) == [2]
-  assert steps_of(_manager(local_dir, Scale()).savedmodels) == [2]
+  assert steps_of(make_manager(local_dir, Scale()).savedmodels) == [2]
   assert steps_of(other.savedmodels) == [1]
 
 
 def test_saving_a_step_again_replaces_its_export(model_dir, scale):
-  manager = _manager(model_dir, scale)
+  manager = make_manager(model_dir, scale)
   save_step(manager, scale, 1)
   save_step(manager, scale, 2)
   # A job restored to step 1 trains to step 2 again, with other values.
-  restarted = _manager(model_dir, scale)
+  restarted = make_manager(model_dir, scale)
   scale.w.assign(tf.fill([N_FEATURES], 42.0))
   restarted.save(checkpoint_number=2)
   assert steps_of(restarted.savedmodels) == [1, 2]
@@ -126,8 +123,8 @@ def test_saving_a_step_again_replaces_its_export(model_dir, scale):
 
 
 def test_checkpoints_kept_every_n_hours_keep_their_exports(local_dir, scale):
-  manager = _manager(local_dir, scale, max_to_keep=1,
-                     keep_checkpoint_every_n_hours=1e-9)
+  manager = make_manager(local_dir, scale, max_to_keep=1,
+                         keep_checkpoint_every_n_hours=1e-9)
   for step in (1, 2, 3):
     save_step(manager, scale, step)
   assert _checkpoint_steps(local_dir) == [1, 2, 3]
@@ -141,7 +138,7 @@ def test_async_checkpointing_keeps_every_export(local_dir):
   # A checkpoint large enough that its write is still in flight after save().
   big = Scale()
   big.payload = tf.Variable(tf.zeros([4_000_000]))
-  manager = _manager(local_dir, big, max_to_keep=2)
+  manager = make_manager(local_dir, big, max_to_keep=2)
   options = tf.train.CheckpointOptions(enable_async=True)
   for step in (1, 2, 3):
     save_step(manager, big, step, options=options)
@@ -177,7 +174,7 @@ def test_checkpoint_interval_saves_at_the_same_steps_as_the_base_class(tmp_path)
 
 
 def test_default_numbering_follows_the_save_counter(model_dir, scale):
-  manager = _manager(model_dir, scale, max_to_keep=5)
+  manager = make_manager(model_dir, scale, max_to_keep=5)
   assert manager.save().endswith('ckpt-1')
   assert manager.save().endswith('ckpt-2')
   assert manager.save(checkpoint_number=tf.Variable(10, dtype=tf.int64)).endswith(
@@ -196,14 +193,15 @@ def test_without_modules_only_checkpoints_are_written(model_dir, scale):
 
 
 def test_restore_or_initialize_restores_the_latest_checkpoint(local_dir, scale):
-  manager = _manager(local_dir, scale)
+  manager = make_manager(local_dir, scale)
   save_step(manager, scale, 4)
   fresh = Scale()
-  restarted = _manager(local_dir, fresh)
+  restarted = make_manager(local_dir, fresh)
   assert restarted.restore_or_initialize().endswith('ckpt-4')
   assert float(fresh.w[0]) == 4.0
   calls = []
-  empty = _manager(local_dir + '_empty', Scale(), init_fn=lambda: calls.append(1))
+  empty = make_manager(local_dir + '_empty', Scale(),
+                       init_fn=lambda: calls.append(1))
   assert empty.restore_or_initialize() is None and calls == [1]
 
 
@@ -243,9 +241,7 @@ def test_exports_tf_modules_tf_keras_and_keras3_models(model_dir, make_module):
   module = make_module()
   x = tf.random.stateless_normal([5, N_FEATURES], seed=[1, 2])
   expected = module(x)
-  manager = ckpt_export.SavedModelCheckpointManager(
-      tf.train.Checkpoint(module=module), model_dir, 1,
-      modules_to_export={'m': module})
+  manager = make_manager(model_dir, module, 1, module_name='m')
   manager.save()
   loaded = tf.saved_model.load(os.path.join(manager.latest_savedmodel, 'm'))
   outputs = loaded.signatures['serving_default'](tf.constant(x))
@@ -259,7 +255,7 @@ def test_exports_tf_modules_tf_keras_and_keras3_models(model_dir, make_module):
 @pytest.mark.parametrize('bad', [0, -1, '3', 2.5, True])
 def test_bad_max_to_keep(local_dir, scale, bad):
   with pytest.raises(ValueError, match=f'max_to_keep.*{bad!r}'):
-    _manager(local_dir, scale, max_to_keep=bad)
+    make_manager(local_dir, scale, max_to_keep=bad)
   assert not os.path.exists(local_dir)
 
 
@@ -275,7 +271,7 @@ def test_bad_module_names(local_dir, scale, bad):
 @pytest.mark.parametrize('bad', ['', 'a/b', '..'])
 def test_bad_checkpoint_names(local_dir, scale, bad):
   with pytest.raises(ValueError, match='checkpoint_name') as info:
-    _manager(local_dir, scale, checkpoint_name=bad)
+    make_manager(local_dir, scale, checkpoint_name=bad)
   assert repr(bad) in str(info.value)
 
 
@@ -313,7 +309,7 @@ def test_unbuilt_keras_model_fails_at_save_and_writes_nothing(local_dir, scale):
 @pytest.mark.parametrize('bad', [1.5, '3', -1, True, tf.constant(2.0),
                                  tf.constant([1, 2])])
 def test_bad_checkpoint_number(model_dir, scale, bad):
-  manager = _manager(model_dir, scale)
+  manager = make_manager(model_dir, scale)
   save_step(manager, scale, 1)
   before = entries(model_dir)
   with pytest.raises(ValueError, match='checkpoint_number'):
@@ -323,7 +319,7 @@ def test_bad_checkpoint_number(model_dir, scale, bad):
 
 
 def test_failed_checkpoint_write_publishes_no_export(local_dir, scale):
-  manager = _manager(local_dir, scale)
+  manager = make_manager(local_dir, scale)
   save_step(manager, scale, 1)
   before = entries(local_dir)
   with pytest.raises(Exception):
@@ -337,7 +333,7 @@ def test_failed_checkpoint_write_publishes_no_export(local_dir, scale):
 def test_restart_after_a_kill_mid_deletion_leaves_no_leftovers(local_dir,
                                                                scale):
   """Killed while TF deleted the oldest checkpoint: its index was gone."""
-  manager = _manager(local_dir, scale, max_to_keep=3)
+  manager = make_manager(local_dir, scale, max_to_keep=3)
   for step in (1, 2, 3):
     save_step(manager, scale, step)
   # What a save of step 3 with max_to_keep=2 leaves if killed in TF's sweep:
@@ -347,7 +343,7 @@ def test_restart_after_a_kill_mid_deletion_leaves_no_leftovers(local_dir,
       [os.path.join(local_dir, f'ckpt-{s}') for s in (2, 3)],
       all_model_checkpoint_timestamps=[time.time()] * 2)
   os.remove(os.path.join(local_dir, 'ckpt-1.index'))
-  restarted = _manager(local_dir, Scale(), max_to_keep=2)
+  restarted = make_manager(local_dir, Scale(), max_to_keep=2)
   assert restarted.restore_or_initialize() == os.path.join(local_dir,
                                                            'ckpt-3')
   assert entries(local_dir) == [
@@ -359,7 +355,7 @@ def test_restart_after_a_kill_mid_deletion_leaves_no_leftovers(local_dir,
 
 def test_failed_save_spares_its_export_while_a_reader_holds_it(local_dir,
                                                                scale):
-  manager = _manager(local_dir, scale)
+  manager = make_manager(local_dir, scale)
   save_step(manager, scale, 1)
   export_dir = paths.export_path(local_dir, 'ckpt', 2)
   held = []
@@ -392,8 +388,8 @@ def test_any_legal_names_and_trailing_separators(tmp_path, dirname,
   else:
     model_dir = str(tmp_path) + '/' + dirname
   scale = Scale()
-  manager = _manager(model_dir, scale, max_to_keep=2,
-                     checkpoint_name=checkpoint_name)
+  manager = make_manager(model_dir, scale, max_to_keep=2,
+                         checkpoint_name=checkpoint_name)
   for step in (1, 2, 3):
     save_step(manager, scale, step)
   assert steps_of(manager.savedmodels) == [2, 3]
@@ -415,7 +411,8 @@ def test_any_legal_names_and_trailing_separators(tmp_path, dirname,
 def test_names_tensorflow_cannot_read_back_are_refused(tmp_path, directory,
                                                        checkpoint_name):
   with pytest.raises(ValueError, match=r"contains '\['"):
-    _manager(str(tmp_path / directory), Scale(), checkpoint_name=checkpoint_name)
+    make_manager(str(tmp_path / directory), Scale(),
+                 checkpoint_name=checkpoint_name)
   assert not os.path.exists(tmp_path / directory)
 
 
@@ -430,7 +427,7 @@ def test_garbage_collection_never_touches_what_is_not_ours(local_dir, scale):
     else:
       os.makedirs(os.path.join(local_dir, name, 'inner'))
   open(os.path.join(local_dir, 'ckpt-3_saved_modules'), 'w').close()  # A file.
-  manager = _manager(local_dir, scale, max_to_keep=1)
+  manager = make_manager(local_dir, scale, max_to_keep=1)
   for step in (2, 4, 5):
     save_step(manager, scale, step)
   for name in users + ['ckpt-3_saved_modules']:
@@ -451,7 +448,7 @@ def test_reads_exports_the_reference_wrote(local_dir, reference):
       modules_to_export={'scale': module})
   ref.save(checkpoint_number=7)
   ref.save(checkpoint_number=8)
-  ours = _manager(local_dir, Scale(), max_to_keep=3)
+  ours = make_manager(local_dir, Scale(), max_to_keep=3)
   assert steps_of(ours.savedmodels) == [7, 8]
   assert steps_of([ours.wait_for_new_savedmodel(timeout=0)]) == [7]
   assert served_value(ckpt_export.latest_savedmodel(local_dir)) == 7.0
@@ -462,7 +459,7 @@ def test_reads_exports_the_reference_wrote(local_dir, reference):
 
 def test_the_reference_reads_exports_ckpt_export_wrote(local_dir, scale,
                                                        reference):
-  manager = _manager(local_dir, scale, max_to_keep=3)
+  manager = make_manager(local_dir, scale, max_to_keep=3)
   for step in (3, 4):
     save_step(manager, scale, step)
   ref = reference.SavedModelCheckpointManager(
@@ -475,7 +472,7 @@ def test_the_reference_reads_exports_ckpt_export_wrote(local_dir, scale,
 
 
 def test_crash_leftovers_are_removed_on_restore_and_save(local_dir, scale):
-  manager = _manager(local_dir, scale)
+  manager = make_manager(local_dir, scale)
   save_step(manager, scale, 1)
   leftovers = {
       # TF's checkpoint work directory of a write killed midway.
@@ -495,7 +492,7 @@ def test_crash_leftovers_are_removed_on_restore_and_save(local_dir, scale):
   state_temp, not_tf = 'checkpoint.tmp' + '0123abcd' * 4, 'checkpoint.tmp-x'
   for name in (state_temp, not_tf):
     open(os.path.join(local_dir, name), 'w').close()
-  restarted = _manager(local_dir, Scale())
+  restarted = make_manager(local_dir, Scale())
   restarted.restore_or_initialize()
   assert not (set(leftovers) | {state_temp}) & set(entries(local_dir))
   assert set(kept) | {not_tf} <= set(entries(local_dir))
@@ -529,7 +526,7 @@ class _HeldCollect:
 
 def test_old_exports_are_deleted_off_the_training_thread(
     local_dir, scale, monkeypatch):
-  manager = _manager(local_dir, scale, max_to_keep=1)
+  manager = make_manager(local_dir, scale, max_to_keep=1)
   save_step(manager, scale, 1)
   manager.sync()
   held = _HeldCollect(monkeypatch)
@@ -550,7 +547,7 @@ def test_old_exports_are_deleted_off_the_training_thread(
 
 def test_background_housekeeping_never_deletes_a_leased_export(
     local_dir, scale):
-  manager = _manager(local_dir, scale, max_to_keep=1)
+  manager = make_manager(local_dir, scale, max_to_keep=1)
   save_step(manager, scale, 1)
   manager.sync()
   lease = leases.acquire(paths.export_path(local_dir, 'ckpt', 1))
@@ -567,7 +564,7 @@ def test_background_housekeeping_never_deletes_a_leased_export(
 
 def test_a_housekeeping_failure_is_logged_not_raised(
     local_dir, scale, monkeypatch, caplog):
-  manager = _manager(local_dir, scale, max_to_keep=1)
+  manager = make_manager(local_dir, scale, max_to_keep=1)
 
   def broken(*args, **kwargs):
     raise RuntimeError('housekeeping bug')

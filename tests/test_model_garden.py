@@ -8,33 +8,23 @@ import pytest
 import tensorflow as tf
 
 from ckpt_export import manager as manager_lib
-from ckpt_export import paths
 from ckpt_export import readers
 from ckpt_export import serving
 
 pytest.importorskip('official', reason='needs Model Garden (the orbit extra)')
-from official.core import exp_factory
 from official.core import export_base
 from official.core import task_factory
 from official.utils.testing import mock_task  # pylint: disable=unused-import
 from ckpt_export import model_garden
 
-from conftest import entries
+from helpers import assert_exports_match_checkpoints
+from helpers import checkpoint_outputs
+from helpers import entries
+from helpers import MOCK_INPUT
+from helpers import mock_params
+from helpers import served_outputs
 
-X = np.array([[0.5, -2.0], [3.0, 1.0]], np.float32)
-
-
-def mock_params(**trainer):
-  params = exp_factory.get_exp_config('mock')
-  params.override({'trainer': {
-      'train_steps': 6, 'steps_per_loop': 2, 'checkpoint_interval': 2,
-      'validation_steps': 1, 'validation_interval': 2, 'max_to_keep': 2,
-      'summary_interval': 2, **trainer,
-      'optimizer_config': {
-          'optimizer': {'type': 'sgd'},
-          'learning_rate': {'type': 'constant',
-                            'constant': {'learning_rate': 0.1}}}}})
-  return params
+X = MOCK_INPUT
 
 
 def run(model_dir: str, mode: str, params=None, **kwargs):
@@ -45,30 +35,6 @@ def run(model_dir: str, mode: str, params=None, **kwargs):
       distribution_strategy=strategy, task=task, mode=mode, params=params,
       model_dir=model_dir, **kwargs)
   return runner, runner.run()
-
-
-def checkpoint_outputs(model_dir: str, step: int) -> np.ndarray:
-  """What the mock model restored from checkpoint `step` computes on X."""
-  model = mock_task.MockTask().build_model()
-  tf.train.Checkpoint(model=model).read(
-      os.path.join(model_dir, f'ckpt-{step}')).expect_partial()
-  return model(X).numpy()
-
-
-def assert_exports_match_checkpoints(model_dir: str, steps) -> None:
-  """The model dir's exports are those of `steps`, each serving its step."""
-  exports = readers.list_savedmodels(model_dir)
-  assert [paths.parse_export_step(p) for p in exports] == list(steps)
-  for step, export_dir in zip(steps, exports):
-    np.testing.assert_allclose(served_outputs(export_dir),
-                               checkpoint_outputs(model_dir, step), rtol=1e-6)
-
-
-def served_outputs(export_dir: str, name: str = 'model') -> np.ndarray:
-  loaded = tf.saved_model.load(os.path.join(export_dir, name))
-  out = loaded.signatures['serving_default'](tf.constant(X))
-  (values,) = out.values()
-  return values.numpy()
 
 
 @pytest.mark.parametrize('async_checkpointing', [False, True])

@@ -13,16 +13,19 @@ import tensorflow as tf
 from ckpt_export import paths
 from ckpt_export import readers
 from ckpt_export import serving
-from conftest import REPO
+from helpers import assert_exports_match_checkpoints
+from helpers import checkpoint_outputs
+from helpers import child_env
+from helpers import finish
+from helpers import REPO
+from helpers import served_outputs
+from helpers import worker_envs
 
 pytest.importorskip('official', reason='needs Model Garden (the orbit extra)')
 from official.core import exp_factory
 from official.core import task_factory
 from official.vision import registry_imports  # pylint: disable=unused-import
 from official.vision.serving import image_classification
-from test_model_garden import assert_exports_match_checkpoints
-from test_model_garden import checkpoint_outputs
-from test_model_garden import served_outputs
 
 EXAMPLE = os.path.join(REPO, 'examples', 'model_garden_train.py')
 # The mock experiment is registered by a test module, imported first.
@@ -35,9 +38,9 @@ SGD = {'optimizer': {'type': 'sgd'},
 
 def run_example(args, timeout: float, mock: bool = False):
   command = [sys.executable] + (['-c', RUN_WITH_MOCK] if mock else [EXAMPLE])
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
   done = subprocess.run(command + args, capture_output=True, text=True,
-                        timeout=timeout, env=env, cwd=REPO, check=False)
+                        timeout=timeout, env=child_env(CUDA_VISIBLE_DEVICES=''),
+                        cwd=REPO, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
   return done
 
@@ -139,49 +142,21 @@ def test_resnet_imagenet_exports_classify_as_their_checkpoint(tmp_path):
   assert not np.allclose(served[0], served[1])
 
 
-def _assert_all_succeed(procs) -> list:
-  """Waits (with a deadline) for each process; each must exit 0.
-
-  Returns:
-    Each process's stderr.
-  """
-  try:
-    errors = [proc.communicate(timeout=240)[1] for proc in procs]
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-  for proc, stderr in zip(procs, errors):
-    assert proc.returncode == 0, stderr[-3000:]
-  return errors
-
-
 @pytest.mark.slow
 def test_mock_experiment_on_two_workers(tmp_path):
   """MultiWorkerMirrored: the chief writes model_dir, worker 1 no temp dir."""
-  from test_distribute import _free_ports  # pylint: disable=g-import-not-at-top
   model_dir = str(tmp_path / 'model')
   override = {'runtime': {'distribution_strategy': 'multi_worker_mirrored'},
               'trainer': {'train_steps': 4, 'steps_per_loop': 2,
                           'checkpoint_interval': 2, 'max_to_keep': 2,
                           'optimizer_config': SGD}}
-  cluster = {'worker': [f'127.0.0.1:{p}' for p in _free_ports(2)]}
-  procs = []
-  for index in range(2):
-    scratch = tmp_path / f'tmp{index}'
-    scratch.mkdir()
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='',
-               TMPDIR=str(scratch), TF_CONFIG=json.dumps(
-                   {'cluster': cluster,
-                    'task': {'type': 'worker', 'index': index}}))
-    procs.append(subprocess.Popen(
-        [sys.executable, '-c', RUN_WITH_MOCK, '--experiment=mock',
-         '--mode=train', f'--model_dir={model_dir}',
-         f'--params_override={json.dumps(override)}'],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-        cwd=REPO))
-  _assert_all_succeed(procs)
+  procs = [subprocess.Popen(
+      [sys.executable, '-c', RUN_WITH_MOCK, '--experiment=mock',
+       '--mode=train', f'--model_dir={model_dir}',
+       f'--params_override={json.dumps(override)}'],
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+      cwd=REPO) for env in worker_envs(tmp_path, 2, CUDA_VISIBLE_DEVICES='')]
+  finish(procs, 240)
   assert_exports_match_checkpoints(model_dir, [2, 4])
   # Model Garden's runner would leave a mkdtemp() directory on worker 1.
   assert os.listdir(tmp_path / 'tmp1') == []
@@ -195,7 +170,7 @@ def test_continuous_eval_of_exports_beside_the_trainer(tmp_path):
       'train_steps': 8, 'steps_per_loop': 2, 'checkpoint_interval': 2,
       'max_to_keep': 2, 'validation_steps': 1, 'continuous_eval_timeout': 120,
       'optimizer_config': SGD}})
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
+  env = child_env(CUDA_VISIBLE_DEVICES='')
   procs = [subprocess.Popen(
       [sys.executable, '-c', RUN_WITH_MOCK, '--experiment=mock',
        f'--mode={mode}', f'--model_dir={model_dir}',
@@ -203,7 +178,7 @@ def test_continuous_eval_of_exports_beside_the_trainer(tmp_path):
       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
       cwd=REPO) for mode, extra in (('continuous_eval', ['--evaluate_exports']),
                                     ('train', []))]
-  errors = _assert_all_succeed(procs)
+  errors = [stderr for _, stderr in finish(procs, 240)]
   # orbit logs each evaluation with the global step, here the export's.
   evaluated = [int(s) for s in re.findall(r'eval \| step: +(\d+) \| running',
                                           errors[0])]

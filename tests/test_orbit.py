@@ -13,8 +13,8 @@ from ckpt_export import leases
 from ckpt_export import orbit_actions
 from ckpt_export import paths
 from ckpt_export import writers
-from conftest import entries
-from conftest import N_FEATURES
+from helpers import entries
+from helpers import N_FEATURES
 
 orbit = pytest.importorskip('orbit')  # It ships in tf-models-official.
 

@@ -37,7 +37,10 @@ from ckpt_export import cli
 from ckpt_export import commit
 from ckpt_export import paths
 from ckpt_export import writers
-from conftest import Scale, served_value, snapshot
+from helpers import make_manager
+from helpers import Scale
+from helpers import served_value
+from helpers import snapshot
 
 EXAMPLES = int(os.environ.get('CKPT_EXPORT_PROPERTY_EXAMPLES', '6'))
 SEED = os.environ.get('CKPT_EXPORT_PROPERTY_SEED')
@@ -169,9 +172,7 @@ def _check(root: str, plants) -> None:
   victim = _make_victim(root)
   before = snapshot(victim)
   module = Scale()
-  manager = ckpt_export.SavedModelCheckpointManager(
-      tf.train.Checkpoint(module=module), model_dir, max_to_keep=2,
-      modules_to_export={'scale': module})
+  manager = make_manager(model_dir, module, 2)
   module.w.assign(tf.fill(module.w.shape, 1.0))
   manager.save(checkpoint_number=1)
   reader = ckpt_export.savedmodels_iterator(model_dir, timeout=0,

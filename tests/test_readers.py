@@ -13,7 +13,10 @@ from ckpt_export import savedmodel
 from ckpt_export import leases
 from ckpt_export import paths
 from ckpt_export import readers
-from conftest import FakeClock, Scale, served_value, steps_of
+from helpers import FakeClock
+from helpers import Scale
+from helpers import served_value
+from helpers import steps_of
 
 
 def _publish(model_dir: str, step: int, checkpoint_name: str = 'ckpt') -> str:

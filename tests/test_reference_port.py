@@ -20,7 +20,7 @@ import tensorflow as tf, tf_keras
 
 import ckpt_export as savedmodel_checkpoint_manager
 from ckpt_export import readers
-import conftest
+import helpers
 
 
 def _models_exist(checkpoint_path: str, models: Iterable[str]) -> bool:
@@ -85,7 +85,7 @@ class CheckpointManagerTest(tf.test.TestCase):
 
   def test_returns_none_after_timeout(self):
     manager = self._create_manager()
-    clock = conftest.FakeClock()  # Wall-clock slack fails on a loaded machine.
+    clock = helpers.FakeClock()  # Wall-clock slack fails on a loaded machine.
     with mock.patch.object(readers, 'time', clock):
       ret = manager.wait_for_new_savedmodel(
           None, timeout=1.0, seconds_to_sleep=0.5)

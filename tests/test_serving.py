@@ -20,14 +20,15 @@ import pytest
 import tensorflow as tf
 
 from ckpt_export import leases
-from ckpt_export import manager as manager_lib
 from ckpt_export import serving
-from conftest import entries
-from conftest import REPO
-from conftest import Scale
-from conftest import served_value
+from helpers import child_command
+from helpers import child_env
+from helpers import entries
+from helpers import make_manager
+from helpers import run_cli
+from helpers import Scale
+from helpers import served_value
 
-CHILD = os.path.join(REPO, 'tests', 'serving_child.py')
 
 
 def configured_versions(serving_dir: str) -> dict:
@@ -50,9 +51,7 @@ def integer_children(module_dir: str) -> list:
 def trainer(model_dir: str):
   """A manager exporting a Scale module, and the module."""
   module = Scale()
-  return manager_lib.SavedModelCheckpointManager(
-      tf.train.Checkpoint(module=module), model_dir, max_to_keep=5,
-      modules_to_export={'scale': module}), module
+  return make_manager(model_dir, module, 5), module
 
 
 def save_steps(manager, module, steps):
@@ -138,7 +137,7 @@ def test_saved_model_cli_runs_a_version(tmp_path):
        '--dir', os.path.join(serving_dir, 'scale', '7'), '--tag_set', 'serve',
        '--signature_def', 'serving_default', '--input_exprs',
        'x=[[1.0,1.0,1.0,1.0]]'], capture_output=True, text=True, timeout=120,
-      check=False, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+      check=False, env=child_env())
   assert done.returncode == 0, done.stderr[-2000:]
   assert '[[7. 7. 7. 7.]]' in done.stdout, done.stdout
 
@@ -177,9 +176,10 @@ def test_poller_never_sees_a_partial_version_across_kills(tmp_path):
 
   for run in range(7):
     child = subprocess.Popen(
-        [sys.executable, CHILD, model_dir, serving_dir, str(max_versions)] +
+        child_command('serving_child.py', model_dir, serving_dir,
+                      str(max_versions)) +
         (['async'] if run % 2 else []), stdout=subprocess.PIPE, text=True,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+        env=child_env(tf_log_level='3'))
     lines = queue.Queue()
     threading.Thread(target=_read_lines, args=(child.stdout, lines),
                      daemon=True).start()
@@ -216,7 +216,6 @@ def test_poller_never_sees_a_partial_version_across_kills(tmp_path):
 
 
 def test_cli_serve(tmp_path):
-  from conftest import run_cli  # pylint: disable=g-import-not-at-top
   from ckpt_export import best  # pylint: disable=g-import-not-at-top
   model_dir = str(tmp_path / 'model')
   manager, module = trainer(model_dir)

@@ -17,7 +17,8 @@ import pytest
 
 from ckpt_export import leases
 from ckpt_export import paths
-from conftest import entries
+from helpers import entries
+import crash_child
 import soak
 
 SEED = int(os.environ.get('SOAK_SEED', '20251121'))
@@ -33,7 +34,7 @@ MAX_DELAY_SECONDS = 0.5  # About one save's time.
 def _serves_its_step(model_dir: str, step: int) -> bool:
   export_dir = paths.export_path(model_dir, 'ckpt', step)
   try:
-    return soak.serves_its_step(export_dir) == step
+    return crash_child.served_step(export_dir) == step
   except (AssertionError, OSError, ValueError):
     return False
 

@@ -20,7 +20,12 @@ import ckpt_export
 from ckpt_export import _tf_internals
 from ckpt_export import commit
 from ckpt_export import paths
-from conftest import N_FEATURES, Scale, entries, save_step, served_value
+from helpers import entries
+from helpers import make_manager
+from helpers import N_FEATURES
+from helpers import save_step
+from helpers import Scale
+from helpers import served_value
 
 
 @pytest.fixture(autouse=True)
@@ -56,25 +61,19 @@ def test_this_tensorflow_meets_each_assumption(feature):
       'ckpt_export/_tf_internals.py for this version.')
 
 
-def _manager(directory, module, **kwargs):
-  return ckpt_export.SavedModelCheckpointManager(
-      tf.train.Checkpoint(module=module), directory, max_to_keep=2,
-      modules_to_export={'scale': module}, **kwargs)
-
-
 @pytest.mark.parametrize('missing, full, fast', [(True, 3, 0), (False, 1, 2)])
 def test_fast_exports_or_their_fallback_serve_each_step(
     monkeypatch, caplog, local_dir, scale, missing, full, fast):
   if missing:
     fake_missing(monkeypatch, 'fast exports')
-  manager = _manager(local_dir, scale)
+  manager = make_manager(local_dir, scale)
   for step in (1, 2, 3):
     save_step(manager, scale, step)
   exporter = manager._exporter.modules[0]  # pylint: disable=protected-access
   assert (exporter.full_exports, exporter.fast_exports) == (full, fast)
   assert [served_value(p) for p in manager.savedmodels] == [2.0, 3.0]
   # A second manager in the same process: still at most one warning.
-  save_step(_manager(local_dir + '2', scale), scale, 4)
+  save_step(make_manager(local_dir + '2', scale), scale, 4)
   warnings = fallback_warnings(caplog)
   assert len(warnings) == int(missing), warnings
   if missing:
@@ -84,7 +83,7 @@ def test_fast_exports_or_their_fallback_serve_each_step(
 def test_without_background_exports_async_saves_export_first(
     monkeypatch, caplog, local_dir, scale):
   fake_missing(monkeypatch, 'background exports')
-  manager = _manager(local_dir, scale)
+  manager = make_manager(local_dir, scale)
   options = tf.train.CheckpointOptions(enable_async=True)
   for step in (1, 2, 3):
     save_step(manager, scale, step, options=options)
@@ -103,8 +102,8 @@ def test_without_manager_internals_the_interval_and_exports_hold(
     monkeypatch, caplog, local_dir, scale):
   fake_missing(monkeypatch, "reads of CheckpointManager's state")
   step = tf.Variable(0, dtype=tf.int64)
-  manager = _manager(local_dir, scale, step_counter=step,
-                     checkpoint_interval=3)
+  manager = make_manager(local_dir, scale, step_counter=step,
+                         checkpoint_interval=3)
   saved = []
   for value in range(1, 9):
     step.assign(value)
@@ -115,8 +114,8 @@ def test_without_manager_internals_the_interval_and_exports_hold(
   assert len(fallback_warnings(caplog)) == 1
   # After a restart, the restored step counts as the last save.
   step.assign(7)
-  again = _manager(local_dir, Scale(), step_counter=step,
-                   checkpoint_interval=3)
+  again = make_manager(local_dir, Scale(), step_counter=step,
+                       checkpoint_interval=3)
   assert again.restore_or_initialize().endswith('ckpt-7')
   step.assign(8)
   assert again.save(checkpoint_number=8) is None
@@ -132,7 +131,7 @@ def test_without_the_temp_name_pattern_tf_leftovers_stay(
   state_temp = 'checkpoint.tmp' + '0123abcd' * 4
   with open(os.path.join(local_dir, state_temp), 'w') as f:
     f.write('x')
-  manager = _manager(local_dir, scale)
+  manager = make_manager(local_dir, scale)
   save_step(manager, scale, 1)
   assert {'ckpt-5_temp', state_temp} <= set(entries(local_dir))
   assert served_value(manager.latest_savedmodel) == 1.0

@@ -11,8 +11,14 @@ import pytest
 import tensorflow as tf
 
 import ckpt_export
-from conftest import MODEL_GARDEN_REFERENCE
-from conftest import N_FEATURES, Scale, entries, save_step, served_value, steps_of
+from helpers import entries
+from helpers import make_manager
+from helpers import MODEL_GARDEN_REFERENCE
+from helpers import N_FEATURES
+from helpers import save_step
+from helpers import Scale
+from helpers import served_value
+from helpers import steps_of
 
 reference = pytest.importorskip(MODEL_GARDEN_REFERENCE)
 
@@ -23,11 +29,8 @@ IMPLEMENTATIONS = {
 
 
 def _make(impl, model_dir, module, max_to_keep=2, **kwargs):
-  return IMPLEMENTATIONS[impl](
-      tf.train.Checkpoint(module=module), model_dir, max_to_keep,
-      modules_to_export={'scale': module}, **kwargs)
-
-
+  return make_manager(model_dir, module, max_to_keep,
+                      manager_class=IMPLEMENTATIONS[impl], **kwargs)
 
 
 def _export_dirs(model_dir):

@@ -2,7 +2,7 @@
 
 import tensorflow as tf
 
-from conftest import Scale
+from helpers import Scale
 
 
 def build():

@@ -1,7 +1,8 @@
 """A training job feeding a serving view, which `test_serving.py` kills.
 
 Usage:
-  python tests/serving_child.py MODEL_DIR SERVING_DIR MAX_VERSIONS [async]
+  python tests/children/serving_child.py MODEL_DIR SERVING_DIR MAX_VERSIONS \
+      [async]
 
 Restores from MODEL_DIR, then saves a checkpoint with its export at every step
 (the module's weights all equal the step) and publishes the latest export
@@ -12,15 +13,17 @@ each publication.
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The checkout and tests/, for when this runs as a script.
+_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.dirname(_TESTS), _TESTS]
 
 # pylint: disable=g-import-not-at-top
 import tensorflow as tf
 
 from ckpt_export import manager as manager_lib
 from ckpt_export import serving
-from conftest import N_FEATURES
-from conftest import Scale
+from helpers import N_FEATURES
+from helpers import Scale
 # pylint: enable=g-import-not-at-top
 
 

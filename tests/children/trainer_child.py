@@ -1,8 +1,9 @@
 """A trainer that writes checkpoints only, for the decoupled exporter's test.
 
-Usage: python tests/trainer_child.py MODEL_DIR STEPS MAX_TO_KEEP SECONDS
+Usage:
+  python tests/children/trainer_child.py MODEL_DIR STEPS MAX_TO_KEEP SECONDS
 
-Sets the weights of a `conftest.Scale` module to `step` and saves checkpoint
+Sets the weights of a `helpers.Scale` module to `step` and saves checkpoint
 `step` with a plain `tf.train.CheckpointManager`, every SECONDS, then prints
 DONE. The weights are overwritten right after each save.
 """
@@ -11,11 +12,13 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The checkout and tests/, for when this runs as a script.
+_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.dirname(_TESTS), _TESTS]
 
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-from conftest import N_FEATURES, Scale  # pylint: disable=g-import-not-at-top
+from helpers import N_FEATURES, Scale  # pylint: disable=g-import-not-at-top
 
 
 def main(model_dir: str, steps: int, max_to_keep: int, seconds: float) -> None:

@@ -3,8 +3,8 @@
 Also the trainer that `test_cli_watch.py` runs beside `ckpt-export watch`.
 
 Usage:
-  python tests/crash_child.py --model_dir D --total_steps T --save_every K \
-      --max_to_keep M [--wait_for_go] [--enable_async] \
+  python tests/children/crash_child.py --model_dir D --total_steps T \
+      --save_every K --max_to_keep M [--wait_for_go] [--enable_async] \
       [--seconds_between_saves S] [--pace_file F] [--kill_at STEP]
 
 After training step `s` every weight of the model equals `float(s)`, so any
@@ -31,8 +31,9 @@ import sys
 import time
 from typing import Dict
 
-# The repository root, so that `ckpt_export` imports when run as a script.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The checkout and tests/, for when this runs as a script.
+_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.dirname(_TESTS), _TESTS]
 
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
@@ -81,6 +82,21 @@ KILL_POINTS = {
     'published': (commit.AtomicRenamePublisher, 'publish', 'after'),
 }
 # pylint: enable=protected-access
+
+
+def served_step(export_dir: str) -> int:
+  """Loads an export of this job; asserts it serves one step's weights.
+
+  Returns:
+    The step the export serves: its step variable's, which its weights match.
+  """
+  loaded = tf.saved_model.load(os.path.join(export_dir, MODULE_NAME))
+  out = loaded.signatures['serving_default'](
+      tf.range(WIDTH, dtype=tf.float32))
+  step, y = int(out['step'].numpy()), out['y'].numpy().tolist()
+  assert y == [step * (x + 1.0) for x in range(WIDTH)], (
+      f'{export_dir} serves y={y} at step {step}')
+  return step
 
 
 def _kill_at(point: str, call: int) -> None:

@@ -1,7 +1,7 @@
 """A reader process that leases one export and holds it until killed.
 
 Usage:
-  python tests/lease_child.py EXPORT_DIR LEASE_SECONDS
+  python tests/children/lease_child.py EXPORT_DIR LEASE_SECONDS
 
 Prints `HELD` (flushed) once it holds the lease, or `GONE` if the export was
 not there to lease, then holds it (renewing it) until killed.
@@ -11,8 +11,9 @@ import os
 import sys
 import time
 
-# The repository root, so that `ckpt_export` imports when run as a script.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The checkout and tests/, for when this runs as a script.
+_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.dirname(_TESTS), _TESTS]
 
 from ckpt_export import leases  # pylint: disable=g-import-not-at-top
 

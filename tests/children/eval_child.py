@@ -1,9 +1,9 @@
 """An evaluator sidecar that `test_evaluation_processes.py` runs and kills.
 
 Usage:
-  python tests/eval_child.py --model_dir D --until_step N [--latest_only] \
+  python tests/children/eval_child.py --model_dir D --until_step N [--latest_only] \
       [--eval_seconds S] [--target T]
-  python tests/eval_child.py --model_dir D --until_step 0 --update_forever
+  python tests/children/eval_child.py --model_dir D --until_step 0 --update_forever
 
 Evaluates the exports `crash_child.py` writes into `D` with
 `ckpt_export.evaluation.evaluate_exports`, keeping the best export by
@@ -28,8 +28,9 @@ import os
 import sys
 import time
 
-# The repository root, so that `ckpt_export` imports when run as a script.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The checkout and tests/, for when this runs as a script.
+_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.dirname(_TESTS), _TESTS]
 
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 

@@ -1,7 +1,7 @@
 """A training job under a tf.distribute strategy, for `test_distribute.py`.
 
 Usage:
-  python tests/distribute_job.py --strategy {mirrored,multi_worker} \
+  python tests/children/distribute_job.py --strategy {mirrored,multi_worker} \
       --model_dir D --total_steps T --save_every K --max_to_keep M [--async]
 
 `mirrored` runs MirroredStrategy over two logical CPUs of this process;
@@ -26,8 +26,9 @@ import os
 import sys
 from typing import Dict
 
-# The repository root, so that `ckpt_export` imports when run as a script.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The checkout and tests/, for when this runs as a script.
+_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.dirname(_TESTS), _TESTS]
 
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 

@@ -1,8 +1,8 @@
 """The COMMAND that `ckpt-export watch` runs in test_cli_watch.py and soak.py.
 
 Usage:
-  python tests/watch_command.py LOG {path} {step} [--wait_for_gc DONE_FILE]
-      [--hold_step N --hold_file F]
+  python tests/children/watch_command.py LOG {path} {step} \
+      [--wait_for_gc DONE_FILE] [--hold_step N --hold_file F]
 
 Appends `start <step>` to LOG, waits as asked, then loads the export (the
 module of `crash_child.py`), checks that it serves the values of its own step
@@ -43,13 +43,11 @@ def _check(export_dir: str, step: int) -> str:
     return f'CKPT_EXPORT_STEP={os.environ.get("CKPT_EXPORT_STEP")}'
   if os.environ.get('CKPT_EXPORT_MODEL_DIR') != os.path.dirname(export_dir):
     return f'CKPT_EXPORT_MODEL_DIR={os.environ.get("CKPT_EXPORT_MODEL_DIR")}'
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  loaded = tf.saved_model.load(os.path.join(export_dir,
-                                            crash_child.MODULE_NAME))
-  out = loaded.signatures['serving_default'](tf.ones([crash_child.WIDTH]))
-  served = [int(out['step'].numpy()), *out['y'].numpy().tolist()]
-  expected = [step] + [2.0 * step] * crash_child.WIDTH
-  return '' if served == expected else f'serves {served}'
+  try:
+    served = crash_child.served_step(export_dir)
+  except AssertionError as e:
+    return str(e)
+  return '' if served == step else f'serves step {served}'
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """Saves while the model directory turns read-only, for `test_faults.py`.
 
 Usage (as a user whom file permissions apply to, i.e. not root):
-  python tests/permission_child.py --model_dir D --when {before,mid_publish}
+  python tests/children/permission_child.py --model_dir D \
+      --when {before,mid_publish}
 
 Saves step 1, then saves step 2 with the model directory made read-only
 (mode 0555) either before that save, or while it writes its export: the
@@ -16,39 +17,34 @@ import json
 import os
 import sys
 
-# The repository root, so that `ckpt_export` imports when run as a script.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The checkout and tests/, for when this runs as a script.
+_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.dirname(_TESTS), _TESTS]
 
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 import ckpt_export  # pylint: disable=g-import-not-at-top
+import helpers  # pylint: disable=g-import-not-at-top
 
-WIDTH = 4
 
-
-class Scale(tf.Module):
-  """Serves its weights times the input; optionally runs a hook first."""
+class Scale(helpers.Scale):
+  """A `helpers.Scale` that runs a hook when asked for its signatures."""
 
   def __init__(self, hook=None) -> None:
     super().__init__()
-    self.w = tf.Variable(tf.zeros([WIDTH]))
     self._hook = hook
-
-  @tf.function(input_signature=[tf.TensorSpec([None, WIDTH], tf.float32)])
-  def __call__(self, x: tf.Tensor) -> tf.Tensor:
-    return x * self.w
 
   @property
   def saved_model_signatures(self):
     if self._hook is not None:
       self._hook()
-    return {'serving_default': self.__call__}
+    return super().saved_model_signatures
 
 
 def _save(model_dir: str, step: int, hook=None) -> None:
   first, second = Scale(), Scale(hook)
   for module in (first, second):
-    module.w.assign(tf.fill([WIDTH], float(step)))
+    module.w.assign(tf.fill([helpers.N_FEATURES], float(step)))
   manager = ckpt_export.SavedModelCheckpointManager(
       tf.train.Checkpoint(first=first, second=second), model_dir,
       max_to_keep=5, modules_to_export={'first': first, 'second': second})
