@@ -23,6 +23,7 @@ from typing import Dict, List
 
 import ckpt_export
 from ckpt_export import commit
+from ckpt_export import fast_export
 from ckpt_export import paths
 from ckpt_export import readers
 from helpers import child_env
@@ -216,6 +217,36 @@ def test_a_failed_server_side_copy_falls_back_to_uploading(
           exporter.linked_exports) == (1, 1, 0)
   assert any('CERTIFICATE_VERIFY_FAILED' in r.getMessage()
              for r in caplog.records), 'no warning names the failure'
+  export_name = paths.export_basename('ckpt', 2)
+  assert sum(n for name, n in uploads.items()
+             if f'/.{export_name}.tmp-' in name) >= WIDE * 4
+  module.w.assign(tf.fill([WIDE], -1.0))
+  assert served_value(manager.latest_savedmodel, 'm') == 2.0
+
+
+def test_without_google_auth_exports_upload_their_variables(
+    emulator, gcs_dir, monkeypatch, caplog):
+  """Without the optional `google-auth`, gs:// exports upload their variables
+  (the public path), with one warning saying what to install."""
+  monkeypatch.setitem(sys.modules, 'google.auth', None)  # Not importable.
+  monkeypatch.setattr(fast_export, '_sharers', {})  # Chosen afresh.
+  module = Wide()
+  manager = ckpt_export.SavedModelCheckpointManager(
+      tf.train.Checkpoint(module=module), gcs_dir, max_to_keep=2,
+      modules_to_export={'m': module})
+  module.w.assign(tf.fill([WIDE], 1.0))
+  manager.save(checkpoint_number=1)
+  before = len(emulator.requests())
+  module.w.assign(tf.fill([WIDE], 2.0))
+  manager.save(checkpoint_number=2)
+  uploads = _uploads(emulator.requests()[before:], emulator.bucket)
+  exporter, = manager._exporter.modules  # pylint: disable=protected-access
+  assert (exporter.full_exports, exporter.fast_exports,
+          exporter.linked_exports) == (1, 1, 0)
+  assert [r.getMessage() for r in caplog.records
+          if 'install google-auth' in r.getMessage()] == [
+              'Exports on gs:// upload their variables again: install '
+              'google-auth for server-side copies.']
   export_name = paths.export_basename('ckpt', 2)
   assert sum(n for name, n in uploads.items()
              if f'/.{export_name}.tmp-' in name) >= WIDE * 4
