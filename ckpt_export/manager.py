@@ -178,7 +178,10 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
       checkpoint_path = self._save_checkpoint(step, check_interval, options)
       self._last_saved_step = step
       self._savedmodels = None
+    # As with the reference, once save() returns only the kept exports remain
+    # (readers and code that look right after a save rely on it).
     self._collect_garbage()
+    self._wait_for_housekeeping()
     return checkpoint_path
 
   def _export_before_checkpoint(
@@ -327,10 +330,11 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     return checkpoint_path
 
   def _collect_garbage(self) -> None:
-    """Starts housekeeping in the background; see `_collect_garbage_now`.
+    """Requests housekeeping (`_collect_garbage_now`) on its own thread.
 
-    It runs while training goes on; `sync()` waits for it, and the next
-    save's write waits for it if it is still under way.
+    The collector's thread runs one pass at a time, under the directory lock;
+    `save()`, `sync()` and `restore_or_initialize()` wait for the pass they
+    request (`_wait_for_housekeeping`).
     """
     self._housekeeping.request()
 

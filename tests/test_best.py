@@ -192,7 +192,7 @@ def test_garbage_collection_never_touches_the_best_export(model_dir, scale):
   best = best_lib.BestExport(model_dir, 'm')
   for step in range(1, 6):
     best.update(step, _export(manager, scale, step), {'m': -abs(step - 2)})
-  manager.sync()  # Housekeeping runs in the background.
+  manager.sync()
   assert ckpt_export.list_savedmodels(model_dir) == [
       paths.export_path(model_dir, 'ckpt', 5)]
   assert 'best_export' in entries(model_dir)

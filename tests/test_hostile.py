@@ -127,7 +127,7 @@ def test_a_link_inside_an_export_is_removed_as_a_link(tmp_path):
   os.symlink(os.path.join(victim, 'precious.txt'),
              os.path.join(export_dir, paths.DELETE_REQUEST))
   save_step(manager, module, 2)
-  manager.sync()  # Housekeeping runs in the background.
+  manager.sync()
   assert not os.path.exists(export_dir)
   assert snapshot(victim) == before
 
@@ -186,7 +186,7 @@ def test_unbounded_or_foreign_leases_are_not_honoured(tmp_path):
       f.write(json.dumps({'export': name, 'token': token, 'expires': expires,
                           'lease_seconds': 300.0}))
   save_step(manager, module, 2)
-  manager.sync()  # Housekeeping runs in the background.
+  manager.sync()
   assert not os.path.exists(paths.export_path(model_dir, 'ckpt', 1))
 
 
@@ -216,7 +216,7 @@ def test_a_zombie_reader_counts_as_gone(tmp_path):
     assert not ckpt_export.leases.is_leased(
         paths.export_path(model_dir, 'ckpt', 1))
     save_step(manager, module, 2)
-    manager.sync()  # Housekeeping runs in the background.
+    manager.sync()
     assert not os.path.exists(paths.export_path(model_dir, 'ckpt', 1))
   finally:
     child.wait(timeout=60)
@@ -283,7 +283,7 @@ def test_reference_leftovers_converge(tmp_path, reference):
   manager.restore_or_initialize()
   for step in (3, 4):
     save_step(manager, module, step)
-  manager.sync()  # Housekeeping runs in the background.
+  manager.sync()
   names = sorted(os.listdir(model_dir))
   assert [n for n in names if 'saved_modules' in n] == [
       'ckpt-0_saved_modules', 'ckpt-3_saved_modules', 'ckpt-4_saved_modules',
@@ -382,7 +382,7 @@ def test_a_reader_stopped_past_its_lease_is_told(tmp_path):
     child.send_signal(19)  # SIGSTOP, past the lease.
     time.sleep(2.5)
     save_step(manager, module, 2)
-    manager.sync()  # Housekeeping runs in the background.
+    manager.sync()
     assert not os.path.exists(paths.export_path(model_dir, 'ckpt', 1))
     child.send_signal(18)  # SIGCONT
     out, _ = child.communicate('\n', timeout=120)

@@ -79,7 +79,7 @@ def test_a_doomed_export_takes_no_new_lease(model_dir, scale):
   export_dir = _export(model_dir, 1)
   with leases.leased(export_dir):
     save_step(manager, scale, 2)  # Deletion of step 1 deferred.
-    manager.sync()  # Housekeeping runs in the background.
+    manager.sync()
     assert leases.acquire(export_dir) is None
     with pytest.raises(FileNotFoundError, match='ckpt-1_saved_modules'):
       with leases.leased(export_dir):
@@ -107,7 +107,7 @@ def test_gc_survives_a_release_deleting_the_export_under_it(
   save_step(manager, scale, 1)
   lease = leases.acquire(_export(model_dir, 1))
   save_step(manager, scale, 2)  # Deletion of the leased step 1 deferred.
-  manager.sync()  # Housekeeping runs in the background.
+  manager.sync()
   export_identity = commit.export_identity
 
   def release_meanwhile(export_dir):
@@ -215,7 +215,7 @@ def test_iterator_skips_and_logs_an_export_being_deleted(model_dir, scale,
   # Another reader holds step 2 while the trainer deletes it: still on disk,
   # but doomed, so the iterator moves on to step 3.
   save_step(manager, scale, 2)
-  manager.sync()  # Housekeeping runs in the background.
+  manager.sync()
   other = leases.acquire(_export(model_dir, 2))
   save_step(manager, scale, 3)
   manager.sync()

@@ -2,7 +2,6 @@
 
 import inspect
 import os
-import threading
 import time
 
 import keras
@@ -76,7 +75,7 @@ def test_max_to_keep_leaves_exactly_the_kept_directories(model_dir, scale):
   manager = make_manager(model_dir, scale, max_to_keep=2)
   for step in range(1, 6):
     save_step(manager, scale, step)
-  manager.sync()  # Old exports are deleted in the background.
+  manager.sync()
   assert entries(model_dir) == [
       'checkpoint',
       'ckpt-4.data-*', 'ckpt-4.index', 'ckpt-4_saved_modules',
@@ -498,55 +497,15 @@ def test_crash_leftovers_are_removed_on_restore_and_save(local_dir, scale):
   assert set(kept) | {not_tf} <= set(entries(local_dir))
   os.makedirs(os.path.join(local_dir, 'ckpt-3_temp'))
   save_step(restarted, scale, 2)
-  restarted.sync()  # Housekeeping runs in the background.
+  restarted.sync()
   assert 'ckpt-3_temp' not in entries(local_dir)
   assert steps_of(restarted.savedmodels) == [1, 2]
 
 
-# Housekeeping in the background.
+# Housekeeping on its own thread.
 
 
-class _HeldCollect:
-  """`housekeeping.collect`, held back until `release()` (with a deadline)."""
-
-  def __init__(self, monkeypatch):
-    self._real = housekeeping.collect
-    self._go = threading.Event()
-    self.started = threading.Event()
-    monkeypatch.setattr(housekeeping, 'collect', self)
-
-  def __call__(self, *args, **kwargs):
-    self.started.set()
-    assert self._go.wait(60), 'never released'
-    return self._real(*args, **kwargs)
-
-  def release(self):
-    self._go.set()
-
-
-def test_old_exports_are_deleted_off_the_training_thread(
-    local_dir, scale, monkeypatch):
-  manager = make_manager(local_dir, scale, max_to_keep=1)
-  save_step(manager, scale, 1)
-  manager.sync()
-  held = _HeldCollect(monkeypatch)
-  save_step(manager, scale, 2)  # Returns while its housekeeping is held.
-  assert held.started.wait(60)
-  assert 'ckpt-1_saved_modules' in entries(local_dir)
-  assert 'ckpt-1.index' not in entries(local_dir)
-  assert steps_of(manager.savedmodels) == [2]
-  releaser = threading.Timer(0.3, held.release)
-  releaser.start()
-  manager.sync()  # Waits for the housekeeping under way.
-  releaser.join(60)
-  assert [n for n in entries(local_dir) if n.endswith('_saved_modules')] == [
-      'ckpt-2_saved_modules']
-  assert not [t for t in threading.enumerate()
-              if t.name == 'ckpt_export-housekeeping']
-
-
-def test_background_housekeeping_never_deletes_a_leased_export(
-    local_dir, scale):
+def test_housekeeping_never_deletes_a_leased_export(local_dir, scale):
   manager = make_manager(local_dir, scale, max_to_keep=1)
   save_step(manager, scale, 1)
   manager.sync()

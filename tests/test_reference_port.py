@@ -76,7 +76,6 @@ class CheckpointManagerTest(tf.test.TestCase):
     models = manager.modules_to_export
     first_path = manager.save()
     second_path = manager.save()
-    manager.sync()  # ckpt_export deletes old exports in the background.
 
     savedmodel = savedmodel_checkpoint_manager.make_saved_modules_directory_name(
         manager.latest_checkpoint)

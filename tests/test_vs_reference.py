@@ -46,7 +46,7 @@ def test_same_exports_and_values_across_saves(impl, local_dir, scale):
   manager = _make(impl, local_dir, scale, max_to_keep=2)
   for step in (1, 2, 3):
     assert save_step(manager, scale, step) == os.path.join(local_dir, f'ckpt-{step}')
-  manager.sync()  # ckpt_export deletes old exports in the background.
+  manager.sync()
   assert _export_dirs(local_dir) == ['ckpt-2_saved_modules',
                                      'ckpt-3_saved_modules']
   assert steps_of(manager.savedmodels) == [2, 3]
