@@ -4,6 +4,7 @@ import ast
 import pathlib
 import subprocess
 import sys
+import tomllib
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'ckpt_export'
 
@@ -101,3 +102,14 @@ def test_modules_parse_as_the_oldest_python_allowed():
   # 3.11 runs here, so at least the grammar of 3.9 is checked.
   for _, source in _modules():
     ast.parse(source.read_text(), str(source), feature_version=(3, 9))
+
+
+def test_the_wheel_lists_every_subpackage():
+  """setuptools' `packages` must name each package directory, or the built
+  wheel (not an editable install) lacks it: `ckpt-export` failed to import
+  `ckpt_export.cli` in CI's wheel legs when it did."""
+  with open(PACKAGE.parent / 'pyproject.toml', 'rb') as f:
+    listed = tomllib.load(f)['tool']['setuptools']['packages']
+  found = ['.'.join(('ckpt_export',) + p.parent.relative_to(PACKAGE).parts)
+           for p in PACKAGE.rglob('__init__.py')]
+  assert sorted(listed) == sorted(found)
