@@ -197,17 +197,17 @@ def test_a_fast_export_on_gcs_uploads_no_variable_byte(emulator, gcs_dir,
       2.0] * WIDE
 
 
-def test_a_failed_server_side_copy_falls_back_to_uploading(
-    emulator, gcs_dir, monkeypatch, caplog):
-  """A rewrite that fails (here: TLS, with a CA bundle that lacks the
-  emulator's) leaves the export to upload its variables, with a warning."""
+def _assert_second_export_uploads(emulator, gcs_dir: str,
+                                  before_second_save=lambda: None) -> None:
+  """Saves steps 1 and 2; asserts that export 2 is fast but uploaded its
+  variables (not linked, not copied server-side) and serves step 2."""
   module = Wide()
   manager = ckpt_export.SavedModelCheckpointManager(
       tf.train.Checkpoint(module=module), gcs_dir, max_to_keep=2,
       modules_to_export={'m': module})
   module.w.assign(tf.fill([WIDE], 1.0))
   manager.save(checkpoint_number=1)
-  monkeypatch.setenv('REQUESTS_CA_BUNDLE', requests.certs.where())
+  before_second_save()
   before = len(emulator.requests())
   module.w.assign(tf.fill([WIDE], 2.0))
   manager.save(checkpoint_number=2)
@@ -215,13 +215,22 @@ def test_a_failed_server_side_copy_falls_back_to_uploading(
   exporter, = manager._exporter.modules  # pylint: disable=protected-access
   assert (exporter.full_exports, exporter.fast_exports,
           exporter.linked_exports) == (1, 1, 0)
-  assert any('CERTIFICATE_VERIFY_FAILED' in r.getMessage()
-             for r in caplog.records), 'no warning names the failure'
   export_name = paths.export_basename('ckpt', 2)
   assert sum(n for name, n in uploads.items()
              if f'/.{export_name}.tmp-' in name) >= WIDE * 4
   module.w.assign(tf.fill([WIDE], -1.0))
   assert served_value(manager.latest_savedmodel, 'm') == 2.0
+
+
+def test_a_failed_server_side_copy_falls_back_to_uploading(
+    emulator, gcs_dir, monkeypatch, caplog):
+  """A rewrite that fails (here: TLS, with a CA bundle that lacks the
+  emulator's) leaves the export to upload its variables, with a warning."""
+  _assert_second_export_uploads(
+      emulator, gcs_dir, lambda: monkeypatch.setenv(
+          'REQUESTS_CA_BUNDLE', requests.certs.where()))
+  assert any('CERTIFICATE_VERIFY_FAILED' in r.getMessage()
+             for r in caplog.records), 'no warning names the failure'
 
 
 def test_without_google_auth_exports_upload_their_variables(
@@ -230,28 +239,11 @@ def test_without_google_auth_exports_upload_their_variables(
   (the public path), with one warning saying what to install."""
   monkeypatch.setitem(sys.modules, 'google.auth', None)  # Not importable.
   monkeypatch.setattr(fast_export, '_sharers', {})  # Chosen afresh.
-  module = Wide()
-  manager = ckpt_export.SavedModelCheckpointManager(
-      tf.train.Checkpoint(module=module), gcs_dir, max_to_keep=2,
-      modules_to_export={'m': module})
-  module.w.assign(tf.fill([WIDE], 1.0))
-  manager.save(checkpoint_number=1)
-  before = len(emulator.requests())
-  module.w.assign(tf.fill([WIDE], 2.0))
-  manager.save(checkpoint_number=2)
-  uploads = _uploads(emulator.requests()[before:], emulator.bucket)
-  exporter, = manager._exporter.modules  # pylint: disable=protected-access
-  assert (exporter.full_exports, exporter.fast_exports,
-          exporter.linked_exports) == (1, 1, 0)
+  _assert_second_export_uploads(emulator, gcs_dir)
   assert [r.getMessage() for r in caplog.records
           if 'install google-auth' in r.getMessage()] == [
               'Exports on gs:// upload their variables again: install '
               'google-auth for server-side copies.']
-  export_name = paths.export_basename('ckpt', 2)
-  assert sum(n for name, n in uploads.items()
-             if f'/.{export_name}.tmp-' in name) >= WIDE * 4
-  module.w.assign(tf.fill([WIDE], -1.0))
-  assert served_value(manager.latest_savedmodel, 'm') == 2.0
 
 
 def _serves_its_step(export_dir: str) -> bool:
