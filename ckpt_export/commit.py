@@ -137,6 +137,22 @@ def remove_tree(path: str) -> None:
     raise _os_error(e, path) from e
 
 
+# How the files of an export are removed once it is unpublished: called with
+# the tree renamed away (`doomed`) and the token of the operation that named
+# it, it removes the tree and then ends that operation
+# (`writers.end_operation`), so that recovery leaves the tree alone until then.
+# `remove_now` removes at once; `housekeeping.BackgroundRemover` on a thread.
+Removal = Callable[[str, str], None]
+
+
+def remove_now(doomed: str, token: str) -> None:
+  """Removes an unpublished export's tree at once (a `Removal`)."""
+  try:
+    remove_tree(doomed)
+  finally:
+    writers.end_operation(token)
+
+
 def remove_file(path: str) -> None:
   """Removes one file; a symbolic link is refused (ValueError)."""
   refuse_link(path)
@@ -391,8 +407,11 @@ class Publisher(abc.ABC):
 
   @abc.abstractmethod
   def delete_if_same(self, export_dir: str, identity: Optional[float],
-                     token: str) -> bool:
+                     token: str, removal: Removal) -> bool:
     """Deletes the export at `export_dir` if it is the one of `identity`.
+
+    Once unpublished, its files are removed by `removal` where the export has
+    moved away from its path; otherwise at once.
 
     Returns:
       Whether it was deleted; False if it is gone or is another export.
@@ -430,11 +449,12 @@ class AtomicRenamePublisher(Publisher):
     remove_tree(old)
 
   def delete(self, export_dir: str, token: str) -> None:
+    del token  # The renamed tree gets a token of its own.
     refuse_link(export_dir)
-    self._remove_renamed(export_dir, export_dir, token)
+    self._remove_renamed(export_dir, export_dir, remove_now)
 
   def delete_if_same(self, export_dir: str, identity: Optional[float],
-                     token: str) -> bool:
+                     token: str, removal: Removal) -> bool:
     # Renamed aside as a replaced export is (recovery renames it back after a
     # crash), and checked there, so a concurrent replacement is never deleted.
     if is_link(export_dir):
@@ -447,7 +467,7 @@ class AtomicRenamePublisher(Publisher):
     if is_link(aside) or export_identity(aside) != identity:
       tf.io.gfile.rename(aside, export_dir)
       return False
-    self._remove_renamed(aside, export_dir, token)
+    self._remove_renamed(aside, export_dir, removal)
     return True
 
   def restores(self, work: writers.WorkName) -> bool:
@@ -458,11 +478,22 @@ class AtomicRenamePublisher(Publisher):
     return False
 
   @staticmethod
-  def _remove_renamed(path: str, export_dir: str, token: str) -> None:
-    """Renames `path` away from the readers of `export_dir`, then removes it."""
+  def _remove_renamed(path: str, export_dir: str, removal: Removal) -> None:
+    """Renames `path` away from the readers of `export_dir`; `removal` goes on.
+
+    Once renamed the export is gone for readers and writers of `export_dir`:
+    what is left is to remove its files, which `removal` may do later. The
+    renamed tree's token stays live until then, so recovery leaves it alone;
+    after a crash, recovery removes it.
+    """
+    token = writers.begin_operation()
     doomed = writers.work_dir(export_dir, writers.DEL, token)
-    tf.io.gfile.rename(path, doomed)
-    remove_tree(doomed)
+    try:
+      tf.io.gfile.rename(path, doomed)
+    except BaseException:
+      writers.end_operation(token)
+      raise
+    removal(doomed, token)
 
 
 class CommitMarkerPublisher(Publisher):
@@ -499,7 +530,10 @@ class CommitMarkerPublisher(Publisher):
       tf.io.gfile.rmtree(export_dir)
 
   def delete_if_same(self, export_dir: str, identity: Optional[float],
-                     token: str) -> bool:
+                     token: str, removal: Removal) -> bool:
+    # Removed at once: the files stay at `export_dir`, where a later removal
+    # could take those of a new export of the same step.
+    del removal
     if (not tf.io.gfile.exists(export_dir) or
         export_identity(export_dir) != identity):
       return False
@@ -621,7 +655,8 @@ def delete_export(export_dir: str) -> None:
     publisher_for(export_dir).delete(export_dir, token)
 
 
-def delete_export_if_same(export_dir: str, identity: Optional[float]) -> bool:
+def delete_export_if_same(export_dir: str, identity: Optional[float],
+                          removal: Removal = remove_now) -> bool:
   """Deletes an export only if it is the one of `identity`.
 
   So deleting an old export of step N never deletes a newer export of step N
@@ -630,12 +665,15 @@ def delete_export_if_same(export_dir: str, identity: Optional[float]) -> bool:
   Args:
     export_dir: The export to delete.
     identity: Its `export_identity`.
+    removal: Removes its files once it is unpublished, where it was renamed
+      away (local disk); by default at once.
 
   Returns:
     Whether it was deleted; False if it is gone or is another export.
   """
   with writers.operation() as token:
-    return publisher_for(export_dir).delete_if_same(export_dir, identity, token)
+    return publisher_for(export_dir).delete_if_same(export_dir, identity,
+                                                    token, removal)
 
 
 def recover(directory: str, checkpoint_name: str,

@@ -13,8 +13,10 @@ clean up with `collect`, differing only in which of their exports they keep:
    the reference implementation wrote and that `keep` does not keep is
    deleted, unless a reader leases it.
 
-The manager runs it in a background thread (`BackgroundCollector`), off the
-training thread.
+Deleting an export unpublishes it at once; removing its files, which costs
+the most (freeing the last link of its checkpoint's data), is left to a
+`commit.Removal`: the manager passes a `BackgroundRemover`, which does it off
+the training thread.
 
 Housekeeping never fails a save: each failure (an entry of another user, a
 directory where a file should be, a read-only directory) is logged once per
@@ -25,10 +27,11 @@ exports (no SavedModel in them) are never touched.
 """
 
 import atexit
+import collections
 import os
 import threading
 import time
-from typing import Any, Callable, Container, List, Optional, Set
+from typing import Callable, Container, List, Optional, Set
 import weakref
 
 from absl import logging
@@ -48,7 +51,8 @@ LeftoverFn = Callable[[str, Set[str]], bool]
 
 
 def collect(directory: str, checkpoint_name: str, keep: KeepFn,
-            leftover: Optional[LeftoverFn] = None) -> Set[str]:
+            leftover: Optional[LeftoverFn] = None,
+            removal: commit.Removal = commit.remove_now) -> Set[str]:
   """Recovers leftovers, sweeps leases and deletes the exports not kept.
 
   Never raises for what it finds in `directory`: failures are logged, once
@@ -59,9 +63,12 @@ def collect(directory: str, checkpoint_name: str, keep: KeepFn,
     checkpoint_name: The name of the exports (`<name>-<step>_saved_modules`).
     keep: Returns the steps whose exports stay.
     leftover: Tells the caller's own crash leftovers among the entries.
+    removal: Removes the files of the exports deleted, once unpublished (see
+      `commit.delete_export_if_same`); by default at once.
 
   Returns:
-    The entries of `directory` afterwards.
+    The entries of `directory` afterwards (for readers: the files of deleted
+    exports may still be being removed).
   """
   directory = os.fspath(directory)
   try:
@@ -71,8 +78,9 @@ def collect(directory: str, checkpoint_name: str, keep: KeepFn,
     return set()
   names = _recover(directory, checkpoint_name, names, leftover)
   if leases.STATE_DIR in names:
-    names = _sweep_leases(directory, names)
-  return _delete_exports_not_kept(directory, checkpoint_name, names, keep)
+    names = _sweep_leases(directory, names, removal)
+  return _delete_exports_not_kept(directory, checkpoint_name, names, keep,
+                                  removal)
 
 
 def _recover(directory: str, checkpoint_name: str, names: Set[str],
@@ -94,7 +102,8 @@ def _recover(directory: str, checkpoint_name: str, names: Set[str],
   return names
 
 
-def _sweep_leases(directory: str, names: Set[str]) -> Set[str]:
+def _sweep_leases(directory: str, names: Set[str],
+                  removal: commit.Removal) -> Set[str]:
   """Step 2: drops expired leases and carries out the deletions deferred.
 
   Returns:
@@ -102,7 +111,7 @@ def _sweep_leases(directory: str, names: Set[str]) -> Set[str]:
   """
   try:
     names.difference_update(
-        paths.basename(p) for p in leases.sweep(directory))
+        paths.basename(p) for p in leases.sweep(directory, removal))
   except commit.HOUSEKEEPING_ERRORS as e:
     commit.warn_failure(os.path.join(directory, leases.STATE_DIR),
                         'sweep the leases in', e)
@@ -110,7 +119,8 @@ def _sweep_leases(directory: str, names: Set[str]) -> Set[str]:
 
 
 def _delete_exports_not_kept(directory: str, checkpoint_name: str,
-                             names: Set[str], keep: KeepFn) -> Set[str]:
+                             names: Set[str], keep: KeepFn,
+                             removal: commit.Removal) -> Set[str]:
   """Step 3: deletes the exports `keep` does not keep, unless leased.
 
   Returns:
@@ -130,7 +140,7 @@ def _delete_exports_not_kept(directory: str, checkpoint_name: str,
       continue
     logging.info('Removing export %s: it is not kept.', path)
     try:
-      if leases.delete_export_unless_leased(path):
+      if leases.delete_export_unless_leased(path, removal):
         names.discard(paths.basename(path))
     except commit.HOUSEKEEPING_ERRORS as e:
       commit.warn_failure(path, 'delete the export', e)
@@ -190,82 +200,65 @@ def clean_scratch() -> None:
     commit.warn_failure('scratch directories', 'remove', e)
 
 
-# How long interpreter exit waits for pending background passes, in seconds.
+# How long interpreter exit waits for pending removals, in seconds.
 EXIT_SECONDS = 30.0
-# The collectors whose passes interpreter exit waits for.
-_collectors = weakref.WeakSet()
+# The removers whose removals interpreter exit waits for.
+_removers = weakref.WeakSet()
 
 
-class BackgroundCollector:
-  """Runs a caller's housekeeping off its thread, one pass at a time.
+class BackgroundRemover:
+  """Removes the files of unpublished exports off the caller's thread.
 
-  `request()` returns at once; a daemon thread then runs `collect_fn` holding
-  `lock`, which the caller holds while it writes the directory, so that a pass
-  never sees one of the caller's writes half done (and a write waits for a
-  pass under way). Requests made while a pass waits to start are merged into
-  it. The thread ends when no pass is pending. An error of a pass is logged,
-  never raised: housekeeping never fails the caller. Interpreter exit waits
-  up to `EXIT_SECONDS` for the passes requested.
-
-  Args:
-    collect_fn: One housekeeping pass (such as a call of `collect`).
-    lock: The caller's lock of the directory.
+  A `commit.Removal`: a call queues the tree and returns at once; a daemon
+  thread removes the queued trees in order, and ends when none is left. The
+  trees were renamed away from their exports, so no reader or writer of an
+  export sees them, and their tokens stay live until removed, so recovery
+  leaves them alone meanwhile. A failure is logged, never raised, and the
+  token ended: the next recovery removes the tree (as after a crash).
+  Interpreter exit waits up to `EXIT_SECONDS` for the removals queued.
   """
 
-  def __init__(self, collect_fn: Callable[[], Any], lock: threading.Lock):
-    self._collect_fn = collect_fn
-    self._lock = lock
+  def __init__(self):
     self._condition = threading.Condition()
-    self._requested = 0  # Passes requested so far.
-    self._finished = 0  # Of those, the passes known to be finished.
+    self._queue = collections.deque()
     self._thread = None
-    _collectors.add(self)
+    _removers.add(self)
 
-  def request(self) -> None:
-    """Asks for a pass after this call; returns at once."""
+  def __call__(self, doomed: str, token: str) -> None:
+    """Queues the removal of `doomed` (see `commit.Removal`)."""
     with self._condition:
-      self._requested += 1
+      self._queue.append((doomed, token))
       if self._thread is None:
         self._thread = threading.Thread(
-            target=self._run, name='ckpt_export-housekeeping', daemon=True)
+            target=self._run, name='ckpt_export-removal', daemon=True)
         self._thread.start()
 
   def wait(self, timeout: Optional[float] = None) -> bool:
-    """Waits for the passes requested so far; False if `timeout` passed."""
+    """Waits for the removals queued; False if `timeout` passed first."""
     with self._condition:
-      target = self._requested
-      return self._condition.wait_for(lambda: self._finished >= target,
-                                      timeout)
-
-  @property
-  def pending(self) -> bool:
-    """Whether a pass is requested and not finished."""
-    with self._condition:
-      return self._finished < self._requested
+      return self._condition.wait_for(lambda: self._thread is None, timeout)
 
   def _run(self) -> None:
     while True:
       with self._condition:
-        if self._finished >= self._requested:
+        if not self._queue:
           self._thread = None
+          self._condition.notify_all()
           return
-        target = self._requested
+        doomed, token = self._queue.popleft()
       try:
-        with self._lock:
-          self._collect_fn()
+        commit.attempt(doomed, 'remove the deleted export', commit.remove_now,
+                       doomed, token)
       except Exception:  # pylint: disable=broad-except
-        logging.exception('Housekeeping failed; it runs again after the next '
-                          'save.')
-      with self._condition:
-        self._finished = target
-        self._condition.notify_all()
+        logging.exception('Removing %s failed; the next housekeeping removes '
+                          'it.', doomed)
 
 
 @atexit.register
 def _wait_at_exit() -> None:
-  """Gives pending background passes `EXIT_SECONDS` at interpreter exit."""
+  """Gives pending removals `EXIT_SECONDS` at interpreter exit."""
   deadline = time.monotonic() + EXIT_SECONDS
-  for collector in list(_collectors):
-    if not collector.wait(max(0.0, deadline - time.monotonic())):
-      logging.warning('Housekeeping still running at exit after %s s: left '
-                      'for the next run.', EXIT_SECONDS)
+  for remover in list(_removers):
+    if not remover.wait(max(0.0, deadline - time.monotonic())):
+      logging.warning('Removing deleted exports still runs at exit after %s '
+                      's: the next run removes what is left.', EXIT_SECONDS)

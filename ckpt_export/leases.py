@@ -239,12 +239,12 @@ def is_leased(export_dir: str) -> bool:
   return bool(holders(export_dir))
 
 
-def _delete_if_same(model_dir: str, name: str,
-                    identity: Optional[float]) -> bool:
+def _delete_if_same(model_dir: str, name: str, identity: Optional[float],
+                    removal: commit.Removal) -> bool:
   """Deletes the export of `identity` (`commit.export_identity`), if there."""
   export_dir = os.path.join(model_dir, name)
   try:
-    deleted = commit.delete_export_if_same(export_dir, identity)
+    deleted = commit.delete_export_if_same(export_dir, identity, removal)
   except tf.errors.NotFoundError:  # Deleted concurrently by another process.
     return False
   if deleted:
@@ -252,7 +252,8 @@ def _delete_if_same(model_dir: str, name: str,
   return deleted
 
 
-def delete_export_unless_leased(export_dir: str) -> bool:
+def delete_export_unless_leased(
+    export_dir: str, removal: commit.Removal = commit.remove_now) -> bool:
   """Deletes an export (as `commit.delete_export` does) unless it is leased.
 
   If a live lease holds the export, its deletion is recorded as requested and
@@ -261,9 +262,12 @@ def delete_export_unless_leased(export_dir: str) -> bool:
 
   Args:
     export_dir: The export to delete.
+    removal: Removes its files once it is unpublished (see
+      `commit.delete_export_if_same`).
 
   Returns:
-    True if the export is gone, False if its deletion was deferred.
+    True if the export is gone (for readers), False if its deletion was
+    deferred.
 
   Raises:
     ValueError: If `export_dir` is not an export path, or is a symbolic link.
@@ -285,7 +289,7 @@ def delete_export_unless_leased(export_dir: str) -> bool:
     logging.info('Deferring the deletion of %s: leased by %s.', export_dir,
                  ', '.join(str(r.get('holder')) for r in live))
     return False
-  if (not _delete_if_same(model_dir, name, identity) and
+  if (not _delete_if_same(model_dir, name, identity, removal) and
       identity is not None and commit.export_identity(export_dir) is None):
     # Deleted meanwhile; on object stores the request written above may have
     # outlived the deletion, as a stray object where the export was.
@@ -293,7 +297,8 @@ def delete_export_unless_leased(export_dir: str) -> bool:
   return True
 
 
-def _delete_if_requested(model_dir: str, name: str) -> bool:
+def _delete_if_requested(model_dir: str, name: str,
+                         removal: commit.Removal = commit.remove_now) -> bool:
   """Deletes an export whose deletion was requested, if no lease holds it.
 
   Returns:
@@ -305,10 +310,11 @@ def _delete_if_requested(model_dir: str, name: str) -> bool:
   identity = commit.export_identity(export_dir)
   if not _requested(model_dir, name) or _live_holders(model_dir, name):
     return False
-  return _delete_if_same(model_dir, name, identity)
+  return _delete_if_same(model_dir, name, identity, removal)
 
 
-def sweep(model_dir: str) -> List[str]:
+def sweep(model_dir: str,
+          removal: commit.Removal = commit.remove_now) -> List[str]:
   """Removes expired leases and carries out the deletions they deferred.
 
   Garbage collection calls this; it does nothing where no reader took a lease.
@@ -317,6 +323,8 @@ def sweep(model_dir: str) -> List[str]:
 
   Args:
     model_dir: The model directory.
+    removal: Removes the files of the exports it deletes (see
+      `commit.delete_export_if_same`).
 
   Returns:
     The paths of the exports it deleted.
@@ -344,7 +352,7 @@ def sweep(model_dir: str) -> List[str]:
       continue
     path = os.path.join(model_dir, name)
     try:
-      if _delete_if_requested(model_dir, name):
+      if _delete_if_requested(model_dir, name, removal):
         deleted.append(path)
     except commit.HOUSEKEEPING_ERRORS as e:
       commit.warn_failure(path, 'delete', e)
@@ -397,8 +405,9 @@ class _Holding:
     if (self.lapsed is None and not self.released.is_set() and
         now >= self.record['expires']):
       seconds = self.record['lease_seconds']
+      step = paths.parse_export_step(self.name)
       self.lapsed = LeaseLapsedError(
-          f'The lease on the export of step {paths.parse_export_step(self.name)}'
+          f'The lease on the export of step {step}'
           f' ({os.path.join(self.model_dir, self.name)}) lapsed: it was not '
           f'renewed for {now - self.written:.1f} s (this reader was stopped, '
           'or could not write its lease), longer than '

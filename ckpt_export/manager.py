@@ -12,9 +12,10 @@ checkpoint's data is written (in TF's checkpoint thread with async
 checkpointing), sharing that data on local disk. An export then lives exactly as
 long as its checkpoint's files: garbage collection removes the exports (made
 by ckpt_export) whose checkpoint is gone, which also keeps the exports of
-checkpoints preserved by `keep_checkpoint_every_n_hours`. It runs in a
-background thread after each save (`housekeeping.BackgroundCollector`);
-`sync()` waits for it.
+checkpoints preserved by `keep_checkpoint_every_n_hours`. It runs before each
+`save()` returns, as the reference's does, but only unpublishes: the files of
+deleted exports are removed by a background thread
+(`housekeeping.BackgroundRemover`), which `sync()` waits for.
 
 In a multi-worker job only the chief writes the directory; the other workers
 save into scratch directories they delete (`distribution.py`).
@@ -22,7 +23,6 @@ save into scratch directories they delete (`distribution.py`).
 
 import copy
 import os
-import threading
 from typing import Any, Callable, Iterator, List, Mapping, Optional, Set
 
 from absl import logging
@@ -40,8 +40,9 @@ from ckpt_export import savedmodel
 from ckpt_export import validate
 
 
-# How long `sync()` waits for background housekeeping, in seconds.
-_HOUSEKEEPING_SECONDS = 300.0
+# How long `sync()` waits for the background removal of deleted exports, in
+# seconds.
+_REMOVAL_SECONDS = 300.0
 
 
 def _validate_settings(max_to_keep: Any, directory: str, checkpoint_name: str,
@@ -117,7 +118,7 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     self._init_bookkeeping()
 
   def _init_bookkeeping(self) -> None:
-    """Sets up what the manager tracks between saves, and its housekeeping."""
+    """Sets up what the manager tracks between saves."""
     # The step of this manager's latest save: its checkpoint may still be
     # in flight (async), so its export is kept regardless.
     self._last_saved_step = None
@@ -126,11 +127,8 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     self._strategy_resolved = False
     # Whether a non-chief removed dead workers' scratch directories yet.
     self._scratch_swept = False
-    # Held while this manager writes the directory, and by housekeeping,
-    # which runs in the background (see `_collect_garbage`).
-    self._directory_lock = threading.Lock()
-    self._housekeeping = housekeeping.BackgroundCollector(
-        self._collect_garbage_now, self._directory_lock)
+    # Removes the files of the exports housekeeping deletes.
+    self._remover = housekeeping.BackgroundRemover()
     self._savedmodels = None  # Listed when next asked for.
 
   def save(self,
@@ -173,15 +171,13 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     self._strategy_resolved = True
     if not chief:
       return self._save_as_worker(step, options)
-    with self._directory_lock:
-      options = self._export_before_checkpoint(step, options)
-      checkpoint_path = self._save_checkpoint(step, check_interval, options)
-      self._last_saved_step = step
-      self._savedmodels = None
+    options = self._export_before_checkpoint(step, options)
+    checkpoint_path = self._save_checkpoint(step, check_interval, options)
+    self._last_saved_step = step
+    self._savedmodels = None
     # As with the reference, once save() returns only the kept exports remain
     # (readers and code that look right after a save rely on it).
     self._collect_garbage()
-    self._wait_for_housekeeping()
     return checkpoint_path
 
   def _export_before_checkpoint(
@@ -330,31 +326,29 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     return checkpoint_path
 
   def _collect_garbage(self) -> None:
-    """Requests housekeeping (`_collect_garbage_now`) on its own thread.
-
-    The collector's thread runs one pass at a time, under the directory lock;
-    `save()`, `sync()` and `restore_or_initialize()` wait for the pass they
-    request (`_wait_for_housekeeping`).
-    """
-    self._housekeeping.request()
-
-  def _collect_garbage_now(self) -> None:
     """Housekeeping (`housekeeping.collect`); never raises.
 
     Keeps the exports of the checkpoints whose `.index` is there, and the
     latest save's (its checkpoint may be in flight); an export a reader
-    leases stays until released (see `leases.py`). Runs holding
-    `_directory_lock`, so that no write of this manager is half done.
+    leases stays until released (see `leases.py`). The exports it deletes
+    are unpublished when it returns; their files are removed in the
+    background (`_remover`). Even a bug of its own is logged, not raised:
+    housekeeping is never the reason a save fails.
     """
-    housekeeping.collect(self._directory, self._checkpoint_name,
-                         self._kept_steps, self._crash_leftover)
+    try:
+      housekeeping.collect(self._directory, self._checkpoint_name,
+                           self._kept_steps, self._crash_leftover,
+                           self._remover)
+    except Exception:  # pylint: disable=broad-except
+      logging.exception('Housekeeping of %s failed; it runs again at the next '
+                        'save.', self._directory)
 
-  def _wait_for_housekeeping(self) -> None:
-    """Waits (up to `_HOUSEKEEPING_SECONDS`) for background housekeeping."""
-    if not self._housekeeping.wait(_HOUSEKEEPING_SECONDS):
-      logging.warning('Housekeeping of %s still runs after %s s; it goes on '
-                      'in the background.', self._directory,
-                      _HOUSEKEEPING_SECONDS)
+  def _wait_for_removals(self) -> None:
+    """Waits (up to `_REMOVAL_SECONDS`) for the removal of deleted exports."""
+    if not self._remover.wait(_REMOVAL_SECONDS):
+      logging.warning('Removing the deleted exports of %s still runs after %s '
+                      's; it goes on in the background.', self._directory,
+                      _REMOVAL_SECONDS)
 
   def _kept_steps(self, names: Set[str], steps: List[int]) -> Set[int]:
     """The steps whose checkpoint's `.index` is in `names`, and the latest."""
@@ -414,7 +408,7 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     """
     if self._is_chief():
       self._collect_garbage()
-      self._wait_for_housekeeping()
+      self._wait_for_removals()
     checkpoint_path = super().restore_or_initialize()
     if checkpoint_path is not None:
       _tf_internals.note_checkpoint(self, None, self._interval_step(),
@@ -429,9 +423,8 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
           export_dir):
         logging.warning('Checkpoint %s has no export: exporting it now.',
                         checkpoint_path)
-        with self._directory_lock:
-          self._exporter.export(
-              export_dir, commit.export_info(step, self._modules_to_export))
+        self._exporter.export(
+            export_dir, commit.export_info(step, self._modules_to_export))
         self._savedmodels = None
     return checkpoint_path
 
@@ -440,8 +433,9 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
 
     Housekeeping runs once more after the writes (with async checkpointing,
     an old checkpoint's export can go only once its successor is written);
-    `sync()` waits up to `_HOUSEKEEPING_SECONDS` for it, then leaves it to
-    the background with a warning.
+    `sync()` then waits up to `_REMOVAL_SECONDS` for the files of deleted
+    exports to be removed, then leaves that to the background with a
+    warning.
 
     Raises:
       Exception: The error of a background export.
@@ -450,7 +444,7 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     super().sync()
     if self._last_saved_step is not None and self._is_chief():
       self._collect_garbage()
-    self._wait_for_housekeeping()
+    self._wait_for_removals()
 
   def _wait_for_exports(self) -> None:
     """Waits for background exports and their checkpoints; raises an error."""
@@ -467,10 +461,8 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     """Returns all published exports in the directory, by step.
 
     Includes exports of checkpoints kept by `keep_checkpoint_every_n_hours`
-    and exports written by the reference implementation. Waits for this
-    manager's housekeeping first, so that exports it is deleting are gone.
+    and exports written by the reference implementation.
     """
-    self._wait_for_housekeeping()
     return readers.list_savedmodels(self._directory, self._checkpoint_name)
 
   @property

@@ -300,10 +300,11 @@ def test_kill_during_save_leaves_no_partial_export(
 @pytest.mark.parametrize('kill_at', sorted(crash_child.KILL_POINTS))
 def test_kill_at_each_step_of_a_linked_export(
     tmp_path: pathlib.Path, kill_at: str, enable_async: bool) -> None:
-  """A kill at each step of a linked export: readers and the next run are fine.
+  """A kill at each step of a linked export or an old export's deletion.
 
-  The child is killed the second time it reaches the step, so that linked
-  exports of earlier steps exist beside the interrupted one.
+  Readers and the next run are fine. The child is killed the second time it
+  reaches the step, so that linked exports of earlier steps exist beside the
+  interrupted one.
   """
   model_dir = str(tmp_path / 'model_dir')
   killed = subprocess.run(

@@ -2,6 +2,7 @@
 
 import inspect
 import os
+import threading
 import time
 
 import keras
@@ -10,6 +11,7 @@ import tensorflow as tf
 import tf_keras
 
 import ckpt_export
+from ckpt_export import commit
 from ckpt_export import housekeeping
 from ckpt_export import leases
 from ckpt_export import paths
@@ -502,7 +504,78 @@ def test_crash_leftovers_are_removed_on_restore_and_save(local_dir, scale):
   assert steps_of(restarted.savedmodels) == [1, 2]
 
 
-# Housekeeping on its own thread.
+# Housekeeping.
+
+
+class _HeldRemoval:
+  """`commit.remove_now`, held back until `release()`; records its threads."""
+
+  def __init__(self, monkeypatch):
+    self._real = commit.remove_now
+    self._go = threading.Event()
+    self.started = threading.Event()
+    self.threads = []
+    monkeypatch.setattr(commit, 'remove_now', self)
+
+  def __call__(self, doomed, token):
+    self.threads.append(threading.current_thread().name)
+    self.started.set()
+    assert self._go.wait(60), 'never released'
+    return self._real(doomed, token)
+
+  def release(self):
+    self._go.set()
+
+
+def test_an_old_export_is_unpublished_by_save_and_removed_off_its_thread(
+    local_dir, scale, monkeypatch):
+  manager = make_manager(local_dir, scale, max_to_keep=1)
+  save_step(manager, scale, 1)
+  manager.sync()
+  held = _HeldRemoval(monkeypatch)
+  save_step(manager, scale, 2)  # Returns while the removal is held.
+  assert held.started.wait(60)
+  names = entries(local_dir)
+  # Gone for readers when save() returns, as with the reference.
+  assert [n for n in names if n.endswith('_saved_modules')] == [
+      'ckpt-2_saved_modules']
+  assert steps_of(ckpt_export.list_savedmodels(local_dir)) == [2]
+  removing = [n for n in names if n.startswith('.ckpt-1_saved_modules.del-')]
+  assert len(removing) == 1, names
+  # Another housekeeping pass leaves the tree being removed alone.
+  housekeeping.collect(local_dir, 'ckpt', lambda names, steps: steps)
+  assert removing[0] in entries(local_dir)
+  releaser = threading.Timer(0.3, held.release)
+  releaser.start()
+  manager.sync()  # Waits for the removal.
+  releaser.join(60)
+  assert held.threads == ['ckpt_export-removal']
+  assert [n for n in entries(local_dir) if 'saved_modules' in n] == [
+      'ckpt-2_saved_modules']
+  assert served_value(manager.latest_savedmodel) == 2.0
+
+
+def test_a_failed_removal_is_logged_and_done_by_the_next_pass(
+    local_dir, scale, monkeypatch, caplog):
+  manager = make_manager(local_dir, scale, max_to_keep=1)
+  save_step(manager, scale, 1)
+  real = commit.remove_tree
+
+  def refuse_deleted_exports(path):
+    if '.del-' in path:
+      raise tf.errors.PermissionDeniedError(None, None, 'refused by the test')
+    real(path)
+
+  monkeypatch.setattr(commit, 'remove_tree', refuse_deleted_exports)
+  save_step(manager, scale, 2)
+  manager.sync()
+  assert 'refused by the test' in caplog.text
+  assert [n for n in entries(local_dir) if 'ckpt-1_saved_modules' in n]
+  monkeypatch.undo()
+  save_step(manager, scale, 3)  # Its recovery removes what is left.
+  manager.sync()
+  assert [n for n in entries(local_dir) if 'saved_modules' in n] == [
+      'ckpt-3_saved_modules']
 
 
 def test_housekeeping_never_deletes_a_leased_export(local_dir, scale):

@@ -72,14 +72,17 @@ class StepModel(tf.Module):
     return step
 
 
-# Steps of a linked fast export (--kill_at): the object and function name,
-# and whether the kill comes before or after the call.
+# Steps of a linked fast export and of the deletion of an old one (--kill_at):
+# the object and function name, and whether the kill comes before or after
+# the call.
 # pylint: disable=protected-access
 KILL_POINTS = {
     'data_written': (fast_export.Exporter, '_export_checkpoint', 'before'),
     'hard_link': (os, 'link', 'after'),
     'export_written': (fast_export._Template, 'write_linked', 'after'),
     'published': (commit.AtomicRenamePublisher, 'publish', 'after'),
+    # An old export renamed away by garbage collection, its files not removed.
+    'unpublished': (commit, 'remove_now', 'before'),
 }
 # pylint: enable=protected-access
 
@@ -144,7 +147,7 @@ def main() -> None:
   parser.add_argument('--seconds_between_saves', type=float, default=0.0)
   parser.add_argument('--kill_at', choices=sorted(KILL_POINTS),
                       help='SIGKILL this process at the second time it '
-                      'reaches this step of a linked fast export.')
+                      'reaches this step (of KILL_POINTS).')
   parser.add_argument('--pace_file',
                       help='Before each save but the first, wait until this '
                       'file has the line "start <previous saved step>".')
