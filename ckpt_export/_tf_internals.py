@@ -16,6 +16,11 @@ warning naming the TensorFlow version:
   callbacks put first running before `CheckpointManager` records the
   checkpoint. Fallback: the export is written before the checkpoint, as in a
   synchronous save (TF still writes the checkpoint asynchronously).
+- *First exports traced in the background* (async checkpointing): which
+  objects save state of their own (`saveable_object_util.
+  trackable_has_serialize_to_tensor`, `_gather_saveables_for_checkpoint`, an
+  optimizer's `_create_or_restore_slot_variable`). Fallback: a module's first
+  export is a full one on the training thread, before its checkpoint.
 - *Keras signature checks*: Keras' `_default_save_signature` and
   `_get_save_spec`, which TF derives a model's signature from. Fallback: Keras
   models pass validation; one that gets no signature is refused by its first
@@ -164,6 +169,35 @@ def _check_background_export() -> None:
     getattr(helper, '_join_async_save_thread', lambda: None)()
 
 
+def saves_state(obj: Any) -> bool:
+  """Whether a checkpoint or SavedModel of `obj` saves state of `obj` itself.
+
+  True for a variable (its value), a lookup table, anything with its own
+  saver, and an optimizer with slot variables; False for containers such as
+  a `tf.Module` or a Keras layer, which save only their children.
+  """
+  # pylint: disable=g-import-not-at-top,g-direct-tensorflow-import
+  from tensorflow.python.training.saving import saveable_object_util
+  # pylint: enable=g-import-not-at-top,g-direct-tensorflow-import
+  gather = getattr(obj, '_gather_saveables_for_checkpoint', None)
+  return bool(saveable_object_util.trackable_has_serialize_to_tensor(obj) or
+              (gather is not None and gather()) or
+              hasattr(obj, '_create_or_restore_slot_variable'))
+
+
+def _check_saved_state() -> None:
+  """`saves_state` tells containers from objects with state of their own."""
+  stateful = {
+      'a variable': tf.Variable(1.0),
+      'a lookup table': tf.lookup.experimental.MutableHashTable(
+          tf.string, tf.float32, default_value=-1.0),
+      'an optimizer with slots': tf.compat.v1.train.AdamOptimizer(0.1)}
+  for what, obj in stateful.items():
+    _expect(saves_state(obj), f'saves_state misses the state of {what}')
+  _expect(not saves_state(tf.Module()), 'saves_state finds state in a '
+          'tf.Module')
+
+
 def _check_keras_signatures() -> None:
   """Loaded Keras packages' models have an attribute TF derives signatures of.
 
@@ -254,6 +288,9 @@ PROBLEMS: Dict[str, Tuple[Callable[[], None], str]] = {
     'background exports': (
         _check_background_export,
         'exports are written before the checkpoint, as in a synchronous save'),
+    'first exports traced in the background': (
+        _check_saved_state, "a module's first export is made on the training "
+        'thread'),
     'Keras signature checks': (
         _check_keras_signatures,
         'a Keras model that gets no signature is refused at its first export'),
@@ -302,6 +339,10 @@ def fast_exports_supported() -> bool:
 
 def background_exports_supported() -> bool:
   return problem('background exports') is None
+
+
+def background_tracing_supported() -> bool:
+  return problem('first exports traced in the background') is None
 
 
 def forget_async_error(checkpoint: tf.train.Checkpoint,
