@@ -35,6 +35,15 @@ cannot be shared is written instead, from values snapshot on the calling
 thread in async mode (`read_value()`, which on CPU shares the variable's
 buffer until the next update copies it: copy on write), so that they are
 exactly the values of the step being saved.
+
+In async mode a module without a usable template (the first export of a
+process, or a changed structure) is traced after the checkpoint too, if cheap
+checks on the training thread pass (`Exporter._plan_traces`: only plain
+variables, all saved by the checkpoint): in the write callback,
+`tf.saved_model.save` writes the graph into a scratch directory, the template
+is taken from it, and the export is written from the checkpoint's values
+(`ModuleExporter.write_traced`). Otherwise the full export is made on the
+calling thread, before the checkpoint.
 """
 
 import collections

@@ -27,6 +27,7 @@ from ckpt_export import paths
 from ckpt_export import savedmodel
 from helpers import child_env
 from helpers import N_FEATURES
+from helpers import Scale
 from helpers import served_value
 from test_fast_export import WithTable
 from test_linked_export import _counts
@@ -101,25 +102,13 @@ def test_the_first_async_export_is_traced_in_the_background(
   assert _served(first) == 1
 
 
-class Trained(tf.Module):
+class Trained(Scale):
   """Serves `x * w`; `train()` adds 1 to `w` (a tf.function step)."""
-
-  def __init__(self):
-    super().__init__()
-    self.w = tf.Variable(tf.zeros([N_FEATURES]))
-
-  @tf.function(input_signature=[tf.TensorSpec([None, N_FEATURES], tf.float32)])
-  def __call__(self, x):
-    return x * self.w
 
   @tf.function
   def train(self):
     self.w.assign_add(tf.ones([N_FEATURES]))
     return self.w[0]
-
-  @property
-  def saved_model_signatures(self):
-    return {'serving_default': self.__call__}
 
 
 def test_exports_traced_while_training_steps_run_serve_their_step(
@@ -189,13 +178,13 @@ def test_a_module_with_a_table_gets_full_exports_on_the_training_thread(
         export_dir)
 
 
-class SavedModelOnly(tf.Module):
-  """A module whose export saves a variable its checkpoint cannot see."""
+class SavedModelOnly(Scale):
+  """Serves `x * w + hidden`; `hidden` is not in its checkpoint."""
 
   def __init__(self):
     super().__init__()
-    self.w = tf.Variable(tf.zeros([N_FEATURES]))
-    # Set past tf.Module's tracking: not a checkpoint dependency.
+    # Set past tf.Module's tracking: not a checkpoint dependency, but a
+    # child in a SavedModel (below).
     object.__setattr__(self, 'hidden', tf.Variable(tf.ones([N_FEATURES])))
 
   def _trackable_children(self, save_type='checkpoint', **kwargs):
@@ -207,10 +196,6 @@ class SavedModelOnly(tf.Module):
   @tf.function(input_signature=[tf.TensorSpec([None, N_FEATURES], tf.float32)])
   def __call__(self, x):
     return x * self.w + self.hidden
-
-  @property
-  def saved_model_signatures(self):
-    return {'serving_default': self.__call__}
 
 
 def test_a_graph_the_checkpoint_cannot_fill_fails_its_step_cleanly(
