@@ -50,8 +50,9 @@ import re
 import struct
 import sys
 import tempfile
+import threading
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from absl import logging
 import tensorflow as tf
@@ -308,10 +309,16 @@ PROBLEMS: Dict[str, Tuple[Callable[[], None], str]] = {
 }
 
 _results = {}
+# Held while a check runs: a feature is checked once, by one thread.
+_lock = threading.RLock()
+# Counts `reset()`s: checks started in the background before one stop.
+_generation = [0]
 
 
 def problem(feature: str) -> Optional[str]:
   """What breaks `feature` on this TensorFlow (warned once), or None.
+
+  Waits for the check if another thread runs it (see `check_soon`).
 
   Args:
     feature: A key of `PROBLEMS`.
@@ -319,18 +326,49 @@ def problem(feature: str) -> Optional[str]:
   Returns:
     None if the feature's assumptions hold, else a description.
   """
-  if feature not in _results:
-    check, fallback = PROBLEMS[feature]
-    _results[feature] = _problem_of(check)
-    if _results[feature] is not None:
-      _warn_once(feature, _results[feature], fallback)
-  return _results[feature]
+  result = _results.get(feature, _lock)
+  if result is not _lock:
+    return result
+  with _lock:
+    if feature not in _results:
+      check, fallback = PROBLEMS[feature]
+      _results[feature] = _problem_of(check)
+      if _results[feature] is not None:
+        _warn_once(feature, _results[feature], fallback)
+    return _results[feature]
+
+
+def check_soon(features: Sequence[str]) -> None:
+  """Checks `features` on a thread of its own, if not checked yet.
+
+  Some checks write a SavedModel or an async checkpoint (about 0.5 s in
+  all); started when a manager is made, they are usually over by its first
+  `save()`, which would otherwise run them on the training thread.
+
+  Args:
+    features: Keys of `PROBLEMS`.
+  """
+  if all(feature in _results for feature in features):
+    return
+  generation = _generation[0]
+
+  def check_all() -> None:
+    for feature in features:
+      with _lock:
+        if _generation[0] != generation:
+          return
+        problem(feature)
+
+  # Not a daemon: interpreter exit waits for a check rather than cut it.
+  threading.Thread(target=check_all, name='ckpt_export_checks').start()
 
 
 def reset() -> None:
   """Forgets the checks' results and warnings (for tests)."""
-  _results.clear()
-  _warned.clear()
+  with _lock:
+    _results.clear()
+    _warned.clear()
+    _generation[0] += 1
 
 
 def fast_exports_supported() -> bool:

@@ -805,6 +805,11 @@ class Exporter:
     self.modules = [ModuleExporter(name, module)
                     for name, module in modules_to_export.items()]
     self._checkpoint = checkpoint
+    if self.modules:  # Not on the training thread at the first export.
+      _tf_internals.check_soon(
+          ['fast exports'] + (['background exports',
+                               'first exports traced in the background']
+                              if checkpoint is not None else []))
     self._pending = []
     # The export waiting for its checkpoint's data: (future, callback).
     self._deferred = None
