@@ -40,7 +40,7 @@ warning naming the TensorFlow version:
   longer follow the chief's.
 
 `PROBLEMS` maps each feature to its check; tests replace a check to see the
-fallback.
+fallback. `check_soon` runs checks on a thread of their own ahead of use.
 """
 
 import collections

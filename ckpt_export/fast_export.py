@@ -78,6 +78,9 @@ _VARIABLES_DIR = 'variables'
 _FINGERPRINT = 'fingerprint.pb'
 # Instead of values kept for an export: they are read back from the checkpoint.
 _IN_CHECKPOINT = object()
+# Instead of values kept for an export: the module has no usable template; it
+# is traced once the checkpoint is written (`ModuleExporter.write_traced`).
+_TRACED = object()
 # Where a module traced in the background is saved in full, in the export's
 # work directory (removed before it is published).
 _TRACE_DIR = paths.RESERVED_PREFIX + '_trace'
@@ -412,9 +415,13 @@ def _same_variables(prefix_a: str, prefix_b: str,
 
 
 def _variable_ids(root: Any) -> Optional[set]:
-  """The ids of the plain variables reachable from `root` (as a checkpoint
-  sees them), or None if some object there saves other state of its own
-  (a lookup table, a custom saver, an optimizer with slots)."""
+  """The ids of the plain variables a checkpoint of `root` saves, if only those.
+
+  Returns:
+    The ids, or None if some object reachable from `root` (as a checkpoint
+    sees it) saves other state of its own (a lookup table, a custom saver, an
+    optimizer with slots).
+  """
   found = set()
   for obj in tf.train.TrackableView(root).descendants():
     variable = _tf_internals.saved_variable(obj)
@@ -430,19 +437,6 @@ def _tracked_variable_ids(checkpoint: Any) -> set:
   variables = (_tf_internals.saved_variable(obj)
                for obj in tf.train.TrackableView(checkpoint).descendants())
   return {id(v) for v in variables if v is not None}
-
-
-@dataclasses.dataclass
-class _Traced:
-  """Instead of values kept for an export: the module has no template yet.
-
-  Its export is traced in the checkpoint's write callback and written with
-  the checkpoint's values (`ModuleExporter.write_traced`).
-
-  Attributes:
-    structure: The module's structure when `save()` was called.
-  """
-  structure: '_Structure'
 
 
 class ModuleExporter:
@@ -477,15 +471,14 @@ class ModuleExporter:
     return self._template is not None and (
         structure or _Structure(self.module)) == self._structure
 
-  def can_trace_from(self, structure: _Structure,
-                     tracked: Callable[[], set]) -> bool:
+  def can_trace_from(self, structure: _Structure, tracked: set) -> bool:
     """Whether an export without template can be traced in the background.
 
     Cheap checks only, on the training thread (`Exporter._plan_traces`).
 
     Args:
       structure: The module's structure now.
-      tracked: Returns the ids of the variables the checkpoint saves.
+      tracked: The ids of the variables the checkpoint saves.
 
     Returns:
       Whether the module saves plain variables only, all saved by the
@@ -495,7 +488,7 @@ class ModuleExporter:
     if structure == self._unusable:
       return False
     variables = _variable_ids(self.module)
-    return variables is not None and variables <= tracked()
+    return variables is not None and variables <= tracked
 
   def forget_template(self) -> None:
     """Drops a template that no longer fits (an export is traced instead)."""
@@ -538,7 +531,7 @@ class ModuleExporter:
     self.fast_exports += 1
     self.linked_exports += 1
 
-  def write_traced(self, export_dir: str, structure: _Structure,
+  def write_traced(self, export_dir: str,
                    read_values: Callable[[Sequence[tf.Variable]],
                                          Sequence[Any]]) -> None:
     """Exports in full, traced now, holding the values of a checkpoint.
@@ -561,7 +554,6 @@ class ModuleExporter:
 
     Args:
       export_dir: The export's work directory.
-      structure: The module's structure when `save()` was called.
       read_values: Returns the checkpoint's values of the given variables.
 
     Raises:
@@ -953,7 +945,7 @@ class Exporter:
     (`ModuleExporter.can_trace_from`), and fast exports are possible here.
 
     Returns:
-      Per module, a `_Traced`, or for a module with a usable template what
+      Per module, `_TRACED`, or for a module with a usable template what
       `_values_to_keep` returns; None if some module cannot be traced then
       (its export is then made now, as in a synchronous save).
     """
@@ -961,19 +953,18 @@ class Exporter:
         not _tf_internals.fast_exports_supported() or
         not _tf_internals.background_tracing_supported()):
       return None
-    tracked = functools.lru_cache(maxsize=None)(
-        lambda: _tracked_variable_ids(self._checkpoint))
+    tracked = _tracked_variable_ids(self._checkpoint)
     plan = []
     for module in self.modules:
       structure = _Structure(module.module)
       if module.can_export_fast(structure):
         plan.append(self._values_to_keep(module))
       elif module.can_trace_from(structure, tracked):
-        plan.append(_Traced(structure))
+        plan.append(_TRACED)
       else:
         return None
     for module, kept in zip(self.modules, plan):
-      if isinstance(kept, _Traced):
+      if kept is _TRACED:
         module.forget_template()
     return plan
 
@@ -983,17 +974,15 @@ class Exporter:
     """Publishes the export of checkpoint `save_path`, written just now.
 
     `values` holds, per module, its kept values, `_IN_CHECKPOINT`, None
-    (the values of now) or a `_Traced` (no template yet: traced now).
+    (the values of now) or `_TRACED` (no usable template: traced now).
     """
     links = self._link(save_path)
     sharer = _sharer(save_path)
     with commit.staged_export(export_dir, dict(commit_info)) as tmp:
       for module, link, module_values in zip(self.modules, links, values):
-        if isinstance(module_values, _Traced):
-          module.write_traced(
-              tmp, module_values.structure,
-              functools.partial(self._read_values, module.name,
-                                save_path=save_path))
+        if module_values is _TRACED:
+          module.write_traced(tmp, functools.partial(
+              self._read_values, module.name, save_path=save_path))
           continue
         if link is not None:
           try:
