@@ -1020,8 +1020,11 @@ class Exporter:
     """
     # Not tf.train.load_checkpoint: on ram:// it takes a prefix for a folder.
     reader = tf.compat.v1.train.NewCheckpointReader(save_path)
-    if any(id(v) not in self._checkpoint_keys for v in variables):
-      # Keys not learned yet (the first checkpoint of this process).
+    if not _sharer(save_path) or any(
+        id(v) not in self._checkpoint_keys for v in variables):
+      # Keys not learned from this checkpoint's index (`_read_index`): none
+      # is read where exports cannot share data, and the first checkpoint of
+      # a process may save variables the last one learned did not.
       self._checkpoint_keys = _checkpoint_keys(
           self._checkpoint, reader.get_tensor(_OBJECT_GRAPH_KEY))
     values = []
