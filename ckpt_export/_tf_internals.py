@@ -16,6 +16,11 @@ warning naming the TensorFlow version:
   callbacks put first running before `CheckpointManager` records the
   checkpoint. Fallback: the export is written before the checkpoint, as in a
   synchronous save (TF still writes the checkpoint asynchronously).
+- *First exports traced in the background* (async checkpointing): which
+  objects save state of their own (`saveable_object_util.
+  trackable_has_serialize_to_tensor`, `_gather_saveables_for_checkpoint`, an
+  optimizer's `_create_or_restore_slot_variable`). Fallback: a module's first
+  export is a full one on the training thread, before its checkpoint.
 - *Keras signature checks*: Keras' `_default_save_signature` and
   `_get_save_spec`, which TF derives a model's signature from. Fallback: Keras
   models pass validation; one that gets no signature is refused by its first
@@ -35,7 +40,7 @@ warning naming the TensorFlow version:
   longer follow the chief's.
 
 `PROBLEMS` maps each feature to its check; tests replace a check to see the
-fallback.
+fallback. `check_soon` runs checks on a thread of their own ahead of use.
 """
 
 import collections
@@ -45,8 +50,9 @@ import re
 import struct
 import sys
 import tempfile
+import threading
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from absl import logging
 import tensorflow as tf
@@ -164,6 +170,35 @@ def _check_background_export() -> None:
     getattr(helper, '_join_async_save_thread', lambda: None)()
 
 
+def saves_state(obj: Any) -> bool:
+  """Whether a checkpoint or SavedModel of `obj` saves state of `obj` itself.
+
+  True for a variable (its value), a lookup table, anything with its own
+  saver, and an optimizer with slot variables; False for containers such as
+  a `tf.Module` or a Keras layer, which save only their children.
+  """
+  # pylint: disable=g-import-not-at-top,g-direct-tensorflow-import
+  from tensorflow.python.training.saving import saveable_object_util
+  # pylint: enable=g-import-not-at-top,g-direct-tensorflow-import
+  gather = getattr(obj, '_gather_saveables_for_checkpoint', None)
+  return bool(saveable_object_util.trackable_has_serialize_to_tensor(obj) or
+              (gather is not None and gather()) or
+              hasattr(obj, '_create_or_restore_slot_variable'))
+
+
+def _check_saved_state() -> None:
+  """`saves_state` tells containers from objects with state of their own."""
+  stateful = {
+      'a variable': tf.Variable(1.0),
+      'a lookup table': tf.lookup.experimental.MutableHashTable(
+          tf.string, tf.float32, default_value=-1.0),
+      'an optimizer with slots': tf.compat.v1.train.AdamOptimizer(0.1)}
+  for what, obj in stateful.items():
+    _expect(saves_state(obj), f'saves_state misses the state of {what}')
+  _expect(not saves_state(tf.Module()), 'saves_state finds state in a '
+          'tf.Module')
+
+
 def _check_keras_signatures() -> None:
   """Loaded Keras packages' models have an attribute TF derives signatures of.
 
@@ -254,6 +289,9 @@ PROBLEMS: Dict[str, Tuple[Callable[[], None], str]] = {
     'background exports': (
         _check_background_export,
         'exports are written before the checkpoint, as in a synchronous save'),
+    'first exports traced in the background': (
+        _check_saved_state, "a module's first export is made on the training "
+        'thread'),
     'Keras signature checks': (
         _check_keras_signatures,
         'a Keras model that gets no signature is refused at its first export'),
@@ -271,10 +309,16 @@ PROBLEMS: Dict[str, Tuple[Callable[[], None], str]] = {
 }
 
 _results = {}
+# Held while a check runs: a feature is checked once, by one thread.
+_lock = threading.RLock()
+# Counts `reset()`s: checks started in the background before one stop.
+_generation = [0]
 
 
 def problem(feature: str) -> Optional[str]:
   """What breaks `feature` on this TensorFlow (warned once), or None.
+
+  Waits for the check if another thread runs it (see `check_soon`).
 
   Args:
     feature: A key of `PROBLEMS`.
@@ -282,18 +326,49 @@ def problem(feature: str) -> Optional[str]:
   Returns:
     None if the feature's assumptions hold, else a description.
   """
-  if feature not in _results:
-    check, fallback = PROBLEMS[feature]
-    _results[feature] = _problem_of(check)
-    if _results[feature] is not None:
-      _warn_once(feature, _results[feature], fallback)
-  return _results[feature]
+  result = _results.get(feature, _lock)
+  if result is not _lock:
+    return result
+  with _lock:
+    if feature not in _results:
+      check, fallback = PROBLEMS[feature]
+      _results[feature] = _problem_of(check)
+      if _results[feature] is not None:
+        _warn_once(feature, _results[feature], fallback)
+    return _results[feature]
+
+
+def check_soon(features: Sequence[str]) -> None:
+  """Checks `features` on a thread of its own, if not checked yet.
+
+  Some checks write a SavedModel or an async checkpoint (about 0.5 s in
+  all); started when a manager is made, they are usually over by its first
+  `save()`, which would otherwise run them on the training thread.
+
+  Args:
+    features: Keys of `PROBLEMS`.
+  """
+  if all(feature in _results for feature in features):
+    return
+  generation = _generation[0]
+
+  def check_all() -> None:
+    for feature in features:
+      with _lock:
+        if _generation[0] != generation:
+          return
+        problem(feature)
+
+  # Not a daemon: interpreter exit waits for a check rather than cut it.
+  threading.Thread(target=check_all, name='ckpt_export_checks').start()
 
 
 def reset() -> None:
   """Forgets the checks' results and warnings (for tests)."""
-  _results.clear()
-  _warned.clear()
+  with _lock:
+    _results.clear()
+    _warned.clear()
+    _generation[0] += 1
 
 
 def fast_exports_supported() -> bool:
@@ -302,6 +377,10 @@ def fast_exports_supported() -> bool:
 
 def background_exports_supported() -> bool:
   return problem('background exports') is None
+
+
+def background_tracing_supported() -> bool:
+  return problem('first exports traced in the background') is None
 
 
 def forget_async_error(checkpoint: tf.train.Checkpoint,

@@ -35,6 +35,15 @@ cannot be shared is written instead, from values snapshot on the calling
 thread in async mode (`read_value()`, which on CPU shares the variable's
 buffer until the next update copies it: copy on write), so that they are
 exactly the values of the step being saved.
+
+In async mode a module without a usable template (the first export of a
+process, or a changed structure) is traced after the checkpoint too, if cheap
+checks on the training thread pass (`Exporter._plan_traces`: only plain
+variables, all saved by the checkpoint): in the write callback,
+`tf.saved_model.save` writes the graph into a scratch directory, the template
+is taken from it, and the export is written from the checkpoint's values
+(`ModuleExporter.write_traced`). Otherwise the full export is made on the
+calling thread, before the checkpoint.
 """
 
 import collections
@@ -69,6 +78,12 @@ _VARIABLES_DIR = 'variables'
 _FINGERPRINT = 'fingerprint.pb'
 # Instead of values kept for an export: they are read back from the checkpoint.
 _IN_CHECKPOINT = object()
+# Instead of values kept for an export: the module has no usable template; it
+# is traced once the checkpoint is written (`ModuleExporter.write_traced`).
+_TRACED = object()
+# Where a module traced in the background is saved in full, in the export's
+# work directory (removed before it is published).
+_TRACE_DIR = paths.RESERVED_PREFIX + '_trace'
 
 # Names of the class attributes that are tf.functions, by class.
 _class_functions = weakref.WeakKeyDictionary()
@@ -104,12 +119,23 @@ def _functions_of(obj: Any) -> List[Tuple[str, Any]]:
   return found
 
 
+def _fixed(function: Any) -> bool:
+  """Whether `function` is a tf.function with an `input_signature`.
+
+  Such a function is traced by `tf.saved_model.save` itself (at the first
+  save of a process, even after `get_concrete_function()`), and no call
+  makes it trace a graph with other shapes.
+  """
+  return getattr(function, 'input_signature', None) is not None
+
+
 class _Structure:
   """What a module's exported graph depends on, compared by identity."""
 
   def __init__(self, module: Any):
     objects = []  # Kept alive, so that the ids below stay theirs.
     described = []
+    fixed = []  # Tracing counts of the functions with an input_signature.
     seen = {id(module)}
     queue = collections.deque([module])
     while queue:
@@ -126,8 +152,11 @@ class _Structure:
                   variable.dtype]
       for name, function in _functions_of(obj):
         objects.append(function)
-        entry.append((name, id(function),
-                      function.experimental_get_tracing_count()))
+        count = function.experimental_get_tracing_count()
+        if _fixed(function):
+          fixed.append(count)
+          count = 'fixed'
+        entry.append((name, id(function), count))
       described.append((id(obj), tuple(entry)))
       for child in children.values():
         if id(child) not in seen:
@@ -140,19 +169,34 @@ class _Structure:
         objects.append(function)
         count = (function.experimental_get_tracing_count() if isinstance(
             function, tf.types.experimental.PolymorphicFunction) else None)
+        if _fixed(function):
+          fixed.append(count)
+          count = 'fixed'
         described.append(('signature', key, id(function), count))
     else:
       objects.append(signatures)
       described.append(('signatures', id(signatures)))
     self._objects = objects
     self._described = tuple(described)
+    self._fixed = tuple(fixed)
 
   def __eq__(self, other: object) -> bool:
     return (isinstance(other, _Structure) and
-            self._described == other._described)
+            self._described == other._described and
+            self._fixed == other._fixed)
 
   def __hash__(self) -> int:
     return hash(self._described)
+
+  def traced_alike(self, other: '_Structure') -> bool:
+    """Whether only functions with an `input_signature` traced in between.
+
+    Compares a structure taken before a `tf.saved_model.save` with one taken
+    after it: the save traces those functions itself; any other difference
+    (a retrace by training meanwhile, a new variable) means the save may
+    lack what the later structure holds.
+    """
+    return self._described == other._described
 
 
 class _Template:
@@ -346,20 +390,53 @@ def _checkpoint_keys(checkpoint: Any, object_graph: bytes) -> Dict[int, str]:
   return keys
 
 
-def _same_variables(prefix_a: str, prefix_b: str) -> bool:
-  """Whether two checkpoints hold the same keys, dtypes, shapes and values."""
+def _same_variables(prefix_a: str, prefix_b: str,
+                    values_of: Optional[Sequence[str]] = None) -> bool:
+  """Whether two checkpoints hold the same keys, dtypes, shapes and values.
+
+  Args:
+    prefix_a: A checkpoint.
+    prefix_b: Another.
+    values_of: The keys whose values are compared; by default all.
+  """
   a, b = (tf.compat.v1.train.NewCheckpointReader(prefix)
           for prefix in (prefix_a, prefix_b))
   if (a.get_variable_to_dtype_map() != b.get_variable_to_dtype_map() or
       a.get_variable_to_shape_map() != b.get_variable_to_shape_map()):
     return False
-  for key in a.get_variable_to_shape_map():
+  for key in (a.get_variable_to_shape_map() if values_of is None else
+              values_of):
     x, y = a.get_tensor(key), b.get_tensor(key)
     if isinstance(x, np.ndarray):
       x, y = x.tobytes(), np.asarray(y).tobytes()
     if x != y:
       return False
   return True
+
+
+def _variable_ids(root: Any) -> Optional[set]:
+  """The ids of the plain variables a checkpoint of `root` saves, if only those.
+
+  Returns:
+    The ids, or None if some object reachable from `root` (as a checkpoint
+    sees it) saves other state of its own (a lookup table, a custom saver, an
+    optimizer with slots).
+  """
+  found = set()
+  for obj in tf.train.TrackableView(root).descendants():
+    variable = _tf_internals.saved_variable(obj)
+    if variable is not None:
+      found.add(id(variable))
+    elif _tf_internals.saves_state(obj):
+      return None
+  return found
+
+
+def _tracked_variable_ids(checkpoint: Any) -> set:
+  """The ids of the plain variables a checkpoint of `checkpoint` saves."""
+  variables = (_tf_internals.saved_variable(obj)
+               for obj in tf.train.TrackableView(checkpoint).descendants())
+  return {id(v) for v in variables if v is not None}
 
 
 class ModuleExporter:
@@ -385,10 +462,37 @@ class ModuleExporter:
     """The variable of each of `keys`."""
     return self._template.variables if self._template else []
 
-  def can_export_fast(self) -> bool:
-    """Whether the next export can be a fast one (the structure unchanged)."""
-    return (self._template is not None and
-            _Structure(self.module) == self._structure)
+  def can_export_fast(self, structure: Optional[_Structure] = None) -> bool:
+    """Whether the next export can be a fast one (the structure unchanged).
+
+    Args:
+      structure: The module's structure now, if already taken.
+    """
+    return self._template is not None and (
+        structure or _Structure(self.module)) == self._structure
+
+  def can_trace_from(self, structure: _Structure, tracked: set) -> bool:
+    """Whether an export without template can be traced in the background.
+
+    Cheap checks only, on the training thread (`Exporter._plan_traces`).
+
+    Args:
+      structure: The module's structure now.
+      tracked: The ids of the variables the checkpoint saves.
+
+    Returns:
+      Whether the module saves plain variables only, all saved by the
+      checkpoint (so that its export can take their values from there), and
+      its structure did not already fail to make a template.
+    """
+    if structure == self._unusable:
+      return False
+    variables = _variable_ids(self.module)
+    return variables is not None and variables <= tracked
+
+  def forget_template(self) -> None:
+    """Drops a template that no longer fits (an export is traced instead)."""
+    self._template = None
 
   def snapshot(self) -> Optional[List[tf.Tensor]]:
     """Values for a fast export, or None if the next export must be full."""
@@ -426,6 +530,62 @@ class ModuleExporter:
                                 sharer)
     self.fast_exports += 1
     self.linked_exports += 1
+
+  def write_traced(self, export_dir: str,
+                   read_values: Callable[[Sequence[tf.Variable]],
+                                         Sequence[Any]]) -> None:
+    """Exports in full, traced now, holding the values of a checkpoint.
+
+    Runs in the checkpoint's write callback while training goes on: the
+    graph is saved by `tf.saved_model.save` into a scratch directory (whose
+    variables, read while training changes them, are dropped); the export is
+    that graph's files and a `variables/` written the fast way with the values
+    `read_values` returns (those of the step's checkpoint), checked to have
+    the scratch export's keys, dtypes, shapes and object graph. Why these are
+    the values a full export of the step holds: `_Template` accepts only
+    exports whose every saved tensor is the `VARIABLE_VALUE` of a plain
+    variable (`_variables_by_key`), and the checkpoint saves that same
+    variable's `VARIABLE_VALUE` through the same saver serialization, as
+    TF copied it on the training thread when `save()` was called.
+
+    The template made this way becomes the module's only if its structure
+    did not change during the save (a retrace by training meanwhile): else
+    the next export is a full one again.
+
+    Args:
+      export_dir: The export's work directory.
+      read_values: Returns the checkpoint's values of the given variables.
+
+    Raises:
+      ValueError: If the export cannot be made this way (state other than
+        plain variables; variables the checkpoint does not hold as the export
+        does). The step's checkpoint then fails, and the module's next
+        export is a full one before its checkpoint.
+    """
+    module_dir = os.path.join(export_dir, self.name)
+    scratch_root = os.path.join(export_dir, _TRACE_DIR)
+    scratch = os.path.join(scratch_root, self.name)
+    before = _Structure(self.module)
+    savedmodel.write_module(self.name, self.module, scratch)
+    after = _Structure(self.module)
+    self.full_exports += 1
+    try:
+      template = _Template(scratch, self.module)
+      template.write(module_dir, read_values(template.variables))
+      if not _same_variables(_variables_prefix(module_dir),
+                             _variables_prefix(scratch),
+                             values_of=[_OBJECT_GRAPH_KEY]):
+        raise ValueError('its variables cannot be written as '
+                         'tf.saved_model.save does')
+    except ValueError as e:
+      self._unusable = after
+      raise ValueError(
+          f'Module {self.name!r} cannot be exported from checkpoint values '
+          f'({e}); its next exports are full ones, made before their '
+          'checkpoint.') from e
+    tf.io.gfile.rmtree(scratch_root)
+    self._structure = after
+    self._template = template if before.traced_alike(after) else None
 
   def _make_template(self, module_dir: str) -> Optional[_Template]:
     """The template of a fresh full export, or None if it cannot be used."""
@@ -637,6 +797,11 @@ class Exporter:
     self.modules = [ModuleExporter(name, module)
                     for name, module in modules_to_export.items()]
     self._checkpoint = checkpoint
+    if self.modules:  # Not on the training thread at the first export.
+      _tf_internals.check_soon(
+          ['fast exports'] + (['background exports',
+                               'first exports traced in the background']
+                              if checkpoint is not None else []))
     self._pending = []
     # The export waiting for its checkpoint's data: (future, callback).
     self._deferred = None
@@ -667,6 +832,8 @@ class Exporter:
         change meanwhile: an async checkpoint). They are then read back from
         the checkpoint where it holds them, else taken now (a snapshot, which
         costs a copy of the variables at their next update while it lives).
+        Modules without a template are then traced after the checkpoint too,
+        where `_plan_traces` allows it.
 
     Returns:
       The future of the export after the checkpoint (its result is None once
@@ -676,10 +843,14 @@ class Exporter:
       Exception: An earlier export's error, or this export's.
     """
     self.wait()
-    if (after_checkpoint and all(m.can_export_fast() for m in self.modules)
-        and _tf_internals.background_exports_supported()):
-      values = [self._values_to_keep(m) if keep_values else None
-                for m in self.modules]
+    values = None
+    if after_checkpoint and _tf_internals.background_exports_supported():
+      if all(m.can_export_fast() for m in self.modules):
+        values = [self._values_to_keep(m) if keep_values else None
+                  for m in self.modules]
+      elif keep_values:
+        values = self._plan_traces()
+    if values is not None:
       future = concurrent.futures.Future()
       future.set_running_or_notify_cancel()
       self._pending.append(future)
@@ -763,18 +934,56 @@ class Exporter:
         raise errors[0]
       logging.error('Export failed: %r', errors[0])
 
+  def _plan_traces(self) -> Optional[List[Any]]:
+    """What to keep of each module for an export traced after the checkpoint.
+
+    Modules without a usable template (the first export of a process, or a
+    changed structure) can be traced in the checkpoint's write callback,
+    with the values of the step read back from the checkpoint, if each
+    passes cheap checks made here, on the training thread: it saves plain
+    variables only, all of which the checkpoint saves
+    (`ModuleExporter.can_trace_from`), and fast exports are possible here.
+
+    Returns:
+      Per module, `_TRACED`, or for a module with a usable template what
+      `_values_to_keep` returns; None if some module cannot be traced then
+      (its export is then made now, as in a synchronous save).
+    """
+    if (self._checkpoint is None or
+        not _tf_internals.fast_exports_supported() or
+        not _tf_internals.background_tracing_supported()):
+      return None
+    tracked = _tracked_variable_ids(self._checkpoint)
+    plan = []
+    for module in self.modules:
+      structure = _Structure(module.module)
+      if module.can_export_fast(structure):
+        plan.append(self._values_to_keep(module))
+      elif module.can_trace_from(structure, tracked):
+        plan.append(_TRACED)
+      else:
+        return None
+    for module, kept in zip(self.modules, plan):
+      if kept is _TRACED:
+        module.forget_template()
+    return plan
+
   def _export_checkpoint(self, export_dir: str,
                          commit_info: Mapping[str, Any],
                          values: Sequence[Any], save_path: str) -> None:
     """Publishes the export of checkpoint `save_path`, written just now.
 
-    `values` holds, per module, its kept values, `_IN_CHECKPOINT`, or None
-    (the values of now).
+    `values` holds, per module, its kept values, `_IN_CHECKPOINT`, None
+    (the values of now) or `_TRACED` (no usable template: traced now).
     """
     links = self._link(save_path)
     sharer = _sharer(save_path)
     with commit.staged_export(export_dir, dict(commit_info)) as tmp:
       for module, link, module_values in zip(self.modules, links, values):
+        if module_values is _TRACED:
+          module.write_traced(tmp, functools.partial(
+              self._read_values, module.name, save_path=save_path))
+          continue
         if link is not None:
           try:
             module.write_linked(tmp, link, sharer)
@@ -783,7 +992,8 @@ class Exporter:
             self._fall_back(f'sharing {link.shard_path} failed: {e}')
             tf.io.gfile.rmtree(os.path.join(tmp, module.name))
         if module_values is _IN_CHECKPOINT:
-          module_values = self._read_values(module, save_path)
+          module_values = self._read_values(module.name, module.variables,
+                                            save_path)
         module.write_fast(tmp, module_values)
 
   def _values_to_keep(self, module: ModuleExporter
@@ -800,24 +1010,32 @@ class Exporter:
       return _IN_CHECKPOINT
     return module.current_values()
 
-  def _read_values(self, module: ModuleExporter, save_path: str
-                  ) -> List[np.ndarray]:
-    """`module`'s values as checkpoint `save_path` holds them.
+  def _read_values(self, name: str, variables: Sequence[tf.Variable],
+                   save_path: str) -> List[np.ndarray]:
+    """The values of module `name`'s `variables` in checkpoint `save_path`.
 
     Raises:
       ValueError: If the checkpoint lacks one, or holds another dtype or
         shape (the checkpoint then fails: its export cannot be made).
     """
-    reader = tf.train.load_checkpoint(save_path)
+    # Not tf.train.load_checkpoint: on ram:// it takes a prefix for a folder.
+    reader = tf.compat.v1.train.NewCheckpointReader(save_path)
+    if not _sharer(save_path) or any(
+        id(v) not in self._checkpoint_keys for v in variables):
+      # Keys not learned from this checkpoint's index (`_read_index`): none
+      # is read where exports cannot share data, and the first checkpoint of
+      # a process may save variables the last one learned did not.
+      self._checkpoint_keys = _checkpoint_keys(
+          self._checkpoint, reader.get_tensor(_OBJECT_GRAPH_KEY))
     values = []
-    for variable in module.variables:
+    for variable in variables:
       key = self._checkpoint_keys.get(id(variable))
       value = (reader.get_tensor(key)
                if key is not None and reader.has_tensor(key) else None)
       if (value is None or tf.as_dtype(value.dtype) != variable.dtype or
           list(np.shape(value)) != variable.shape.as_list()):
         raise ValueError(
-            f'Cannot export {module.name!r} from checkpoint {save_path}: it '
+            f'Cannot export {name!r} from checkpoint {save_path}: it '
             f'does not hold variable {variable.name} ({key}) as the module '
             'does. Was the tf.train.Checkpoint changed during training?')
       values.append(value)

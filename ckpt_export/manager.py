@@ -144,7 +144,9 @@ class SavedModelCheckpointManager(tf.train.CheckpointManager):
     unchanged) right after its data is, sharing it where possible. With
     `options=tf.train.CheckpointOptions(enable_async=True)` the checkpoint is
     written in the background, and so is a fast export (from values taken
-    now where it cannot share the data). `sync()` waits for both.
+    now where it cannot share the data), and a full one where the
+    checkpoint holds all its values (traced in the background, filled from
+    the checkpoint; see `fast_export.py`). `sync()` waits for both.
     In a multi-worker job every worker calls it, and only the chief writes
     the directory; under a multi-worker strategy every export is a full one.
 

@@ -9,6 +9,7 @@ check that the fallback still writes correct exports.
 
 import logging
 import os
+import threading
 
 import keras
 import pytest
@@ -26,6 +27,7 @@ from helpers import N_FEATURES
 from helpers import save_step
 from helpers import Scale
 from helpers import served_value
+from helpers import wait_for
 
 
 @pytest.fixture(autouse=True)
@@ -96,6 +98,30 @@ def test_without_background_exports_async_saves_export_first(
   exporter = manager._exporter.modules[0]  # pylint: disable=protected-access
   assert exporter.fast_exports == 2  # Fast, though not in the background.
   assert len(fallback_warnings(caplog)) == 1
+
+
+def test_a_manager_runs_the_export_checks_off_its_thread(
+    monkeypatch, local_dir, scale):
+  features = ['background exports', 'fast exports',
+              'first exports traced in the background']
+  threads = {}
+  for feature in features:
+    check, fallback = _tf_internals.PROBLEMS[feature]
+
+    def recording(check=check, feature=feature):
+      threads.setdefault(feature, []).append(threading.current_thread())
+      check()
+
+    monkeypatch.setitem(_tf_internals.PROBLEMS, feature, (recording, fallback))
+  manager = make_manager(local_dir, scale)
+  wait_for(lambda: sorted(threads) == features, 'the checks')
+  assert threading.main_thread() not in sum(threads.values(), [])
+  options = tf.train.CheckpointOptions(enable_async=True)
+  for step in (1, 2):
+    save_step(manager, scale, step, options=options)
+  manager.sync()
+  assert [served_value(p) for p in manager.savedmodels] == [1.0, 2.0]
+  assert [len(threads[feature]) for feature in features] == [1, 1, 1]
 
 
 def test_without_manager_internals_the_interval_and_exports_hold(

@@ -40,6 +40,7 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 import ckpt_export  # pylint: disable=g-import-not-at-top
 from ckpt_export import commit  # pylint: disable=g-import-not-at-top
 from ckpt_export import fast_export  # pylint: disable=g-import-not-at-top
+from ckpt_export import savedmodel  # pylint: disable=g-import-not-at-top
 
 MODULE_NAME = 'model'
 WIDTH = 4
@@ -72,19 +73,29 @@ class StepModel(tf.Module):
     return step
 
 
-# Steps of a linked fast export and of the deletion of an old one (--kill_at):
-# the object and function name, and whether the kill comes before or after
-# the call.
+# Steps of an export or of an old export's deletion (--kill_at): the object
+# and function name, whether the kill comes before or after the call, and at
+# which call. The second call of a step of a linked fast export or of a
+# deletion; the first call of a step of the first
+# export of a run, which is a restarted run's (`FIRST_EXPORT_POINTS`): the
+# full save (on the training thread in sync mode, in the checkpoint's write
+# callback in async mode), and (async only, `ASYNC_ONLY_POINTS`) the export
+# written from the checkpoint's values after it.
 # pylint: disable=protected-access
 KILL_POINTS = {
-    'data_written': (fast_export.Exporter, '_export_checkpoint', 'before'),
-    'hard_link': (os, 'link', 'after'),
-    'export_written': (fast_export._Template, 'write_linked', 'after'),
-    'published': (commit.AtomicRenamePublisher, 'publish', 'after'),
+    'data_written': (fast_export.Exporter, '_export_checkpoint', 'before', 2),
+    'hard_link': (os, 'link', 'after', 2),
+    'export_written': (fast_export._Template, 'write_linked', 'after', 2),
+    'published': (commit.AtomicRenamePublisher, 'publish', 'after', 2),
+    'first_full_save': (savedmodel, 'write_module', 'after', 1),
+    'first_traced_written': (fast_export._Template, 'write', 'after', 1),
     # An old export renamed away by garbage collection, its files not removed.
-    'unpublished': (commit, 'remove_now', 'before'),
+    'unpublished': (commit, 'remove_now', 'before', 2),
 }
 # pylint: enable=protected-access
+FIRST_EXPORT_POINTS = frozenset(
+    point for point, (_, _, _, call) in KILL_POINTS.items() if call == 1)
+ASYNC_ONLY_POINTS = frozenset(['first_traced_written'])
 
 
 def served_step(export_dir: str) -> int:
@@ -102,9 +113,9 @@ def served_step(export_dir: str) -> int:
   return step
 
 
-def _kill_at(point: str, call: int) -> None:
-  """SIGKILLs this process at the `call`-th call of a `KILL_POINTS` step."""
-  owner, name, when = KILL_POINTS[point]
+def _kill_at(point: str) -> None:
+  """SIGKILLs this process at a `KILL_POINTS` step."""
+  owner, name, when, call = KILL_POINTS[point]
   function = getattr(owner, name)
   calls = [0]
 
@@ -146,15 +157,15 @@ def main() -> None:
                       help='Save with CheckpointOptions(enable_async=True).')
   parser.add_argument('--seconds_between_saves', type=float, default=0.0)
   parser.add_argument('--kill_at', choices=sorted(KILL_POINTS),
-                      help='SIGKILL this process at the second time it '
-                      'reaches this step (of KILL_POINTS).')
+                      help='SIGKILL this process at this step of an export '
+                      '(see KILL_POINTS).')
   parser.add_argument('--pace_file',
                       help='Before each save but the first, wait until this '
                       'file has the line "start <previous saved step>".')
   args = parser.parse_args()
   options = tf.train.CheckpointOptions(enable_async=args.enable_async)
   if args.kill_at:
-    _kill_at(args.kill_at, 2)
+    _kill_at(args.kill_at)
 
   model = StepModel()
   _say('READY')
