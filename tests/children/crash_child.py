@@ -89,7 +89,6 @@ KILL_POINTS = {
 GCS_KILL_POINTS = {
     'data_written': KILL_POINTS['data_written'],
     'server_side_copy': (fast_export._GcsRewrites, 'share', 'after'),
-    'export_written': KILL_POINTS['export_written'],
     'publish_started': (commit, '_mark_incomplete', 'after'),
     'files_moved': (commit, '_move_files', 'after'),
     'committed': (commit, 'write_new_file', 'after',
