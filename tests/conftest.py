@@ -6,11 +6,18 @@ What tests share besides fixtures is in `helpers.py`.
 import os
 import uuid
 
+# Read once, when TensorFlow registers its gs:// file system (at import): a
+# test reads what a writer in another process changes, so TF's client must
+# not answer from its stat cache (up to 5 s stale by default).
+os.environ.setdefault('GCS_STAT_CACHE_MAX_AGE', '0')
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest
 import tensorflow as tf
 
 import gcs_emulator
 import helpers
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 
 @pytest.fixture(scope='session')
@@ -51,8 +58,7 @@ def emulator(tmp_path_factory) -> gcs_emulator.GcsEmulator:
     emulator = gcs_emulator.GcsEmulator(tmp_path_factory.mktemp('gcs'))
   except gcs_emulator.Unavailable as e:
     pytest.skip(f'No GCS emulator here: {e}')
-  # This process reads what a writer in another process changes: without
-  # this, TF's client answers from its stat cache, up to 5 s stale.
+  # For child processes (this one has it from the top of this file).
   env = dict(emulator.env(), GCS_STAT_CACHE_MAX_AGE='0')
   saved = {name: os.environ.get(name) for name in env}
   os.environ.update(env)
