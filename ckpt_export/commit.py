@@ -517,9 +517,10 @@ class CommitMarkerPublisher(Publisher):
     return False
 
   def abandoned(self, export_dir: str) -> bool:
-    # Also a directory without any file: what a writer killed while deleting
-    # the directory objects (`makedirs` makes them on gs://) leaves. Never a
-    # live writer's: its incomplete marker comes first and goes last.
+    # Also a directory without any file (`makedirs` makes an object on
+    # gs://): what a writer killed between `makedirs` and its incomplete
+    # marker left before the marker came first. Never a live writer's: its
+    # incomplete marker comes first and goes last.
     try:
       with tf.io.gfile.GFile(os.path.join(export_dir, INCOMPLETE_MARKER)) as f:
         writer = f.read()

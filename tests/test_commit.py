@@ -246,9 +246,9 @@ def test_object_store_keeps_the_incomplete_marker_first_to_last(
 
 def test_object_store_export_dir_without_files_is_recovered_and_replaced(
     scale):
-  """What a kill mid-deletion of the directory objects leaves (or, before
-  the marker came first, one right after `makedirs` of a publish): the next
-  run removes it, and an export of its step replaces it."""
+  """What a writer killed between `makedirs` and its incomplete marker left
+  before the marker came first: recovery removes it, and an export of its
+  step replaces it (it used to be taken for a user's directory)."""
   model_dir = 'ram://ckpt_export_test/empty'
   first, second = (paths.export_path(model_dir, 'ckpt', s) for s in (1, 2))
   for export_dir in (first, second):
