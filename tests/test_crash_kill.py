@@ -6,7 +6,10 @@ reader accepts must load and serve the values of its own step, and every
 checkpoint the next run may restore must have its export. A last run then
 restores, finishes, and must leave exactly the exports its checkpoints call
 for and no work directories. All of it runs with synchronous saves, then with
-asynchronous ones (`CheckpointOptions(enable_async=True)`).
+asynchronous ones (`CheckpointOptions(enable_async=True)`). Other tests kill
+the child at each step of a linked export, on local disk and on gs:// (the
+GCS emulator, fixture `emulator`), where exports are published with a commit
+marker and their variables are copied server-side.
 
 Children import TensorFlow (~5 s) before touching the model directory and wait
 for a go line after READY, so the next children are started ahead and import
