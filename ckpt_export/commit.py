@@ -337,15 +337,18 @@ def export_identity(export_dir: str) -> Optional[float]:
 def is_replaceable(export_dir: str) -> bool:
   """Whether a new export may replace what is at `export_dir`.
 
-  True if nothing is there, or an export: ours, or one the reference wrote (a
-  directory of SavedModel directories). A user's file, directory or symbolic
-  link that merely has an export's name is never replaced.
+  True if nothing is there, or an export: ours (also one a writer that is
+  gone left partly written or deleted, see `Publisher.abandoned`), or one the
+  reference wrote (a directory of SavedModel directories). A user's file,
+  directory or symbolic link that merely has an export's name is never
+  replaced.
   """
   if is_link(export_dir):
     return False
   if not tf.io.gfile.exists(export_dir):
     return True
-  return has_commit_marker(export_dir) or is_reference_export(export_dir)
+  return (has_commit_marker(export_dir) or is_reference_export(export_dir) or
+          publisher_for(export_dir).abandoned(export_dir))
 
 
 def check_replaceable(export_dir: str, step: int) -> None:
@@ -506,18 +509,20 @@ class CommitMarkerPublisher(Publisher):
               token: str) -> None:
     if tf.io.gfile.exists(export_dir):
       self.delete(export_dir, token)
-    # Incomplete marker first, commit marker last (one object write): readers
+    # Incomplete marker first (even before the directory, which on gs:// is
+    # an object of its own), commit marker last (one object write): readers
     # take the directory for an export only once every file is in, and what a
     # writer killed in between leaves names that writer for `recover`.
-    tf.io.gfile.makedirs(export_dir)
     incomplete = _mark_incomplete(export_dir, writers.TMP, token)
+    tf.io.gfile.makedirs(export_dir)
     _move_files(work_dir, export_dir)
     write_new_file(os.path.join(export_dir, paths.COMMIT_MARKER), marker)
     tf.io.gfile.remove(incomplete)
 
   def delete(self, export_dir: str, token: str) -> None:
     # Unpublished first (incomplete marker in, commit marker out), so a reader
-    # never loads what is left; the incomplete marker goes last.
+    # never loads what is left; the incomplete marker goes last, with the
+    # directory (on gs://, its object lists before the marker's).
     incomplete = _mark_incomplete(export_dir, writers.DEL, token)
     commit = os.path.join(export_dir, paths.COMMIT_MARKER)
     if tf.io.gfile.exists(commit):
@@ -525,9 +530,10 @@ class CommitMarkerPublisher(Publisher):
     for f in _walk_files(export_dir):
       if f != incomplete:
         tf.io.gfile.remove(f)
-    tf.io.gfile.remove(incomplete)
-    if tf.io.gfile.exists(export_dir):
-      tf.io.gfile.rmtree(export_dir)
+    for child in tf.io.gfile.listdir(export_dir):
+      if tf.io.gfile.isdir(os.path.join(export_dir, child.rstrip('/'))):
+        tf.io.gfile.rmtree(os.path.join(export_dir, child.rstrip('/')))
+    tf.io.gfile.rmtree(export_dir)
 
   def delete_if_same(self, export_dir: str, identity: Optional[float],
                      token: str, removal: Removal) -> bool:
@@ -545,9 +551,21 @@ class CommitMarkerPublisher(Publisher):
     return False
 
   def abandoned(self, export_dir: str) -> bool:
+    # Also a directory without any file (`makedirs` makes an object on
+    # gs://): what a writer killed between `makedirs` and its incomplete
+    # marker left before the marker came first. Never a live writer's: its
+    # incomplete marker comes first and goes last.
     try:
       with tf.io.gfile.GFile(os.path.join(export_dir, INCOMPLETE_MARKER)) as f:
         writer = f.read()
+    except tf.errors.NotFoundError:
+      try:
+        return (tf.io.gfile.isdir(export_dir) and
+                not tf.io.gfile.exists(
+                    os.path.join(export_dir, paths.COMMIT_MARKER)) and
+                not _walk_files(export_dir))
+      except tf.errors.OpError:
+        return False
     except tf.errors.OpError:
       return False
     return not writers.work_owner_alive(writer)

@@ -3,12 +3,21 @@
 What tests share besides fixtures is in `helpers.py`.
 """
 
+import os
 import uuid
 
+# Read once, when TensorFlow registers its gs:// file system (at import): a
+# test reads what a writer in another process changes, so TF's client must
+# not answer from its stat cache (up to 5 s stale by default).
+os.environ.setdefault('GCS_STAT_CACHE_MAX_AGE', '0')
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest
 import tensorflow as tf
 
+import gcs_emulator
 import helpers
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 
 @pytest.fixture(scope='session')
@@ -37,3 +46,26 @@ def model_dir(request, tmp_path) -> str:
 @pytest.fixture
 def local_dir(tmp_path) -> str:
   return str(tmp_path / 'model')
+
+
+@pytest.fixture(scope='module')
+def emulator(tmp_path_factory) -> gcs_emulator.GcsEmulator:
+  """A running GCS emulator, with this process's env pointed at it.
+
+  Skips the test, saying why, if the emulator cannot run here.
+  """
+  try:
+    emulator = gcs_emulator.GcsEmulator(tmp_path_factory.mktemp('gcs'))
+  except gcs_emulator.Unavailable as e:
+    pytest.skip(f'No GCS emulator here: {e}')
+  # For child processes (this one has it from the top of this file).
+  env = dict(emulator.env(), GCS_STAT_CACHE_MAX_AGE='0')
+  saved = {name: os.environ.get(name) for name in env}
+  os.environ.update(env)
+  yield emulator
+  for name, value in saved.items():
+    if value is None:
+      os.environ.pop(name, None)
+    else:
+      os.environ[name] = value
+  emulator.stop()

@@ -218,6 +218,55 @@ def test_object_store_half_published_export_is_removed(scale):
   assert entries(model_dir) == []
 
 
+def test_object_store_keeps_the_incomplete_marker_first_to_last(
+    scale, monkeypatch):
+  """Publishing and deleting change nothing under an export but its markers
+  while it has no incomplete marker: a kill leaves no directory without it
+  (on gs://, `makedirs` writes an object of its own)."""
+  final = paths.export_path('ram://ckpt_export_test/order', 'ckpt', 1)
+  marker = os.path.join(final, commit.INCOMPLETE_MARKER)
+  unmarked = []
+  for name in ('makedirs', 'rename', 'remove', 'rmtree'):
+    function = getattr(tf.io.gfile, name)
+
+    def spy(path, *args, function=function, **kwargs):
+      target = args[0] if function is tf.io.gfile.rename else path
+      if (target.startswith(final) and target != marker and
+          not tf.io.gfile.exists(marker)):
+        unmarked.append((function.__name__, target))
+      return function(path, *args, **kwargs)
+
+    monkeypatch.setattr(tf.io.gfile, name, spy)
+  _publish('ram://ckpt_export_test/order', 1, scale)
+  commit.delete_export(final)
+  monkeypatch.undo()
+  assert unmarked == []
+  assert not tf.io.gfile.exists(final)
+
+
+def test_object_store_export_dir_without_files_is_recovered_and_replaced(
+    scale):
+  """What a writer killed between `makedirs` and its incomplete marker left
+  before the marker came first: recovery removes it, and an export of its
+  step replaces it (it used to be taken for a user's directory)."""
+  model_dir = 'ram://ckpt_export_test/empty'
+  first, second = (paths.export_path(model_dir, 'ckpt', s) for s in (1, 2))
+  for export_dir in (first, second):
+    tf.io.gfile.makedirs(os.path.join(export_dir, MODULES_KEY, 'variables'))
+  user_file = paths.export_path(model_dir, 'ckpt', 3)  # Not a directory.
+  with tf.io.gfile.GFile(user_file, 'w') as f:
+    f.write('mine')
+  assert readers.list_savedmodels(model_dir) == []
+  assert commit.is_replaceable(first) and not commit.is_replaceable(user_file)
+  scale.w.assign(tf.fill([4], 1.0))
+  _publish(model_dir, 1, scale)
+  assert readers.list_savedmodels(model_dir) == [first]
+  assert served_value(first) == 1.0
+  commit.recover(model_dir, 'ckpt', entries(model_dir))
+  assert entries(model_dir) == ['ckpt-1_saved_modules', 'ckpt-3_saved_modules']
+  tf.io.gfile.rmtree(model_dir)
+
+
 def test_object_store_leaves_unmarked_directories_alone():
   """A directory without ckpt_export's markers (a user's) is never deleted."""
   model_dir = 'ram://ckpt_export_test/users'

@@ -6,7 +6,10 @@ reader accepts must load and serve the values of its own step, and every
 checkpoint the next run may restore must have its export. A last run then
 restores, finishes, and must leave exactly the exports its checkpoints call
 for and no work directories. All of it runs with synchronous saves, then with
-asynchronous ones (`CheckpointOptions(enable_async=True)`).
+asynchronous ones (`CheckpointOptions(enable_async=True)`). Other tests kill
+the child at each step of a linked export, on local disk and on gs:// (the
+GCS emulator, fixture `emulator`), where exports are published with a commit
+marker and their variables are copied server-side.
 
 Children import TensorFlow (~5 s) before touching the model directory and wait
 for a go line after READY, so the next children are started ahead and import
@@ -23,13 +26,15 @@ import signal
 import subprocess
 import sys
 import time
-from typing import IO, Iterable, List, NoReturn, Set, Tuple
+import uuid
+from typing import IO, Iterable, List, NoReturn, Optional, Set, Tuple
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import ckpt_export
+from ckpt_export import commit
 from ckpt_export import leases
 from ckpt_export import paths
 import crash_child
@@ -45,6 +50,7 @@ ENDLESS_STEPS = 10**9  # Killed rounds never finish.
 FINAL_SAVES = 2  # Saves of the last run, which runs to completion.
 
 WORK_DIR_MARKS = ('.tmp-', '.old-', '.del-')
+GCS_TIMEOUT_SECONDS = 240  # For a run of the job on gs://.
 
 
 def _child_command(model_dir: str, total_steps: int,
@@ -112,6 +118,13 @@ _DELETE_REQUEST_RE = re.compile(
     re.escape('.' + leases.DELETE_REQUEST + '.tmp-') + r'.+)\Z', re.DOTALL)
 
 
+def _listdir(directory: str) -> List[str]:
+  """The entries of a local or gs:// directory, sorted; [] if there is none."""
+  if not tf.io.gfile.isdir(directory):
+    return []
+  return sorted(n.rstrip('/') for n in tf.io.gfile.listdir(directory))
+
+
 def _files(root: str) -> Set[str]:
   """The paths of the files under `root`, relative to it.
 
@@ -119,8 +132,8 @@ def _files(root: str) -> Set[str]:
   export has one, a linked one two.
   """
   return {re.sub(r'\.data-[0-9]{5}-of-[0-9]{5}\Z', '.data-*',
-                 os.path.relpath(os.path.join(d, f), root))
-          for d, _, files in os.walk(root) for f in files}
+                 os.path.join(d, f)[len(root.rstrip('/')) + 1:])
+          for d, _, files in tf.io.gfile.walk(root) for f in files}
 
 
 def _check_export(path: str, layouts: Set[frozenset]) -> int:
@@ -138,9 +151,14 @@ def _check_export(path: str, layouts: Set[frozenset]) -> int:
   assert step is not None, path
   # A kill between garbage collection's deletion request and the deletion
   # leaves the request in a whole export, or, killed while writing it, the
-  # request's temporary file; the next collection deletes the export.
+  # request's temporary file; the next collection deletes the export. On
+  # gs://, a kill between the commit marker's write and the incomplete
+  # marker's removal leaves that marker in a whole export (the next run
+  # deletes it), as does one between the marker's write and the commit
+  # marker's removal when the export is deleted.
   layout = frozenset(
-      f for f in _files(path) if not _DELETE_REQUEST_RE.match(f))
+      f for f in _files(path) if not _DELETE_REQUEST_RE.match(f) and not (
+          path.startswith('gs://') and f == commit.INCOMPLETE_MARKER))
   assert not layouts or layout in layouts, (
       f'{path} has other files than earlier exports: '
       f'{sorted(layout ^ next(iter(layouts)))}')
@@ -176,12 +194,16 @@ def _check_after_kill(model_dir: str, layouts: Set[frozenset]
     The entries of `model_dir`, the steps of the published exports, and the
     step of the checkpoint the next run restores (0 for none).
   """
-  names = sorted(os.listdir(model_dir)) if os.path.isdir(model_dir) else []
-  # Everything a reader takes for an export, whatever its checkpoint name.
+  names = _listdir(model_dir)
+  # Everything a reader takes for an export, whatever its checkpoint name: on
+  # local disk, each directory with an export's name; on gs://, each one with
+  # a commit marker (see `test_kill_at_each_step_on_gcs` for the others).
   exports = sorted(
       (ckpt_export.parse_export_step(n), os.path.join(model_dir, n))
       for n in names if ckpt_export.parse_export_step(n) is not None and
-      os.path.isdir(os.path.join(model_dir, n)))
+      tf.io.gfile.isdir(os.path.join(model_dir, n)) and (
+          not model_dir.startswith('gs://') or tf.io.gfile.exists(
+              os.path.join(model_dir, n, paths.COMMIT_MARKER))))
   assert ckpt_export.list_savedmodels(model_dir) == [p for _, p in exports]
   export_steps = [_check_export(p, layouts) for _, p in exports]
   # Every checkpoint the next run may restore has its export.
@@ -328,17 +350,145 @@ def test_kill_at_each_step_of_a_linked_export(
   print(f'{kill_at}: {names} exports {exports} latest ckpt {restored_at}')
   assert exports and restored_at > 0, names
 
+  _finish_and_check(model_dir, restored_at, enable_async, layouts)
+
+
+def _finish_and_check(model_dir: str, restored_at: int, enable_async: bool,
+                      layouts: Set[frozenset],
+                      timeout: float = 120) -> None:
+  """Runs the job to completion after a kill; checks what it leaves.
+
+  Exactly the exports and checkpoints of the last `MAX_TO_KEEP` saves, each
+  export listed and serving its step, and no work directory, TF temporary
+  directory or incomplete marker.
+
+  Args:
+    model_dir: The model directory.
+    restored_at: The step of the checkpoint the run restores.
+    enable_async: Whether it saves asynchronously.
+    layouts: As for `_check_export`.
+    timeout: Seconds the run may take.
+  """
   total_steps = restored_at + FINAL_SAVES * SAVE_EVERY
   final = subprocess.run(_child_command(model_dir, total_steps, enable_async),
                          capture_output=True, text=True, env=child_env(),
-                         timeout=120, check=False)
+                         timeout=timeout, check=False)
   assert final.returncode == 0, final.stderr[-4000:]
   assert final.stdout.splitlines()[-1] == f'DONE {total_steps}'
-  names = sorted(os.listdir(model_dir))
-  export_steps = {_check_export(p, layouts)
-                  for p in ckpt_export.list_savedmodels(model_dir)}
+  names = _listdir(model_dir)
+  exports = ckpt_export.list_savedmodels(model_dir)
+  export_steps = {_check_export(p, layouts) for p in exports}
   expected = {total_steps - k * SAVE_EVERY for k in range(MAX_TO_KEEP)}
   assert export_steps == _index_steps(names) == set(
       _state_steps(model_dir)) == expected, names
+  # Nothing else has an export's name (such as a half-deleted export).
+  assert [n for n in names if ckpt_export.parse_export_step(n) is not None
+         ] == sorted(os.path.basename(p) for p in exports), names
   assert not [n for n in names if any(m in n for m in WORK_DIR_MARKS) or
               n.endswith('_temp')], names
+  assert not [f for f in _files(model_dir)
+              if os.path.basename(f) == commit.INCOMPLETE_MARKER], names
+
+
+def _incomplete_writer(export_dir: str) -> Optional[str]:
+  """What an export's incomplete marker holds (its writer), or None."""
+  try:
+    with tf.io.gfile.GFile(
+        os.path.join(export_dir, commit.INCOMPLETE_MARKER)) as f:
+      return f.read()
+  except tf.errors.NotFoundError:
+    return None
+
+
+def _gcs_traces(model_dir: str, names: List[str], export_steps: List[int],
+                latest_step: int) -> Set[str]:
+  """What a kill left on gs://, beside what readers list (see `_traces`).
+
+  Args:
+    model_dir: The model directory.
+    names: Its entries.
+    export_steps: The steps of the published exports.
+    latest_step: The step of the latest checkpoint.
+
+  Returns:
+    'work_dir' for an export's work directory; 'half_published' and
+    'half_deleted' for an unlisted export whose incomplete marker names a
+    writer of a publish or a deletion; 'only_marker' if such an export holds
+    nothing else; 'listed_marked' for a listed export with an incomplete
+    marker; 'export_ahead' for an export newer than the latest checkpoint;
+    'checkpoint_ahead' for checkpoint data newer than it, without export.
+  """
+  traces = set()
+  if any('.tmp-' in n for n in names):
+    traces.add('work_dir')
+  listed = ckpt_export.list_savedmodels(model_dir)
+  for name in names:
+    path = os.path.join(model_dir, name)
+    if ckpt_export.parse_export_step(name) is None:
+      continue
+    writer = _incomplete_writer(path)
+    if path in listed:
+      if writer is not None:
+        traces.add('listed_marked')
+      continue
+    # Never listed, and always marked (a kill leaves no unmarked directory).
+    assert writer is not None, (path, _files(path))
+    traces.add('half_deleted' if '.del-' in writer else 'half_published')
+    if _files(path) == {commit.INCOMPLETE_MARKER}:
+      traces.add('only_marker')
+  if export_steps and export_steps[-1] > latest_step:
+    traces.add('export_ahead')
+  if any(s > latest_step and s not in export_steps
+         for s in _index_steps(names)):
+    traces.add('checkpoint_ahead')
+  return traces
+
+
+# Where each kill on gs:// lands (`crash_child.GCS_KILL_POINTS`), and whether
+# with async checkpoints too: those of the export run in TF's checkpoint
+# thread then; garbage collection takes the same path in both modes.
+GCS_KILLS = {
+    'data_written': ({'checkpoint_ahead'}, False),
+    'server_side_copy': ({'checkpoint_ahead', 'work_dir'}, True),
+    'publish_started': ({'checkpoint_ahead', 'half_published', 'only_marker',
+                         'work_dir'}, False),
+    'files_moved': ({'checkpoint_ahead', 'half_published'}, True),
+    'committed': ({'listed_marked', 'export_ahead'}, False),
+    'published': ({'export_ahead'}, True),
+    'gc_unpublished': ({'half_deleted'}, False),
+    'gc_files_removed': ({'half_deleted', 'only_marker'}, False),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('kill_at, enable_async', [
+    pytest.param(point, enable_async,
+                 id=f'{point}-{"async" if enable_async else "sync"}')
+    for point, (_, both) in sorted(GCS_KILLS.items())
+    for enable_async in ((False, True) if both else (False,))])
+def test_kill_at_each_step_on_gcs(emulator, kill_at: str,
+                                  enable_async: bool) -> None:
+  """A kill at each step of a fast export and of its deletion, on gs://.
+
+  There exports are published with a commit marker, object by object, and
+  deleted in reverse (`commit.CommitMarkerPublisher`); their variables are a
+  server-side copy. The child is killed the second time it reaches the step.
+  """
+  assert set(GCS_KILLS) == set(crash_child.GCS_KILL_POINTS)
+  model_dir = f'gs://{emulator.bucket}/{uuid.uuid4().hex}/model'
+  killed = subprocess.run(
+      _child_command(model_dir, ENDLESS_STEPS, enable_async) +
+      ['--kill_at', kill_at], capture_output=True, text=True,
+      env=child_env(), timeout=GCS_TIMEOUT_SECONDS, check=False)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
+  layouts = set()
+  names, exports, restored_at = _check_after_kill(model_dir, layouts)
+  traces = _gcs_traces(model_dir, names, exports, restored_at)
+  print(f'{kill_at}: {names} exports {exports} latest ckpt {restored_at} '
+        f'traces {sorted(traces)}')
+  assert exports and restored_at > 0, names
+  # With async checkpoints the training thread may be a save further.
+  expected = GCS_KILLS[kill_at][0]
+  assert expected <= traces if enable_async else expected == traces, names
+  _finish_and_check(model_dir, restored_at, enable_async, layouts,
+                    timeout=GCS_TIMEOUT_SECONDS)

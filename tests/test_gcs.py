@@ -8,7 +8,6 @@ how TensorFlow's client reaches the emulator; without the emulator's binary
 or openssl the tests skip, saying why.
 """
 
-import os
 import signal
 import subprocess
 import sys
@@ -35,33 +34,11 @@ from helpers import Scale
 from helpers import served_value
 from helpers import steps_of
 import crash_child
-import gcs_emulator
 
 pytestmark = pytest.mark.slow
 
 WRITER_TIMEOUT_SECONDS = 240
 MIN_EXPORTS_READ = 3  # Exports the reader checks before the kill.
-
-
-@pytest.fixture(scope='module')
-def emulator(tmp_path_factory) -> gcs_emulator.GcsEmulator:
-  """A running emulator, with this process's env pointed at it."""
-  try:
-    emulator = gcs_emulator.GcsEmulator(tmp_path_factory.mktemp('gcs'))
-  except gcs_emulator.Unavailable as e:
-    pytest.skip(f'No GCS emulator here: {e}')
-  # This process reads what a writer in another process changes: without
-  # this, TF's client answers from its stat cache, up to 5 s stale.
-  env = dict(emulator.env(), GCS_STAT_CACHE_MAX_AGE='0')
-  saved = {name: os.environ.get(name) for name in env}
-  os.environ.update(env)
-  yield emulator
-  for name, value in saved.items():
-    if value is None:
-      os.environ.pop(name, None)
-    else:
-      os.environ[name] = value
-  emulator.stop()
 
 
 @pytest.fixture(scope='module')

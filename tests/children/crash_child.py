@@ -40,6 +40,7 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 import ckpt_export  # pylint: disable=g-import-not-at-top
 from ckpt_export import commit  # pylint: disable=g-import-not-at-top
 from ckpt_export import fast_export  # pylint: disable=g-import-not-at-top
+from ckpt_export import paths  # pylint: disable=g-import-not-at-top
 from ckpt_export import savedmodel  # pylint: disable=g-import-not-at-top
 
 MODULE_NAME = 'model'
@@ -92,9 +93,25 @@ KILL_POINTS = {
     # An old export renamed away by garbage collection, its files not removed.
     'unpublished': (commit, 'remove_now', 'before', 2),
 }
+# The steps of a fast export and of its deletion on gs://, where exports are
+# published with a commit marker (`commit.CommitMarkerPublisher`) and the
+# variables are a server-side copy, as in `KILL_POINTS`; a fifth item, if
+# any, tells the calls that count (by their arguments).
+GCS_KILL_POINTS = {
+    'data_written': KILL_POINTS['data_written'],
+    'server_side_copy': (fast_export._GcsRewrites, 'share', 'after', 2),
+    'publish_started': (commit, '_mark_incomplete', 'after', 2),
+    'files_moved': (commit, '_move_files', 'after', 2),
+    'committed': (commit, 'write_new_file', 'after', 2,
+                  lambda path, _: path.endswith('/' + paths.COMMIT_MARKER)),
+    'published': (commit.CommitMarkerPublisher, 'publish', 'after', 2),
+    'gc_unpublished': (commit, '_walk_files', 'before', 2),
+    'gc_files_removed': (tf.io.gfile, 'rmtree', 'before', 2,
+                         lambda path: path.endswith('_saved_modules')),
+}
 # pylint: enable=protected-access
 FIRST_EXPORT_POINTS = frozenset(
-    point for point, (_, _, _, call) in KILL_POINTS.items() if call == 1)
+    point for point, (_, _, _, call, *_) in KILL_POINTS.items() if call == 1)
 ASYNC_ONLY_POINTS = frozenset(['first_traced_written'])
 
 
@@ -113,18 +130,32 @@ def served_step(export_dir: str) -> int:
   return step
 
 
-def _kill_at(point: str) -> None:
-  """SIGKILLs this process at a `KILL_POINTS` step."""
-  owner, name, when, call = KILL_POINTS[point]
+def _kill_at(point: str, model_dir: str) -> None:
+  """SIGKILLs this process at a step of saving.
+
+  Args:
+    point: The name of the step, in `GCS_KILL_POINTS` for a gs:// `model_dir`,
+      else in `KILL_POINTS`.
+    model_dir: The model directory.
+  """
+  points = (GCS_KILL_POINTS if model_dir.startswith('gs://') else
+            KILL_POINTS)
+  if point not in points:
+    raise ValueError(f'--kill_at {point} is not a step of saving to '
+                     f'{model_dir}: use one of {sorted(points)}.')
+  owner, name, when, call, *only = points[point]
+  counts = only[0] if only else lambda *args, **kwargs: True
   function = getattr(owner, name)
   calls = [0]
 
   def wrapper(*args, **kwargs):
-    calls[0] += 1
-    if calls[0] == call and when == 'before':
+    counted = counts(*args, **kwargs)
+    calls[0] += counted
+    kill = counted and calls[0] == call
+    if kill and when == 'before':
       os.kill(os.getpid(), signal.SIGKILL)
     result = function(*args, **kwargs)
-    if calls[0] == call and when == 'after':
+    if kill and when == 'after':
       os.kill(os.getpid(), signal.SIGKILL)
     return result
 
@@ -156,16 +187,17 @@ def main() -> None:
   parser.add_argument('--enable_async', action='store_true',
                       help='Save with CheckpointOptions(enable_async=True).')
   parser.add_argument('--seconds_between_saves', type=float, default=0.0)
-  parser.add_argument('--kill_at', choices=sorted(KILL_POINTS),
+  parser.add_argument('--kill_at',
+                      choices=sorted({*KILL_POINTS, *GCS_KILL_POINTS}),
                       help='SIGKILL this process at this step of an export '
-                      '(see KILL_POINTS).')
+                      'or deletion (see KILL_POINTS, GCS_KILL_POINTS).')
   parser.add_argument('--pace_file',
                       help='Before each save but the first, wait until this '
                       'file has the line "start <previous saved step>".')
   args = parser.parse_args()
   options = tf.train.CheckpointOptions(enable_async=args.enable_async)
   if args.kill_at:
-    _kill_at(args.kill_at)
+    _kill_at(args.kill_at, args.model_dir)
 
   model = StepModel()
   _say('READY')
