@@ -625,9 +625,10 @@ class _ModuleShard(tf.train.experimental.ShardingCallback):
 
   Tensors whose key is one of `keys()` (whole, not slices) go to the first
   shard; the others are sharded by the user's callback if there is one, else
-  all into a second shard. No tensor is sliced. The keys are asked for when
-  the checkpoint is written (in TF's thread for an async checkpoint), so that
-  they are those learned from the checkpoint before.
+  all into a second shard, unless they are only the checkpoint's bookkeeping
+  (`_bookkeeping_only`), which joins the first. No tensor is sliced. The keys are
+  asked for when the checkpoint is written (in TF's thread for an async
+  checkpoint), so that they are those learned from the checkpoint before.
   """
 
   def __init__(self, keys: Callable[[], frozenset],
@@ -650,16 +651,39 @@ class _ModuleShard(tf.train.experimental.ShardingCallback):
         own.setdefault(tensor.checkpoint_key, {})[''] = tensor.tensor
       else:
         rest.append(tensor)
-    shards = [own] if own else []
     if self.user_callback is not None:
-      shards.extend(self.user_callback(rest))
-    elif rest:
-      shard = {}
-      for tensor in rest:
-        shard.setdefault(tensor.checkpoint_key, {})[tensor.slice_spec] = (
-            tensor.tensor)
-      shards.append(shard)
+      return ([own] if own else []) + list(self.user_callback(rest))
+    shards = [own] if own else []
+    if rest and not (own and _bookkeeping_only(
+        [(t.checkpoint_key, t.dtype, t.shape.rank) for t in rest])):
+      shards.append({})
+    for tensor in rest:  # Into the last shard.
+      shards[-1].setdefault(tensor.checkpoint_key, {})[tensor.slice_spec] = (
+          tensor.tensor)
     return shards
+
+
+# How many scalar counters may share the exported variables' shard.
+_MAX_COUNTERS = 16
+
+
+def _bookkeeping_only(tensors: Sequence[Tuple[str, tf.DType, Optional[int]]]
+                     ) -> bool:
+  """Whether tensors (key, dtype, rank) are only a checkpoint's bookkeeping.
+
+  That is its object graph and a few numeric scalars (`save_counter`, a step,
+  an optimizer's iterations): all a checkpoint holds besides the exported
+  variables when there is no optimizer state. A shard of their own would
+  cost a file per save for a few bytes, so they join the exported variables'
+  shard. An export sharing it does not reference them (its apparent size
+  grows by their bytes only). Anything else (an optimizer's slots, other
+  strings, many scalars) gets a shard of its own.
+  """
+  scalars = [(dtype, rank) for key, dtype, rank in tensors
+             if key != _OBJECT_GRAPH_KEY]
+  return len(scalars) <= _MAX_COUNTERS and all(
+      rank == 0 and (dtype.is_integer or dtype.is_floating or dtype.is_bool)
+      for dtype, rank in scalars)
 
 
 class _Sharer:
@@ -1076,7 +1100,8 @@ class Exporter:
 
     A module's export shares it (None otherwise) if each of its variables is
     in the checkpoint, whole (not sliced), with its dtype and shape, and all
-    of them in one data shard that holds nothing else.
+    of them in one data shard that holds nothing else but the checkpoint's
+    bookkeeping (`_bookkeeping_only`).
 
     Args:
       save_path: The checkpoint prefix.
@@ -1113,11 +1138,14 @@ class Exporter:
       self._fall_back(f'the exported variables are in shards {sorted(shards)}')
       return [None] * len(self.modules)
     for shard in shards:
-      others = [key for key, entry in entries.items()
-                if entry.shard_id == shard and key not in exported_keys]
-      if others:
+      others = {key: entry for key, entry in entries.items()
+                if entry.shard_id == shard and key not in exported_keys}
+      if not _bookkeeping_only([
+          (key, tf.dtypes.as_dtype(entry.dtype),
+           None if entry.shape.unknown_rank else len(entry.shape.dim))
+          for key, entry in others.items()]):
         self._fall_back(f'the shard of the exported variables also holds '
-                        f'{others[0]!r}')
+                        f'{sorted(others)[0]!r}')
         return [None] * len(self.modules)
       for link in links:
         if link is not None and link.entries:

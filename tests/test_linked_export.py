@@ -141,6 +141,57 @@ def test_a_linked_export_holds_what_a_full_export_holds(
   assert ours == tf.saved_model.experimental.read_fingerprint(linked)
 
 
+@pytest.mark.parametrize('options', OPTIONS, ids=OPTION_IDS)
+def test_without_optimizer_state_the_checkpoint_has_one_shard_to_share(
+    local_dir, tmp_path, options):
+  # Beside the module, only the checkpoint's bookkeeping (its object graph,
+  # `save_counter` and a step): no shard of their own, and the export links
+  # the checkpoint's only shard without referencing them.
+  module = Affine()
+  step = tf.Variable(0, dtype=tf.int64)
+  checkpoint = tf.train.Checkpoint(module=module, step=step)
+  manager = _manager(local_dir, module, checkpoint)
+  _save_steps(manager, module, [1, 2, 3], options)
+  assert _counts(manager) == (1, 2, 2)
+  assert sorted(n for n in os.listdir(local_dir) if n.startswith('ckpt-3.')) == [
+      'ckpt-3.data-00000-of-00001', 'ckpt-3.index']
+  shard = os.path.join(local_dir, 'ckpt-3.data-00000-of-00001')
+  linked = os.path.join(manager.latest_savedmodel, 'm')
+  assert os.path.samefile(os.path.join(linked, DATA), shard)
+  bookkeeping = {name for name, _ in tf.train.list_variables(
+      os.path.join(local_dir, 'ckpt-3')) if not name.startswith('module/')}
+  assert bookkeeping == {'_CHECKPOINTABLE_OBJECT_GRAPH',
+                         'save_counter/.ATTRIBUTES/VARIABLE_VALUE',
+                         'step/.ATTRIBUTES/VARIABLE_VALUE'}
+  full = str(tmp_path / 'full')
+  savedmodel.write_module('m', module, full)
+  want = _tensors(os.path.join(full, 'variables', 'variables'))
+  got = _tensors(os.path.join(linked, 'variables', 'variables'))
+  assert sorted(got) == sorted(want)
+  assert _served(manager.latest_savedmodel) == 3
+  os.remove(shard)
+  assert _served(manager.latest_savedmodel) == 3
+
+
+@pytest.mark.parametrize('rest', ['slot', 'scalars'])
+def test_more_than_bookkeeping_gets_a_shard_of_its_own(local_dir, rest):
+  module = Affine()
+  if rest == 'slot':  # A non-scalar, as an optimizer's slot.
+    extra = {'slot': tf.Variable(tf.zeros([2]))}
+  else:  # More scalars than counters.
+    extra = {f's{i}': tf.Variable(float(i))
+             for i in range(fast_export._MAX_COUNTERS + 1)}  # pylint: disable=protected-access
+  manager = _manager(local_dir, module,
+                     tf.train.Checkpoint(module=module, **extra))
+  _save_steps(manager, module, [1, 2])
+  assert _counts(manager) == (1, 1, 1)
+  shard = os.path.join(local_dir, 'ckpt-2.data-00000-of-00002')
+  assert os.path.getsize(shard) == module.nbytes
+  assert os.path.samefile(
+      os.path.join(manager.latest_savedmodel, 'm', DATA), shard)
+  assert _served(manager.latest_savedmodel) == 2
+
+
 def test_saved_model_cli_shows_and_runs_a_linked_export(local_dir):
   module = Affine()
   manager = _manager(local_dir, module)
