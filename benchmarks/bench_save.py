@@ -20,6 +20,7 @@ import gc
 import math
 import os
 import platform
+import random
 import re
 import shutil
 import statistics
@@ -57,6 +58,10 @@ _POLL_SIZES = flags.DEFINE_list(
     'poll_sizes', ['1000', '10000'], 'Numbers of exports to poll among.')
 _SKIP_SAVE = flags.DEFINE_bool('skip_save', False, 'Skip the save benchmark.')
 _SKIP_POLL = flags.DEFINE_bool('skip_poll', False, 'Skip the poll benchmark.')
+_SETTLE = flags.DEFINE_bool(
+    'settle', True, 'Flush dirty pages (os.sync(), untimed) before each save, '
+    'so that no save pays for the writeback of an earlier one.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the order of the saves.')
 
 MAX_TO_KEEP = 3
 MODULE_NAME = 'model'
@@ -345,7 +350,10 @@ def bench_save(root: str, repeats: int, params: int,
   variables_mb = sum(v.numpy().nbytes for v in model.variables) / MB
   print(f'Model: tf_keras MLP, {model.count_params():,} parameters, '
         f'{variables_mb:.1f} MB of variables; max_to_keep={MAX_TO_KEEP}; '
-        f'{repeats} timed saves per variant after one warm-up, round-robin.\n')
+        f'{repeats} timed saves per variant after one warm-up, in rounds of '
+        f'one save each, the order shuffled per round (seed {_SEED.value})'
+        f'{"; dirty pages flushed before each save" if _SETTLE.value else ""}'
+        '.\n')
   variants = [v for v in _variants({MODULE_NAME: model}, _width_for(params))
               if v.key in keys]
   for variant in variants:
@@ -357,15 +365,27 @@ def bench_save(root: str, repeats: int, params: int,
     for v in model.trainable_variables:
       v.assign_add(tf.fill(v.shape, 1e-3))
 
+  def settle() -> None:
+    # Each save starts with no dirty pages of another (as in training, where
+    # minutes pass between saves): otherwise whoever saves right after a
+    # variant writing much pays for its writeback.
+    if _SETTLE.value:
+      os.sync()
+
   start = time.perf_counter()
   for variant in variants:
     train_a_little()
+    settle()
     first = variant.save(train_a_little)
     variant.first_save_s = first.save_s
     variant.first_total_s = first.save_s + first.sync_s
-  for i in range(repeats):
-    for variant in variants[i % len(variants):] + variants[:i % len(variants)]:
+  order = random.Random(_SEED.value)
+  for _ in range(repeats):
+    # Shuffled, not rotated: in a rotation a variant always follows the same
+    # other one, whose aftermath (writeback, freed memory) it inherits.
+    for variant in order.sample(variants, len(variants)):
       train_a_little()
+      settle()
       variant.samples.append(variant.save(train_a_little))
   print(f'({len(variants) * (repeats + 1)} saves took '
         f'{time.perf_counter() - start:.0f} s)\n')
