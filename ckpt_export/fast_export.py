@@ -625,10 +625,11 @@ class _ModuleShard(tf.train.experimental.ShardingCallback):
 
   Tensors whose key is one of `keys()` (whole, not slices) go to the first
   shard; the others are sharded by the user's callback if there is one, else
-  all into a second shard, unless they are only the checkpoint's bookkeeping
-  (`_bookkeeping_only`), which joins the first. No tensor is sliced. The keys are
-  asked for when the checkpoint is written (in TF's thread for an async
-  checkpoint), so that they are those learned from the checkpoint before.
+  all into a second shard, or into the first if they are only the
+  checkpoint's bookkeeping (`_bookkeeping_only`). No tensor is sliced. The
+  keys are asked for when the checkpoint is written (in TF's thread for an
+  async checkpoint), so that they are those learned from the checkpoint
+  before.
   """
 
   def __init__(self, keys: Callable[[], frozenset],

@@ -153,8 +153,9 @@ def test_without_optimizer_state_the_checkpoint_has_one_shard_to_share(
   manager = _manager(local_dir, module, checkpoint)
   _save_steps(manager, module, [1, 2, 3], options)
   assert _counts(manager) == (1, 2, 2)
-  assert sorted(n for n in os.listdir(local_dir) if n.startswith('ckpt-3.')) == [
-      'ckpt-3.data-00000-of-00001', 'ckpt-3.index']
+  assert sorted(name for name in os.listdir(local_dir)
+                if name.startswith('ckpt-3.')) == [
+                    'ckpt-3.data-00000-of-00001', 'ckpt-3.index']
   shard = os.path.join(local_dir, 'ckpt-3.data-00000-of-00001')
   linked = os.path.join(manager.latest_savedmodel, 'm')
   assert os.path.samefile(os.path.join(linked, DATA), shard)
@@ -179,8 +180,8 @@ def test_more_than_bookkeeping_gets_a_shard_of_its_own(local_dir, rest):
   if rest == 'slot':  # A non-scalar, as an optimizer's slot.
     extra = {'slot': tf.Variable(tf.zeros([2]))}
   else:  # More scalars than counters.
-    extra = {f's{i}': tf.Variable(float(i))
-             for i in range(fast_export._MAX_COUNTERS + 1)}  # pylint: disable=protected-access
+    counters = fast_export._MAX_COUNTERS  # pylint: disable=protected-access
+    extra = {f's{i}': tf.Variable(float(i)) for i in range(counters + 1)}
   manager = _manager(local_dir, module,
                      tf.train.Checkpoint(module=module, **extra))
   _save_steps(manager, module, [1, 2])
