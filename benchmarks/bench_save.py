@@ -62,6 +62,9 @@ _SETTLE = flags.DEFINE_bool(
     'settle', True, 'Flush dirty pages (os.sync(), untimed) before each save, '
     'so that no save pays for the writeback of an earlier one.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the order of the saves.')
+_OPTIMIZER = flags.DEFINE_bool(
+    'optimizer', False, "Checkpoint an Adam optimizer's state with the model "
+    "(slots of twice the model's bytes), as a training job does.")
 
 MAX_TO_KEEP = 3
 MODULE_NAME = 'model'
@@ -354,11 +357,19 @@ def bench_save(root: str, repeats: int, params: int,
         f'one save each, the order shuffled per round (seed {_SEED.value})'
         f'{"; dirty pages flushed before each save" if _SETTLE.value else ""}'
         '.\n')
+  trackables = {'model': model}
+  if _OPTIMIZER.value:
+    optimizer = tf_keras.optimizers.Adam()
+    optimizer.build(model.trainable_variables)
+    trackables['optimizer'] = optimizer
+    state_mb = sum(v.numpy().nbytes for v in optimizer.variables) / MB
+    print(f"Checkpoints hold an Adam optimizer's state too: {state_mb:.1f} "
+          'MB.\n')
   variants = [v for v in _variants({MODULE_NAME: model}, _width_for(params))
               if v.key in keys]
   for variant in variants:
     variant.directory = os.path.join(root, variant.key)
-    variant.manager = variant.make_manager(tf.train.Checkpoint(model=model),
+    variant.manager = variant.make_manager(tf.train.Checkpoint(**trackables),
                                            variant.directory)
 
   def train_a_little() -> None:
