@@ -626,7 +626,7 @@ class _ModuleShard(tf.train.experimental.ShardingCallback):
   Tensors whose key is one of `keys()` (whole, not slices) go to the first
   shard; the others are sharded by the user's callback if there is one, else
   all into a second shard, or into the first if they are only the
-  checkpoint's bookkeeping (`_bookkeeping_only`). No tensor is sliced. The
+  checkpoint's bookkeeping (`_beyond_bookkeeping`). No tensor is sliced. The
   keys are asked for when the checkpoint is written (in TF's thread for an
   async checkpoint), so that they are those learned from the checkpoint
   before.
@@ -655,8 +655,8 @@ class _ModuleShard(tf.train.experimental.ShardingCallback):
     if self.user_callback is not None:
       return ([own] if own else []) + list(self.user_callback(rest))
     shards = [own] if own else []
-    if rest and not (own and _bookkeeping_only(
-        [(t.checkpoint_key, t.dtype, t.shape.rank) for t in rest])):
+    if rest and not (own and _beyond_bookkeeping(
+        [(t.checkpoint_key, t.dtype, t.shape.rank) for t in rest]) is None):
       shards.append({})
     for tensor in rest:  # Into the last shard.
       shards[-1].setdefault(tensor.checkpoint_key, {})[tensor.slice_spec] = (
@@ -668,23 +668,31 @@ class _ModuleShard(tf.train.experimental.ShardingCallback):
 _MAX_COUNTERS = 16
 
 
-def _bookkeeping_only(tensors: Sequence[Tuple[str, tf.DType, Optional[int]]]
-                     ) -> bool:
-  """Whether tensors (key, dtype, rank) are only a checkpoint's bookkeeping.
+def _beyond_bookkeeping(tensors: Sequence[Tuple[str, tf.DType, Optional[int]]]
+                       ) -> Optional[str]:
+  """The key of a tensor (key, dtype, rank) that is not bookkeeping, or None.
 
-  That is its object graph and a few numeric scalars (`save_counter`, a step,
-  an optimizer's iterations): all a checkpoint holds besides the exported
-  variables when there is no optimizer state. A shard of their own would
-  cost a file per save for a few bytes, so they join the exported variables'
-  shard. An export sharing it does not reference them (its apparent size
-  grows by their bytes only). Anything else (an optimizer's slots, other
-  strings, many scalars) gets a shard of its own.
+  A checkpoint's bookkeeping is its object graph and a few numeric scalars
+  (`save_counter`, a step, an optimizer's iterations): all a checkpoint holds
+  besides the exported variables when there is no optimizer state. A shard
+  of their own would cost a file per save for a few bytes, so they join the
+  exported variables' shard. An export sharing it does not reference them
+  (its apparent size grows by their bytes only). Anything else (an
+  optimizer's slots, other strings, more scalars) gets a shard of its own.
+
+  Returns:
+    None if all of `tensors` are bookkeeping; else, by key, the first that is
+    not a numeric scalar, or the first scalar beyond `_MAX_COUNTERS`.
   """
-  scalars = [(dtype, rank) for key, dtype, rank in tensors
-             if key != _OBJECT_GRAPH_KEY]
-  return len(scalars) <= _MAX_COUNTERS and all(
-      rank == 0 and (dtype.is_integer or dtype.is_floating or dtype.is_bool)
-      for dtype, rank in scalars)
+  scalars, others = [], []
+  for key, dtype, rank in sorted(tensors, key=lambda t: t[0]):
+    if key == _OBJECT_GRAPH_KEY:
+      continue
+    numeric = dtype.is_integer or dtype.is_floating or dtype.is_bool
+    (scalars if rank == 0 and numeric else others).append(key)
+  if others:
+    return others[0]
+  return scalars[_MAX_COUNTERS] if len(scalars) > _MAX_COUNTERS else None
 
 
 class _Sharer:
@@ -1102,7 +1110,7 @@ class Exporter:
     A module's export shares it (None otherwise) if each of its variables is
     in the checkpoint, whole (not sliced), with its dtype and shape, and all
     of them in one data shard that holds nothing else but the checkpoint's
-    bookkeeping (`_bookkeeping_only`).
+    bookkeeping (`_beyond_bookkeeping`).
 
     Args:
       save_path: The checkpoint prefix.
@@ -1141,12 +1149,13 @@ class Exporter:
     for shard in shards:
       others = {key: entry for key, entry in entries.items()
                 if entry.shard_id == shard and key not in exported_keys}
-      if not _bookkeeping_only([
+      other = _beyond_bookkeeping([
           (key, tf.dtypes.as_dtype(entry.dtype),
            None if entry.shape.unknown_rank else len(entry.shape.dim))
-          for key, entry in others.items()]):
+          for key, entry in others.items()])
+      if other is not None:
         self._fall_back(f'the shard of the exported variables also holds '
-                        f'{sorted(others)[0]!r}')
+                        f'{other!r}')
         return [None] * len(self.modules)
       for link in links:
         if link is not None and link.entries:
