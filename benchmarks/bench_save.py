@@ -466,9 +466,9 @@ def print_summary(summaries: Sequence[Summary]) -> None:
   print('\nSummary (seconds: median [min-max]; x plain: ratio of medians to '
         '(a) at the same size; MB written per save by write() calls; space '
         'held by exports on disk alone, MB).')
-  print(f'| variables MB | variant | save() | x plain | save+sync | x plain '
-        f'| update after save() | first save() | first save+sync '
-        f'| MB written/save | export space MB |')
+  print('| variables MB | variant | save() | x plain | save+sync | x plain '
+        '| update after save() | first save() | first save+sync '
+        '| MB written/save | export space MB |')
   print('|---|---|---|---|---|---|---|---|---|---|---|')
   for s in summaries:
     print(f'| {s.variables_mb:.1f} | {s.label} | {_spread(s.save_s)} | '
