@@ -655,8 +655,9 @@ class _ModuleShard(tf.train.experimental.ShardingCallback):
     if self.user_callback is not None:
       return ([own] if own else []) + list(self.user_callback(rest))
     shards = [own] if own else []
-    if rest and not (own and _beyond_bookkeeping(
-        [(t.checkpoint_key, t.dtype, t.shape.rank) for t in rest]) is None):
+    joins_own = bool(own) and _beyond_bookkeeping(
+        [(t.checkpoint_key, t.dtype, t.shape.rank) for t in rest]) is None
+    if rest and not joins_own:
       shards.append({})
     for tensor in rest:  # Into the last shard.
       shards[-1].setdefault(tensor.checkpoint_key, {})[tensor.slice_spec] = (
@@ -1147,12 +1148,11 @@ class Exporter:
       self._fall_back(f'the exported variables are in shards {sorted(shards)}')
       return [None] * len(self.modules)
     for shard in shards:
-      others = {key: entry for key, entry in entries.items()
-                if entry.shard_id == shard and key not in exported_keys}
       other = _beyond_bookkeeping([
           (key, tf.dtypes.as_dtype(entry.dtype),
            None if entry.shape.unknown_rank else len(entry.shape.dim))
-          for key, entry in others.items()])
+          for key, entry in entries.items()
+          if entry.shard_id == shard and key not in exported_keys])
       if other is not None:
         self._fall_back(f'the shard of the exported variables also holds '
                         f'{other!r}')
